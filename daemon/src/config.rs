@@ -1,0 +1,744 @@
+//! The daemon's TOML config: parsing, validation with file/line/key in every error, and the
+//! resolved [`Config`] the rest of the daemon uses.
+//!
+//! Architecture invariant: parsing is pure over the file's text ([`Config::parse`]); only
+//! [`Config::load`] touches the filesystem, and nothing here looks at devices or models' files.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use halo_proto::Addr;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::residency::KeepAlive;
+
+/// Where `halod` looks for its config when neither `--config` nor `$HALO_CONFIG` names one.
+pub const SYSTEM_CONFIG: &str = "/etc/halo/halod.toml";
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "HALO_CONFIG";
+/// The `auto` budget never exceeds this: about what a 128 GiB Strix Halo lets the GPU map.
+pub const AUTO_BUDGET_CAP: u64 = 110 << 30;
+
+/// What kind of engine a model needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Llm,
+    Sdxl,
+    Flux,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Llm => "llm",
+            ModelKind::Sdxl => "sdxl",
+            ModelKind::Flux => "flux",
+        }
+    }
+}
+
+/// `[memory] budget`: a fixed byte count, or `auto` (see [`crate::memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetSetting {
+    Auto,
+    Fixed(u64),
+}
+
+/// One `[[models]]` entry after validation. Relative paths are resolved against the config
+/// file's folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub kind: ModelKind,
+    pub path: PathBuf,
+    /// Context length in tokens (LLMs only); `None` means "the model's own default".
+    pub context: Option<u32>,
+    pub pinned: bool,
+    pub keep_alive: KeepAlive,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from; `None` for built-in defaults.
+    pub source: Option<PathBuf>,
+    /// Addresses to listen on; empty means the default unix socket.
+    pub listen: Vec<Addr>,
+    /// A tracing filter such as `info` or `halod=debug`; `HALO_LOG` wins over it.
+    pub log: Option<String>,
+    pub budget: BudgetSetting,
+    pub reserve: u64,
+    pub keep_alive: KeepAlive,
+    pub max_queue: usize,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            source: None,
+            listen: Vec::new(),
+            log: None,
+            budget: BudgetSetting::Auto,
+            reserve: DEFAULT_RESERVE,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            max_queue: DEFAULT_MAX_QUEUE,
+            models: Vec::new(),
+        }
+    }
+}
+
+const DEFAULT_RESERVE: u64 = 2 << 30;
+const DEFAULT_KEEP_ALIVE: KeepAlive = KeepAlive::For(Duration::from_secs(300));
+const DEFAULT_MAX_QUEUE: usize = 16;
+
+/// A config problem, located as precisely as the parser allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line; `None` when the problem is not tied to a place (an unreadable file).
+    pub line: Option<usize>,
+    /// Dotted key such as `memory.budget` or `models[2].path`, when known.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- raw TOML shape -------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    memory: RawMemory,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default, deserialize_with = "de_listen")]
+    listen: Vec<Addr>,
+    log: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    #[serde(default, deserialize_with = "de_budget")]
+    budget: Option<BudgetSetting>,
+    #[serde(default, deserialize_with = "de_size_opt")]
+    reserve: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default, deserialize_with = "de_keep_alive_opt")]
+    keep_alive: Option<KeepAlive>,
+    max_queue: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    kind: ModelKind,
+    path: Spanned<PathBuf>,
+    context: Option<Spanned<u32>>,
+    #[serde(default)]
+    pinned: bool,
+    #[serde(default, deserialize_with = "de_keep_alive_opt")]
+    keep_alive: Option<KeepAlive>,
+}
+
+// ---- value parsers (also used by tests and by the CLI-facing code) ---------------------------
+
+/// Parses a byte size: `"110GiB"`, `"512MiB"`, `"1.5 GB"`, `"4096"`. Binary (KiB, MiB, GiB, TiB)
+/// and decimal (KB, MB, GB, TB) units; a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        format!(
+            "invalid size {s:?}: expected a number with a unit such as \"110GiB\" or \"512MiB\""
+        )
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ))
+        }
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}: too large"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Parses a keep-alive: `"5m"`, `"30s"`, `"1h30m"`, `"0"` (unload as soon as idle), `"-1"` or
+/// `"forever"` (never unload).
+pub fn parse_keep_alive(s: &str) -> Result<KeepAlive, String> {
+    let t = s.trim();
+    if t == "-1" || t.eq_ignore_ascii_case("forever") {
+        return Ok(KeepAlive::Forever);
+    }
+    parse_duration(t).map(KeepAlive::For).map_err(|e| {
+        format!(
+            "invalid keep_alive {s:?}: {e}; use e.g. \"5m\", \"90s\", \"0\" or \"-1\" (forever)"
+        )
+    })
+}
+
+fn parse_duration(t: &str) -> Result<Duration, String> {
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or("a number needs a unit (s, m, h, d)")?;
+        if digits == 0 {
+            return Err(format!("expected a number at {rest:?}"));
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| "number too large")?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ms" => {
+                total += Duration::from_millis(n);
+                rest = &rest[unit_len..];
+                continue;
+            }
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            u => return Err(format!("unknown unit {u:?}")),
+        };
+        total += Duration::from_secs(secs);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// Formats a keep-alive the way the config spells it.
+pub fn format_keep_alive(k: KeepAlive) -> String {
+    match k {
+        KeepAlive::Forever => "forever".into(),
+        KeepAlive::For(d) => {
+            let s = d.as_secs();
+            if d.subsec_millis() != 0 {
+                format!("{}ms", d.as_millis())
+            } else if s == 0 {
+                "0".into()
+            } else if s % 3600 == 0 {
+                format!("{}h", s / 3600)
+            } else if s % 60 == 0 {
+                format!("{}m", s / 60)
+            } else {
+                format!("{s}s")
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrInt {
+    Str(String),
+    Int(i64),
+}
+
+fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match StrOrInt::deserialize(d)? {
+        StrOrInt::Str(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+        StrOrInt::Int(n) => u64::try_from(n)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom("a size cannot be negative")),
+    }
+}
+
+fn de_budget<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BudgetSetting>, D::Error> {
+    match StrOrInt::deserialize(d)? {
+        StrOrInt::Str(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(Some(BudgetSetting::Auto)),
+        StrOrInt::Str(s) => parse_size(&s)
+            .map(|b| Some(BudgetSetting::Fixed(b)))
+            .map_err(|e| serde::de::Error::custom(format!("{e}, or \"auto\""))),
+        StrOrInt::Int(n) => u64::try_from(n)
+            .map(|b| Some(BudgetSetting::Fixed(b)))
+            .map_err(|_| serde::de::Error::custom("a budget cannot be negative")),
+    }
+}
+
+fn de_keep_alive_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<KeepAlive>, D::Error> {
+    match StrOrInt::deserialize(d)? {
+        StrOrInt::Str(s) => parse_keep_alive(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        StrOrInt::Int(-1) => Ok(Some(KeepAlive::Forever)),
+        StrOrInt::Int(n) if n >= 0 => Ok(Some(KeepAlive::For(Duration::from_secs(n as u64)))),
+        StrOrInt::Int(n) => Err(serde::de::Error::custom(format!(
+            "invalid keep_alive {n}: use seconds, a string like \"5m\", or -1 for forever"
+        ))),
+    }
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Addr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    list.iter()
+        .map(|s| s.parse::<Addr>().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+// ---- parse + validate ------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read config: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses the text of a config file; `path` names it in errors and anchors relative model
+    /// paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span();
+            let (line, key) = match span {
+                Some(s) => locate(text, s.start),
+                None => (None, None),
+            };
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                key,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        let err_at = |offset: usize, key: String, message: String| ConfigError {
+            file: path.to_path_buf(),
+            line: locate(text, offset).0,
+            key: Some(key),
+            message,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let max_queue = match raw.defaults.max_queue {
+            Some(q) if *q.get_ref() == 0 => {
+                return Err(err_at(
+                    q.span().start,
+                    "defaults.max_queue".into(),
+                    "max_queue must be at least 1".into(),
+                ))
+            }
+            Some(q) => q.into_inner(),
+            None => DEFAULT_MAX_QUEUE,
+        };
+        let keep_alive = raw.defaults.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
+
+        let mut models: Vec<ModelConfig> = Vec::with_capacity(raw.models.len());
+        for (i, m) in raw.models.into_iter().enumerate() {
+            let name_at = m.name.span().start;
+            let name = m.name.into_inner();
+            if !valid_name(&name) {
+                return Err(err_at(
+                    name_at,
+                    format!("models[{i}].name"),
+                    format!("invalid model name {name:?}: use letters, digits, '.', '_', '-' and ':' (1-64 characters)"),
+                ));
+            }
+            if models.iter().any(|o| o.name == name) {
+                return Err(err_at(
+                    name_at,
+                    format!("models[{i}].name"),
+                    format!("model name {name:?} is used twice; names must be unique"),
+                ));
+            }
+            let path_at = m.path.span().start;
+            let raw_path = m.path.into_inner();
+            if raw_path.as_os_str().is_empty() {
+                return Err(err_at(
+                    path_at,
+                    format!("models[{i}].path"),
+                    "path is empty".into(),
+                ));
+            }
+            let context = match m.context {
+                Some(c) if m.kind != ModelKind::Llm => {
+                    return Err(err_at(
+                        c.span().start,
+                        format!("models[{i}].context"),
+                        format!(
+                            "context applies to llm models only, not {}",
+                            m.kind.as_str()
+                        ),
+                    ))
+                }
+                Some(c) if *c.get_ref() == 0 => {
+                    return Err(err_at(
+                        c.span().start,
+                        format!("models[{i}].context"),
+                        "context must be at least 1 token".into(),
+                    ))
+                }
+                Some(c) => Some(c.into_inner()),
+                None => None,
+            };
+            models.push(ModelConfig {
+                name,
+                kind: m.kind,
+                path: base.join(raw_path),
+                context,
+                pinned: m.pinned,
+                keep_alive: m.keep_alive.unwrap_or(keep_alive),
+            });
+        }
+
+        Ok(Config {
+            source: Some(path.to_path_buf()),
+            listen: raw.daemon.listen,
+            log: raw.daemon.log,
+            budget: raw.memory.budget.unwrap_or(BudgetSetting::Auto),
+            reserve: raw.memory.reserve.unwrap_or(DEFAULT_RESERVE),
+            keep_alive,
+            max_queue,
+            models,
+        })
+    }
+
+    /// Finds the config file: `explicit` (from `--config`), else `$HALO_CONFIG`, else
+    /// [`SYSTEM_CONFIG`] if it exists. `None` means built-in defaults.
+    pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
+        if let Some(p) = explicit {
+            return Some(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(p));
+        }
+        let system = Path::new(SYSTEM_CONFIG);
+        system.exists().then(|| system.to_path_buf())
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The resolved config written back as TOML, for `halod check-config`.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        out.push_str("[daemon]\n");
+        let listen: Vec<String> = if self.listen.is_empty() {
+            vec![halo_proto::Addr::Unix(halo_proto::default_socket_path()).to_string()]
+        } else {
+            self.listen.iter().map(|a| a.to_string()).collect()
+        };
+        out.push_str(&format!(
+            "listen = [{}]\n",
+            listen.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+        ));
+        if let Some(log) = &self.log {
+            out.push_str(&format!("log = {}\n", q(log)));
+        }
+        out.push_str("\n[memory]\n");
+        match self.budget {
+            BudgetSetting::Auto => out.push_str("budget = \"auto\"\n"),
+            BudgetSetting::Fixed(b) => out.push_str(&format!("budget = {}\n", q(&size_str(b)))),
+        }
+        out.push_str(&format!("reserve = {}\n", q(&size_str(self.reserve))));
+        out.push_str("\n[defaults]\n");
+        out.push_str(&format!(
+            "keep_alive = {}\nmax_queue = {}\n",
+            q(&format_keep_alive(self.keep_alive)),
+            self.max_queue
+        ));
+        for m in &self.models {
+            out.push_str("\n[[models]]\n");
+            out.push_str(&format!("name = {}\n", q(&m.name)));
+            out.push_str(&format!("kind = {}\n", q(m.kind.as_str())));
+            out.push_str(&format!("path = {}\n", q(&m.path.to_string_lossy())));
+            if let Some(c) = m.context {
+                out.push_str(&format!("context = {c}\n"));
+            }
+            out.push_str(&format!("pinned = {}\n", m.pinned));
+            out.push_str(&format!(
+                "keep_alive = {}\n",
+                q(&format_keep_alive(m.keep_alive))
+            ));
+        }
+        out
+    }
+}
+
+/// Exact byte count in the largest binary unit that divides it.
+fn size_str(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b != 0 && b % (1u64 << shift) == 0 {
+            return format!("{}{unit}", b >> shift);
+        }
+    }
+    format!("{b}B")
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+}
+
+/// Turns a byte offset into a 1-based line and, when the line is a `key = value` assignment,
+/// the dotted key (section header plus key, with `[[models]]` entries numbered).
+fn locate(text: &str, offset: usize) -> (Option<usize>, Option<String>) {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    // The section in force at `line_no`, and for `[[array]]` sections which entry it is.
+    let mut section: Option<String> = None;
+    let mut entry: Option<usize> = None;
+    let mut seen_entries: Vec<(String, usize)> = Vec::new();
+    for line in text.lines().take(line_no) {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let h = h.trim().to_string();
+            let n = match seen_entries.iter_mut().find(|(name, _)| *name == h) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count - 1
+                }
+                None => {
+                    seen_entries.push((h.clone(), 1));
+                    0
+                }
+            };
+            section = Some(h);
+            entry = Some(n);
+        } else if let Some(h) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            section = Some(h.trim().to_string());
+            entry = None;
+        }
+    }
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('[') && !k.starts_with('#'))
+        .map(|k| k.trim_matches('"').to_string());
+    let full = match (key, section) {
+        (Some(k), Some(s)) => Some(match entry {
+            Some(n) => format!("{s}[{n}].{k}"),
+            None => format!("{s}.{k}"),
+        }),
+        (Some(k), None) => Some(k),
+        (None, Some(s)) => Some(match entry {
+            Some(n) => format!("{s}[{n}]"),
+            None => s,
+        }),
+        (None, None) => None,
+    };
+    (Some(line_no), full)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/halo/halod.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.budget, BudgetSetting::Auto);
+        assert_eq!(c.reserve, DEFAULT_RESERVE);
+        assert_eq!(c.max_queue, DEFAULT_MAX_QUEUE);
+        assert!(c.models.is_empty());
+    }
+
+    #[test]
+    fn full_config_resolves() {
+        let c = parse(
+            r#"
+[daemon]
+listen = ["unix:/tmp/h.sock", ":7870"]
+log = "debug"
+[memory]
+budget = "96GiB"
+reserve = "512MiB"
+[defaults]
+keep_alive = "10m"
+max_queue = 4
+[[models]]
+name = "qwen3"
+kind = "llm"
+path = "models/qwen3.gguf"
+context = 8192
+[[models]]
+name = "sdxl"
+kind = "sdxl"
+path = "/srv/sdxl"
+pinned = true
+keep_alive = "-1"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            vec![
+                Addr::Unix("/tmp/h.sock".into()),
+                Addr::Tcp("127.0.0.1:7870".into())
+            ]
+        );
+        assert_eq!(c.budget, BudgetSetting::Fixed(96 << 30));
+        assert_eq!(c.reserve, 512 << 20);
+        assert_eq!(c.max_queue, 4);
+        assert_eq!(
+            c.models[0].path,
+            PathBuf::from("/etc/halo/models/qwen3.gguf")
+        );
+        assert_eq!(
+            c.models[0].keep_alive,
+            KeepAlive::For(Duration::from_secs(600))
+        );
+        assert_eq!(c.models[0].context, Some(8192));
+        assert_eq!(c.models[1].keep_alive, KeepAlive::Forever);
+        assert!(c.models[1].pinned);
+        // The printed form parses back to the same config.
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.models, c.models);
+        assert_eq!(again.budget, c.budget);
+        assert_eq!(again.keep_alive, c.keep_alive);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("[memory]\nbudget = \"8GiB\"\nbudgte = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key.as_deref(), Some("memory.budgte"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with("/etc/halo/halod.toml:3: memory.budgte: "));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse("[memory]\nbudget = \"lots\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("memory.budget")));
+        assert!(e.message.contains("invalid size"), "{e}");
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"llm\"\npath = \"a.gguf\"\n[[models]]\nname = \"b\"\nkind = \"gpt\"\npath = \"b\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(7), Some("models[1].kind"))
+        );
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"sdxl\"\npath = \"x\"\ncontext = 10\n")
+            .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("models[0].context"))
+        );
+
+        let e = parse("[defaults]\nmax_queue = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("defaults.max_queue"));
+
+        let e = parse("[daemon]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.listen"));
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"llm\"\npath = \"a\"\n[[models]]\nname = \"a\"\nkind = \"llm\"\npath = \"b\"\n").unwrap_err();
+        assert!(e.message.contains("used twice"), "{e}");
+        assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn missing_field_is_reported() {
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"llm\"\n").unwrap_err();
+        assert!(e.message.contains("missing field `path`"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("110GiB").unwrap(), 110 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5 GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert_eq!(size_str(110 << 30), "110GiB");
+        assert_eq!(size_str(1000), "1000B");
+    }
+
+    #[test]
+    fn keep_alives() {
+        let s = |n| KeepAlive::For(Duration::from_secs(n));
+        assert_eq!(parse_keep_alive("5m").unwrap(), s(300));
+        assert_eq!(parse_keep_alive("1h30m").unwrap(), s(5400));
+        assert_eq!(parse_keep_alive("0").unwrap(), s(0));
+        assert_eq!(parse_keep_alive("-1").unwrap(), KeepAlive::Forever);
+        assert_eq!(parse_keep_alive("forever").unwrap(), KeepAlive::Forever);
+        assert!(parse_keep_alive("5 minutes").is_err());
+        assert!(parse_keep_alive("5").is_err());
+        for k in ["5m", "90s", "2h", "0", "forever", "250ms"] {
+            assert_eq!(format_keep_alive(parse_keep_alive(k).unwrap()), k);
+        }
+    }
+}

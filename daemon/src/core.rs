@@ -1,0 +1,905 @@
+//! The core driver: one task that owns the residency and scheduler cores, feeds them events and
+//! the clock, and applies their decisions (map or drop model files, start or fail jobs).
+//!
+//! Everything else talks to it through [`CoreHandle`], which sends a [`Command`] and awaits the
+//! reply. Slow work (mapping files) runs on the blocking pool and comes back as an internal event,
+//! so the driver never stalls on I/O.
+//!
+//! Architecture invariant: only this task mutates the residency and scheduler state; gRPC
+//! handlers never touch it directly. No engine exists yet: a job that reaches the front of its
+//! queue gets its model loaded and then ends with UNIMPLEMENTED, naming what is missing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ModelConfig, ModelKind};
+use crate::memory::{self, BudgetReport, MemorySources};
+use crate::models::{self, MappedModel, ModelFileError};
+use crate::residency::{
+    format_bytes, KeepAlive, LoadError, LoadPlan, ModelSpec, ModelState, PinError, Residency,
+    UnloadError,
+};
+use crate::scheduler::{
+    Action, CancelError, CancelOutcome, JobId, JobKind, JobState, Outcome, Scheduler, SubmitError,
+};
+
+/// How many finished jobs `halo jobs` remembers.
+const JOB_HISTORY: usize = 256;
+/// How often keep-alive expiry is checked.
+const TICK: Duration = Duration::from_secs(1);
+
+/// A request the daemon cannot satisfy, with the gRPC code it maps to and a message a person can
+/// act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreError {
+    NotFound(String),
+    InvalidArgument(String),
+    ResourceExhausted(String),
+    FailedPrecondition(String),
+    Unimplemented(String),
+    Unavailable(String),
+}
+
+impl std::fmt::Display for CoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = match self {
+            CoreError::NotFound(m)
+            | CoreError::InvalidArgument(m)
+            | CoreError::ResourceExhausted(m)
+            | CoreError::FailedPrecondition(m)
+            | CoreError::Unimplemented(m)
+            | CoreError::Unavailable(m) => m,
+        };
+        f.write_str(m)
+    }
+}
+
+impl std::error::Error for CoreError {}
+
+/// What a running job reports to its client. Engines will add tokens and progress here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEvent {
+    Failed(CoreError),
+    Cancelled,
+}
+
+/// Facts fixed at start-up: the device and the memory sources.
+#[derive(Debug, Clone)]
+pub struct DeviceFacts {
+    pub discovery: Result<halo_kernels::Discovery, String>,
+    pub memory: MemorySources,
+}
+
+impl DeviceFacts {
+    pub fn device(&self) -> Option<&halo_kernels::DeviceInfo> {
+        self.discovery.as_ref().ok().map(|d| d.device())
+    }
+}
+
+/// One configured model as `halo models` shows it.
+#[derive(Debug, Clone)]
+pub struct ModelRow {
+    pub config: ModelConfig,
+    pub estimated_bytes: u64,
+    /// `unloaded`, `loading`, `resident` or `missing`.
+    pub state: &'static str,
+    pub pinned: bool,
+    pub error: Option<String>,
+}
+
+/// One model in memory as `halo ps` shows it.
+#[derive(Debug, Clone)]
+pub struct ResidentRow {
+    pub name: String,
+    pub kind: ModelKind,
+    pub bytes: u64,
+    pub loading: bool,
+    pub pinned: bool,
+    pub running_jobs: u32,
+    pub idle: Duration,
+    pub last_used_unix_ms: i64,
+    pub expires_in: Option<Duration>,
+}
+
+/// One job as `halo jobs` shows it.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: JobId,
+    pub model: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub age: Duration,
+    pub error: Option<String>,
+    pub queue_position: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusSnapshot {
+    pub uptime: Duration,
+    pub config_path: Option<std::path::PathBuf>,
+    pub budget: BudgetReport,
+    pub used_bytes: u64,
+    pub resident_models: usize,
+    pub active_jobs: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadDone {
+    pub model: ResidentRow,
+    pub evicted: Vec<String>,
+    pub load_time: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReloadDone {
+    pub models: usize,
+    pub budget_bytes: u64,
+    pub unloaded: Vec<String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+/// A request to the core driver.
+pub enum Command {
+    Status(oneshot::Sender<StatusSnapshot>),
+    Models(oneshot::Sender<Vec<ModelRow>>),
+    Resident(oneshot::Sender<Vec<ResidentRow>>),
+    Load {
+        model: String,
+        pin: bool,
+        reply: Reply<LoadDone>,
+    },
+    Unload {
+        model: String,
+        reply: Reply<u64>,
+    },
+    Pin {
+        model: String,
+        reply: Reply<()>,
+    },
+    Unpin {
+        model: String,
+        reply: Reply<()>,
+    },
+    Submit {
+        model: String,
+        kind: JobKind,
+        reply: Reply<(JobId, mpsc::UnboundedReceiver<JobEvent>)>,
+    },
+    Jobs(oneshot::Sender<Vec<JobRow>>),
+    Cancel {
+        job: JobId,
+        reply: Reply<JobState>,
+    },
+    Reload {
+        config: Box<Config>,
+        reply: Reply<ReloadDone>,
+    },
+    /// Cancel every job and stop; replies when done.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Work that finished off the driver task.
+enum Internal {
+    Mapped {
+        model: String,
+        result: Result<MappedModel, ModelFileError>,
+        started: Instant,
+    },
+}
+
+/// A cheap, cloneable way to talk to the core driver.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl CoreHandle {
+    /// Sends a command built around a fresh reply channel and waits for the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| CoreError::Unavailable("halod is shutting down".into()))?;
+        rx.await
+            .map_err(|_| CoreError::Unavailable("halod is shutting down".into()))
+    }
+
+    /// Like [`ask`](Self::ask) for commands whose reply is itself a `Result`.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
+        self.ask(make).await?
+    }
+}
+
+struct CatalogEntry {
+    config: ModelConfig,
+    estimate: Result<u64, ModelFileError>,
+}
+
+struct LoadWaiter {
+    reply: Reply<LoadDone>,
+    evicted: Vec<String>,
+    started: Instant,
+}
+
+/// The state the driver task owns.
+pub struct Core {
+    started: Instant,
+    started_unix_ms: i64,
+    config: Config,
+    facts: Arc<DeviceFacts>,
+    budget: BudgetReport,
+    catalog: BTreeMap<String, CatalogEntry>,
+    residency: Residency,
+    scheduler: Scheduler,
+    loaded: HashMap<String, MappedModel>,
+    load_waiters: HashMap<String, Vec<LoadWaiter>>,
+    job_streams: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
+    job_errors: HashMap<JobId, CoreError>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+}
+
+/// Starts the driver task and returns its handle.
+pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let budget = memory::resolve(config.budget, config.reserve, &facts.memory);
+    info!(budget = %format_bytes(budget.budget), explanation = %budget.explanation, "memory budget");
+    let mut core = Core {
+        started: Instant::now(),
+        started_unix_ms: unix_ms(SystemTime::now()),
+        facts,
+        residency: Residency::new(budget.budget),
+        scheduler: Scheduler::new(config.max_queue, JOB_HISTORY),
+        budget,
+        config: Config::default(),
+        catalog: BTreeMap::new(),
+        loaded: HashMap::new(),
+        load_waiters: HashMap::new(),
+        job_streams: HashMap::new(),
+        job_errors: HashMap::new(),
+        internal_tx,
+    };
+    core.install_catalog(config);
+    let task = tokio::spawn(core.run(rx, internal_rx));
+    (CoreHandle { tx }, task)
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Core {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut internal_rx: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Shutdown(done)) => {
+                        self.shutdown();
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.handle(cmd),
+                    None => {
+                        self.shutdown();
+                        return;
+                    }
+                },
+                Some(ev) = internal_rx.recv() => self.internal(ev),
+                _ = tick.tick() => self.tick(),
+            }
+            self.pump();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(StatusSnapshot {
+                    uptime: now,
+                    config_path: self.config.source.clone(),
+                    budget: self.budget.clone(),
+                    used_bytes: self.residency.used(),
+                    resident_models: self
+                        .residency
+                        .models()
+                        .iter()
+                        .filter(|m| !matches!(m.state, ModelState::Unloaded))
+                        .count(),
+                    active_jobs: self
+                        .scheduler
+                        .jobs()
+                        .iter()
+                        .filter(|j| !j.state.is_terminal())
+                        .count(),
+                });
+            }
+            Command::Models(reply) => {
+                let _ = reply.send(self.model_rows());
+            }
+            Command::Resident(reply) => {
+                let _ = reply.send(self.resident_rows());
+            }
+            Command::Load { model, pin, reply } => match self.start_load(&model, pin) {
+                Ok((LoadPlan::AlreadyResident, _)) => {
+                    let row = self.resident_row(&model);
+                    let _ = reply.send(row.map(|model| LoadDone {
+                        model,
+                        evicted: Vec::new(),
+                        load_time: Duration::ZERO,
+                    }));
+                }
+                Ok((_, evicted)) => {
+                    self.load_waiters
+                        .entry(model)
+                        .or_default()
+                        .push(LoadWaiter {
+                            reply,
+                            evicted,
+                            started: Instant::now(),
+                        });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Unload { model, reply } => {
+                let _ = reply.send(self.unload(&model));
+            }
+            Command::Pin { model, reply } => {
+                let r = self.residency.pin(&model).map_err(pin_error);
+                let _ = reply.send(r);
+            }
+            Command::Unpin { model, reply } => {
+                let r = self.residency.unpin(&model, now).map_err(pin_error);
+                let _ = reply.send(r);
+            }
+            Command::Submit { model, kind, reply } => {
+                let _ = reply.send(self.submit(&model, kind));
+            }
+            Command::Jobs(reply) => {
+                let _ = reply.send(self.job_rows());
+            }
+            Command::Cancel { job, reply } => {
+                let r = match self.scheduler.cancel(job, now) {
+                    Ok(CancelOutcome::Cancelled) => Ok(JobState::Cancelled),
+                    Ok(CancelOutcome::Aborting) => {
+                        self.apply(vec![Action::Abort { job }]);
+                        Ok(self
+                            .scheduler
+                            .job(job)
+                            .map(|j| j.state)
+                            .unwrap_or(JobState::Cancelled))
+                    }
+                    Err(CancelError::NotFound(id)) => Err(CoreError::NotFound(format!(
+                        "no job {id}; `halo jobs` lists the jobs halod knows"
+                    ))),
+                    Err(CancelError::AlreadyFinished { job, state }) => {
+                        Err(CoreError::FailedPrecondition(format!(
+                            "job {job} already finished ({}); there is nothing to cancel",
+                            state.as_str()
+                        )))
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Reload { config, reply } => {
+                let _ = reply.send(self.reload(*config));
+            }
+            Command::Shutdown(_) => unreachable!("handled by run"),
+        }
+    }
+
+    // ---- catalog and config ------------------------------------------------------------------
+
+    /// Makes `config` the one in force: estimates every model, hands the catalog to the
+    /// residency core, drops models it says to, and loads pinned models.
+    fn install_catalog(&mut self, config: Config) -> Vec<String> {
+        self.catalog = config
+            .models
+            .iter()
+            .map(|m| {
+                let estimate = models::estimate(m);
+                if let Err(e) = &estimate {
+                    warn!(model = %m.name, error = %e, "model file problem");
+                }
+                (
+                    m.name.clone(),
+                    CatalogEntry {
+                        config: m.clone(),
+                        estimate,
+                    },
+                )
+            })
+            .collect();
+        let dropped = self.residency.set_catalog(self.specs());
+        for name in &dropped {
+            self.drop_model(name, "removed from the config");
+        }
+        self.scheduler.set_max_queue(config.max_queue);
+        let pinned: Vec<String> = config
+            .models
+            .iter()
+            .filter(|m| m.pinned)
+            .map(|m| m.name.clone())
+            .collect();
+        self.config = config;
+        for name in pinned {
+            match self.start_load(&name, true) {
+                Ok(_) => info!(model = %name, "loading pinned model"),
+                Err(e) => warn!(model = %name, error = %e, "cannot load pinned model"),
+            }
+        }
+        dropped
+    }
+
+    fn specs(&self) -> Vec<ModelSpec> {
+        self.catalog
+            .values()
+            .map(|e| ModelSpec {
+                name: e.config.name.clone(),
+                estimated_bytes: *e.estimate.as_ref().unwrap_or(&0),
+                keep_alive: e.config.keep_alive,
+            })
+            .collect()
+    }
+
+    fn reload(&mut self, config: Config) -> Result<ReloadDone, CoreError> {
+        let budget = memory::resolve(config.budget, config.reserve, &self.facts.memory);
+        let now = self.now();
+        let mut unloaded = self
+            .residency
+            .set_budget(budget.budget, now)
+            .map_err(|e| CoreError::FailedPrecondition(format!("new config rejected: {e}")))?;
+        for name in &unloaded {
+            self.drop_model(name, "the new budget is smaller");
+        }
+        if config.listen != self.config.listen {
+            warn!("a changed [daemon] listen takes effect after a restart");
+        }
+        info!(budget = %format_bytes(budget.budget), explanation = %budget.explanation, "config reloaded");
+        self.budget = budget;
+        unloaded.extend(self.install_catalog(config));
+        Ok(ReloadDone {
+            models: self.catalog.len(),
+            budget_bytes: self.budget.budget,
+            unloaded,
+        })
+    }
+
+    // ---- loading and unloading ---------------------------------------------------------------
+
+    /// Checks the model, asks the residency core for room, drops what it evicts and starts
+    /// mapping the files. Returns the plan and the evicted models.
+    fn start_load(&mut self, name: &str, pin: bool) -> Result<(LoadPlan, Vec<String>), CoreError> {
+        let entry = self
+            .catalog
+            .get_mut(name)
+            .ok_or_else(|| unknown_model(name))?;
+        // The file may have appeared, changed or gone since the config was read.
+        let fresh = models::estimate(&entry.config);
+        let changed = fresh.as_ref().ok() != entry.estimate.as_ref().ok();
+        entry.estimate = fresh;
+        let config = entry.config.clone();
+        if let Err(e) = &entry.estimate {
+            let e = CoreError::FailedPrecondition(format!("cannot load model {name:?}: {e}"));
+            if changed {
+                self.residency.set_catalog(self.specs());
+            }
+            return Err(e);
+        }
+        if changed {
+            self.residency.set_catalog(self.specs());
+        }
+        let now = self.now();
+        let plan = self
+            .residency
+            .begin_load(name, pin, now)
+            .map_err(load_error)?;
+        let evicted = match &plan {
+            LoadPlan::Load { evict } => {
+                for victim in evict {
+                    self.drop_model(victim, "evicted to make room");
+                }
+                let tx = self.internal_tx.clone();
+                let model = name.to_string();
+                let started = Instant::now();
+                tokio::task::spawn_blocking(move || {
+                    let result = models::map(&config);
+                    let _ = tx.send(Internal::Mapped {
+                        model,
+                        result,
+                        started,
+                    });
+                });
+                evict.clone()
+            }
+            _ => Vec::new(),
+        };
+        Ok((plan, evicted))
+    }
+
+    fn internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Mapped {
+                model,
+                result,
+                started,
+            } => self.mapped(model, result, started),
+        }
+    }
+
+    fn mapped(
+        &mut self,
+        model: String,
+        result: Result<MappedModel, ModelFileError>,
+        started: Instant,
+    ) {
+        let now = self.now();
+        let outcome = match result {
+            Ok(mapped) => match self.residency.finish_load(&model, mapped.bytes(), now) {
+                Ok(extra) => {
+                    for victim in &extra {
+                        self.drop_model(victim, "evicted: the model was larger than estimated");
+                    }
+                    info!(model = %model, bytes = mapped.bytes(), files = mapped.files(),
+                          ms = started.elapsed().as_millis() as u64, "model loaded");
+                    self.loaded.insert(model.clone(), mapped);
+                    Ok(extra)
+                }
+                Err(e) => Err(load_error(e)),
+            },
+            Err(e) => {
+                self.residency.fail_load(&model);
+                Err(CoreError::FailedPrecondition(format!(
+                    "cannot load model {model:?}: {e}"
+                )))
+            }
+        };
+        for w in self.load_waiters.remove(&model).unwrap_or_default() {
+            let reply = match &outcome {
+                Ok(extra) => self.resident_row(&model).map(|row| LoadDone {
+                    model: row,
+                    evicted: w.evicted.iter().chain(extra).cloned().collect(),
+                    load_time: w.started.elapsed(),
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = w.reply.send(reply);
+        }
+        let actions = match outcome {
+            Ok(_) => self.scheduler.load_finished(&model, Ok(()), now),
+            Err(e) => {
+                self.fail_model_jobs(&model, &e);
+                self.scheduler
+                    .load_finished(&model, Err(e.to_string()), now)
+            }
+        };
+        self.apply(actions);
+    }
+
+    /// Remembers the error code for every waiting job of `model`, before the scheduler fails them.
+    fn fail_model_jobs(&mut self, model: &str, e: &CoreError) {
+        for j in self.scheduler.jobs() {
+            if j.model == model && matches!(j.state, JobState::Queued | JobState::Loading) {
+                self.job_errors.insert(j.id, e.clone());
+            }
+        }
+    }
+
+    fn drop_model(&mut self, name: &str, why: &str) {
+        if let Some(m) = self.loaded.remove(name) {
+            info!(model = %name, bytes = m.bytes(), reason = why, "model unloaded");
+        }
+    }
+
+    fn unload(&mut self, name: &str) -> Result<u64, CoreError> {
+        let bytes = self
+            .residency
+            .view(name)
+            .map(|v| v.state.bytes())
+            .ok_or_else(|| unknown_model(name))?;
+        self.residency.unload(name).map_err(|e| match e {
+            UnloadError::UnknownModel { .. } => unknown_model(name),
+            other => CoreError::FailedPrecondition(other.to_string()),
+        })?;
+        self.drop_model(name, "unloaded on request");
+        Ok(bytes)
+    }
+
+    fn tick(&mut self) {
+        let now = self.now();
+        for name in self.residency.tick(now) {
+            self.drop_model(&name, "keep-alive expired");
+        }
+    }
+
+    // ---- jobs --------------------------------------------------------------------------------
+
+    fn submit(
+        &mut self,
+        model: &str,
+        kind: JobKind,
+    ) -> Result<(JobId, mpsc::UnboundedReceiver<JobEvent>), CoreError> {
+        let entry = self
+            .catalog
+            .get(model)
+            .ok_or_else(|| unknown_model(model))?;
+        let wanted = match kind {
+            JobKind::Generate => entry.config.kind == ModelKind::Llm,
+            JobKind::Image => entry.config.kind != ModelKind::Llm,
+        };
+        if !wanted {
+            let verb = if entry.config.kind == ModelKind::Llm {
+                "halo generate"
+            } else {
+                "halo image"
+            };
+            return Err(CoreError::InvalidArgument(format!(
+                "model {model:?} is a {} model; use `{verb}` with it",
+                entry.config.kind.as_str()
+            )));
+        }
+        if let Err(why) = &self.facts.discovery {
+            return Err(CoreError::FailedPrecondition(format!(
+                "no GPU device: {why}; jobs need a Vulkan device (see `halo status`)"
+            )));
+        }
+        let id = self
+            .scheduler
+            .submit(model, kind, self.now())
+            .map_err(|SubmitError::QueueFull { model, max_queue }| {
+                CoreError::ResourceExhausted(format!(
+                    "model {model:?} already has {max_queue} jobs waiting ([defaults] max_queue); try again later"
+                ))
+            })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.job_streams.insert(id, tx);
+        debug!(job = %id, model, "job queued");
+        Ok((id, rx))
+    }
+
+    /// Lets the scheduler pick what runs next and applies it; then tells finished jobs' clients.
+    fn pump(&mut self) {
+        let resident: Vec<String> = self
+            .residency
+            .models()
+            .into_iter()
+            .filter(|m| matches!(m.state, ModelState::Resident { .. }))
+            .map(|m| m.name)
+            .collect();
+        let now = self.now();
+        let actions = self
+            .scheduler
+            .poll(&|m: &str| resident.iter().any(|r| r == m), now);
+        self.apply(actions);
+        self.reap();
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            let now = self.now();
+            match action {
+                Action::Load { model } => match self.start_load(&model, false) {
+                    Ok((LoadPlan::AlreadyResident, _)) => {
+                        queue.extend(self.scheduler.load_finished(&model, Ok(()), now));
+                    }
+                    Ok(_) => {} // the mapping reports back through `mapped`
+                    Err(e) => {
+                        self.fail_model_jobs(&model, &e);
+                        queue.extend(
+                            self.scheduler
+                                .load_finished(&model, Err(e.to_string()), now),
+                        );
+                    }
+                },
+                Action::Run { job, model } => {
+                    self.residency.job_started(&model, now);
+                    let kind = self.catalog.get(&model).map(|e| e.config.kind);
+                    // No engine exists yet: say so instead of pretending.
+                    let e = CoreError::Unimplemented(match kind {
+                        Some(ModelKind::Llm) => format!(
+                            "the LLM engine is not built yet: halod loaded {model:?} but cannot run it"
+                        ),
+                        _ => format!(
+                            "the diffusion engine is not built yet: halod loaded {model:?} but cannot run it"
+                        ),
+                    });
+                    self.job_errors.insert(job, e.clone());
+                    self.scheduler
+                        .job_finished(job, Outcome::Failed(e.to_string()), now);
+                    for name in self.residency.job_finished(&model, now) {
+                        self.drop_model(&name, "removed from the config");
+                    }
+                }
+                Action::Abort { job } => {
+                    // Jobs end within their step today, so a running job is aborted at once.
+                    if let Some(view) = self.scheduler.job(job) {
+                        if view.state == JobState::Running {
+                            self.scheduler.job_finished(job, Outcome::Cancelled, now);
+                            for name in self.residency.job_finished(&view.model, now) {
+                                self.drop_model(&name, "removed from the config");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the final event to every client whose job has ended.
+    fn reap(&mut self) {
+        let ended: Vec<JobId> = self
+            .job_streams
+            .keys()
+            .copied()
+            .filter(|id| {
+                self.scheduler
+                    .job(*id)
+                    .is_none_or(|j| j.state.is_terminal())
+            })
+            .collect();
+        for id in ended {
+            let tx = self.job_streams.remove(&id).expect("listed above");
+            let view = self.scheduler.job(id);
+            let ev = match view.as_ref().map(|j| j.state) {
+                Some(JobState::Cancelled) => JobEvent::Cancelled,
+                Some(JobState::Failed) => {
+                    JobEvent::Failed(self.job_errors.remove(&id).unwrap_or_else(|| {
+                        CoreError::FailedPrecondition(
+                            view.and_then(|j| j.error)
+                                .unwrap_or_else(|| "the job failed".into()),
+                        )
+                    }))
+                }
+                _ => continue,
+            };
+            let _ = tx.send(ev);
+        }
+        self.job_errors
+            .retain(|id, _| self.job_streams.contains_key(id));
+    }
+
+    fn shutdown(&mut self) {
+        let now = self.now();
+        let actions = self.scheduler.cancel_all(now);
+        self.apply(actions);
+        self.reap();
+        for w in self.load_waiters.drain().flat_map(|(_, ws)| ws) {
+            let _ = w
+                .reply
+                .send(Err(CoreError::Unavailable("halod is shutting down".into())));
+        }
+        let n = self.loaded.len();
+        self.loaded.clear();
+        info!(models = n, "core stopped");
+    }
+
+    // ---- views -------------------------------------------------------------------------------
+
+    fn model_rows(&self) -> Vec<ModelRow> {
+        self.catalog
+            .values()
+            .map(|e| {
+                let view = self.residency.view(&e.config.name);
+                let (state, pinned) = match (&e.estimate, &view) {
+                    (_, Some(v)) if !matches!(v.state, ModelState::Unloaded) => (
+                        match v.state {
+                            ModelState::Loading { .. } => "loading",
+                            _ => "resident",
+                        },
+                        v.pinned,
+                    ),
+                    (Err(_), _) => ("missing", false),
+                    _ => ("unloaded", false),
+                };
+                ModelRow {
+                    config: e.config.clone(),
+                    estimated_bytes: *e.estimate.as_ref().unwrap_or(&0),
+                    state,
+                    pinned,
+                    error: e.estimate.as_ref().err().map(|e| e.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    fn resident_rows(&self) -> Vec<ResidentRow> {
+        self.residency
+            .models()
+            .into_iter()
+            .filter(|m| !matches!(m.state, ModelState::Unloaded))
+            .filter_map(|m| self.resident_row(&m.name).ok())
+            .collect()
+    }
+
+    fn resident_row(&self, name: &str) -> Result<ResidentRow, CoreError> {
+        let v = self
+            .residency
+            .view(name)
+            .ok_or_else(|| unknown_model(name))?;
+        let now = self.now();
+        let last_used = v.last_used.unwrap_or(now);
+        Ok(ResidentRow {
+            name: v.name.clone(),
+            kind: self
+                .catalog
+                .get(name)
+                .map(|e| e.config.kind)
+                .unwrap_or(ModelKind::Llm),
+            bytes: v.state.bytes(),
+            loading: matches!(v.state, ModelState::Loading { .. }),
+            pinned: v.pinned,
+            running_jobs: v.busy,
+            idle: now.saturating_sub(last_used),
+            last_used_unix_ms: self.started_unix_ms + last_used.as_millis() as i64,
+            expires_in: v.expires_at.map(|t| t.saturating_sub(now)),
+        })
+    }
+
+    fn job_rows(&self) -> Vec<JobRow> {
+        let now = self.now();
+        self.scheduler
+            .jobs()
+            .into_iter()
+            .map(|j| JobRow {
+                id: j.id,
+                model: j.model,
+                kind: j.kind,
+                state: j.state,
+                age: now.saturating_sub(j.submitted_at),
+                error: j.error,
+                queue_position: j.queue_position,
+            })
+            .collect()
+    }
+}
+
+fn unknown_model(name: &str) -> CoreError {
+    CoreError::NotFound(format!(
+        "unknown model {name:?}; `halo models` lists the models in the config"
+    ))
+}
+
+fn load_error(e: LoadError) -> CoreError {
+    match e {
+        LoadError::UnknownModel { name } => unknown_model(&name),
+        other => CoreError::ResourceExhausted(other.to_string()),
+    }
+}
+
+fn pin_error(e: PinError) -> CoreError {
+    match e {
+        PinError::UnknownModel { name } => unknown_model(&name),
+        other => CoreError::FailedPrecondition(format!(
+            "{other}; use `halo load MODEL --pin` to load and pin it"
+        )),
+    }
+}
+
+/// Keep-alive as `halo models` prints it.
+pub fn keep_alive_str(k: KeepAlive) -> String {
+    crate::config::format_keep_alive(k)
+}

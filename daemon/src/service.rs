@@ -1,0 +1,487 @@
+//! The gRPC edge: validate each request, hand a command to the core driver, and turn the outcome
+//! into protobuf or a `tonic::Status` with a message a person can act on.
+//!
+//! Architecture invariant: handlers hold no model or job state of their own and never touch the
+//! device; prost types go no deeper than this module.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use halo_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::core::{CoreError, CoreHandle, DeviceFacts, JobEvent, JobRow, ModelRow, ResidentRow};
+use crate::scheduler::{JobId, JobKind};
+
+/// The `halo.v1.Halo` service.
+#[derive(Clone)]
+pub struct HaloService {
+    core: CoreHandle,
+    facts: Arc<DeviceFacts>,
+    listen: Arc<Vec<String>>,
+    config_path: Option<PathBuf>,
+}
+
+impl HaloService {
+    pub fn new(
+        core: CoreHandle,
+        facts: Arc<DeviceFacts>,
+        listen: Vec<String>,
+        config_path: Option<PathBuf>,
+    ) -> Self {
+        HaloService {
+            core,
+            facts,
+            listen: Arc::new(listen),
+            config_path,
+        }
+    }
+}
+
+impl From<CoreError> for Status {
+    fn from(e: CoreError) -> Status {
+        match e {
+            CoreError::NotFound(m) => Status::not_found(m),
+            CoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            CoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+            CoreError::Unimplemented(m) => Status::unimplemented(m),
+            CoreError::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
+
+fn model_name(name: &str) -> Result<String, Status> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(Status::invalid_argument(
+            "no model given; `halo models` lists the configured models",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn device_pb(d: &halo_kernels::DeviceInfo) -> pb::Device {
+    pb::Device {
+        index: d.index as u32,
+        name: d.name.clone(),
+        device_type: d.device_type.as_str().to_string(),
+        driver: d.driver_name.clone(),
+        driver_info: d.driver_info.clone(),
+        api_version: d.api_version.clone(),
+        vendor_id: d.vendor_id,
+        device_id: d.device_id,
+        heaps: d
+            .heaps
+            .iter()
+            .map(|h| pb::MemoryHeap {
+                size: h.size,
+                device_local: h.device_local,
+                budget: h.budget.unwrap_or(0),
+                usage: h.usage.unwrap_or(0),
+            })
+            .collect(),
+        max_allocation_bytes: d.limits.max_memory_allocation_size,
+        max_storage_buffer_range: d.limits.max_storage_buffer_range,
+        shared_memory_bytes: d.limits.max_compute_shared_memory_size,
+        subgroup_size: d.limits.subgroup_size,
+        external_memory_host: d.external_memory_host,
+        host_pointer_alignment: d.limits.min_imported_host_pointer_alignment.unwrap_or(0),
+        memory_budget_ext: d.memory_budget_ext,
+    }
+}
+
+fn resident_pb(r: ResidentRow) -> pb::ResidentModel {
+    pb::ResidentModel {
+        name: r.name,
+        kind: r.kind.as_str().to_string(),
+        bytes: r.bytes,
+        pinned: r.pinned,
+        idle_ms: r.idle.as_millis() as u64,
+        last_used_unix_ms: r.last_used_unix_ms,
+        expires_in_s: r.expires_in.map(|d| d.as_secs()),
+        running_jobs: r.running_jobs,
+        state: if r.loading { "loading" } else { "resident" }.to_string(),
+    }
+}
+
+fn model_pb(m: ModelRow) -> pb::Model {
+    pb::Model {
+        name: m.config.name,
+        kind: m.config.kind.as_str().to_string(),
+        path: m.config.path.to_string_lossy().into_owned(),
+        estimated_bytes: m.estimated_bytes,
+        state: m.state.to_string(),
+        pinned: m.pinned,
+        context: m.config.context.unwrap_or(0),
+        error: m.error.unwrap_or_default(),
+        keep_alive: crate::config::format_keep_alive(m.config.keep_alive),
+    }
+}
+
+fn job_pb(j: JobRow) -> pb::Job {
+    pb::Job {
+        id: j.id.0,
+        model: j.model,
+        kind: match j.kind {
+            JobKind::Generate => "generate",
+            JobKind::Image => "image",
+        }
+        .to_string(),
+        state: j.state.as_str().to_string(),
+        age_ms: j.age.as_millis() as u64,
+        error: j.error.unwrap_or_default(),
+        queue_position: j.queue_position.map(|p| p as u32),
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Turns a job's events into a response stream: first `started`, then the job's own events.
+fn job_stream<T: Send + 'static>(
+    id: JobId,
+    mut events: mpsc::UnboundedReceiver<JobEvent>,
+    started: impl Fn(pb::JobStarted) -> T + Send + 'static,
+    cancelled: impl Fn() -> T + Send + 'static,
+) -> EventStream<T> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        if tx
+            .send(Ok(started(pb::JobStarted { job_id: id.0 })))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(ev) = events.recv().await {
+            let item = match ev {
+                JobEvent::Failed(e) => Err(Status::from(e)),
+                JobEvent::Cancelled => Ok(cancelled()),
+            };
+            let end = item.is_err();
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::halo_server::Halo for HaloService {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        use crate::config::BudgetSetting;
+        let s = self.core.ask(crate::core::Command::Status).await?;
+        let b = &s.budget;
+        let (devices, device_error) = match &self.facts.discovery {
+            Ok(d) => (d.devices.iter().map(device_pb).collect(), String::new()),
+            Err(e) => (Vec::new(), e.clone()),
+        };
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: s.uptime.as_millis() as u64,
+            config_path: self
+                .config_path
+                .as_ref()
+                .or(s.config_path.as_ref())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            listen: self.listen.to_vec(),
+            device: self.facts.device().map(device_pb),
+            device_error,
+            devices,
+            budget_bytes: b.budget,
+            used_bytes: s.used_bytes,
+            budget: Some(pb::Budget {
+                mode: match b.setting {
+                    BudgetSetting::Auto => "auto",
+                    BudgetSetting::Fixed(_) => "fixed",
+                }
+                .to_string(),
+                configured_bytes: match b.setting {
+                    BudgetSetting::Auto => 0,
+                    BudgetSetting::Fixed(n) => n,
+                },
+                reserve_bytes: b.reserve,
+                vulkan_visible_bytes: b.sources.vulkan_visible.unwrap_or(0),
+                sysfs_vram_bytes: b.sources.sysfs_vram.unwrap_or(0),
+                sysfs_gtt_bytes: b.sources.sysfs_gtt.unwrap_or(0),
+                physical_ram_bytes: b.sources.physical_ram,
+                gpu_visible_bytes: b.gpu_visible,
+                cap_bytes: crate::config::AUTO_BUDGET_CAP,
+                explanation: b.explanation.clone(),
+            }),
+            resident_models: s.resident_models as u32,
+            active_jobs: s.active_jobs as u32,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let rows = self.core.ask(crate::core::Command::Models).await?;
+        Ok(Response::new(pb::ListModelsResponse {
+            models: rows.into_iter().map(model_pb).collect(),
+        }))
+    }
+
+    async fn list_resident(
+        &self,
+        _req: Request<pb::ListResidentRequest>,
+    ) -> Result<Response<pb::ListResidentResponse>, Status> {
+        let rows = self.core.ask(crate::core::Command::Resident).await?;
+        Ok(Response::new(pb::ListResidentResponse {
+            models: rows.into_iter().map(resident_pb).collect(),
+        }))
+    }
+
+    async fn load(
+        &self,
+        req: Request<pb::LoadRequest>,
+    ) -> Result<Response<pb::LoadResponse>, Status> {
+        let req = req.into_inner();
+        let model = model_name(&req.model)?;
+        let done = self
+            .core
+            .call(|reply| crate::core::Command::Load {
+                model,
+                pin: req.pin,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(pb::LoadResponse {
+            model: Some(resident_pb(done.model)),
+            evicted: done.evicted,
+            load_ms: done.load_time.as_millis() as u64,
+        }))
+    }
+
+    async fn unload(
+        &self,
+        req: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
+        let model = model_name(&req.into_inner().model)?;
+        let freed = self
+            .core
+            .call(|reply| crate::core::Command::Unload { model, reply })
+            .await?;
+        Ok(Response::new(pb::UnloadResponse { freed_bytes: freed }))
+    }
+
+    async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+        let model = model_name(&req.into_inner().model)?;
+        self.core
+            .call(|reply| crate::core::Command::Pin { model, reply })
+            .await?;
+        Ok(Response::new(pb::PinResponse {}))
+    }
+
+    async fn unpin(
+        &self,
+        req: Request<pb::UnpinRequest>,
+    ) -> Result<Response<pb::UnpinResponse>, Status> {
+        let model = model_name(&req.into_inner().model)?;
+        self.core
+            .call(|reply| crate::core::Command::Unpin { model, reply })
+            .await?;
+        Ok(Response::new(pb::UnpinResponse {}))
+    }
+
+    type GenerateStream = EventStream<pb::GenerateEvent>;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = req.into_inner();
+        let model = model_name(&req.model)?;
+        match &req.prompt {
+            None => {
+                return Err(Status::invalid_argument(
+                    "no prompt: give text or token ids",
+                ))
+            }
+            Some(pb::generate_request::Prompt::Tokens(t)) if t.ids.is_empty() => {
+                return Err(Status::invalid_argument("the token list is empty"))
+            }
+            _ => {}
+        }
+        check_range("temperature", req.temperature, 0.0, 100.0)?;
+        check_range("top_p", req.top_p, 0.0, 1.0)?;
+        check_range("min_p", req.min_p, 0.0, 1.0)?;
+        if req.max_tokens == Some(0) {
+            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+        }
+        let (id, events) = self
+            .core
+            .call(|reply| crate::core::Command::Submit {
+                model,
+                kind: JobKind::Generate,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_stream(
+            id,
+            events,
+            |s| pb::GenerateEvent {
+                event: Some(pb::generate_event::Event::Started(s)),
+            },
+            || pb::GenerateEvent {
+                event: Some(pb::generate_event::Event::Done(pb::GenerateDone {
+                    finish_reason: "cancelled".into(),
+                    ..Default::default()
+                })),
+            },
+        )))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let model = model_name(&req.into_inner().model)?;
+        let rows = self.core.ask(crate::core::Command::Models).await?;
+        let row = rows
+            .iter()
+            .find(|m| m.config.name == model)
+            .ok_or_else(|| {
+                Status::from(crate::core::CoreError::NotFound(format!(
+                    "unknown model {model:?}; `halo models` lists the models in the config"
+                )))
+            })?;
+        if row.config.kind != crate::config::ModelKind::Llm {
+            return Err(Status::invalid_argument(format!(
+                "model {model:?} is a {} model; only llm models have a tokenizer",
+                row.config.kind.as_str()
+            )));
+        }
+        Err(Status::unimplemented(
+            "the GGUF tokenizer is not built yet; it arrives with the LLM engine",
+        ))
+    }
+
+    type GenerateImageStream = EventStream<pb::ImageEvent>;
+
+    async fn generate_image(
+        &self,
+        req: Request<pb::GenerateImageRequest>,
+    ) -> Result<Response<Self::GenerateImageStream>, Status> {
+        let req = req.into_inner();
+        let model = model_name(&req.model)?;
+        if req.prompt.trim().is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        for (what, v) in [("width", req.width), ("height", req.height)] {
+            if v != 0 && (v % 8 != 0 || !(64..=4096).contains(&v)) {
+                return Err(Status::invalid_argument(format!(
+                    "{what} {v} must be a multiple of 8 between 64 and 4096"
+                )));
+            }
+        }
+        let (id, events) = self
+            .core
+            .call(|reply| crate::core::Command::Submit {
+                model,
+                kind: JobKind::Image,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_stream(
+            id,
+            events,
+            |s| pb::ImageEvent {
+                event: Some(pb::image_event::Event::Started(s)),
+            },
+            || pb::ImageEvent { event: None },
+        )))
+    }
+
+    async fn list_jobs(
+        &self,
+        _req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let rows = self.core.ask(crate::core::Command::Jobs).await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: rows.into_iter().map(job_pb).collect(),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = req.into_inner().job_id;
+        if id == 0 {
+            return Err(Status::invalid_argument("job ids start at 1"));
+        }
+        let state = self
+            .core
+            .call(|reply| crate::core::Command::Cancel {
+                job: JobId(id),
+                reply,
+            })
+            .await?;
+        Ok(Response::new(pb::CancelJobResponse {
+            state: state.as_str().to_string(),
+        }))
+    }
+
+    async fn reload_config(
+        &self,
+        _req: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        let done = reload(&self.core, self.config_path.as_deref()).await?;
+        Ok(Response::new(pb::ReloadConfigResponse {
+            config_path: self
+                .config_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            models: done.models as u32,
+            budget_bytes: done.budget_bytes,
+            unloaded: done.unloaded,
+        }))
+    }
+}
+
+/// Re-reads the config file and hands it to the core; a bad file changes nothing. Shared by the
+/// `ReloadConfig` RPC and SIGHUP.
+pub async fn reload(
+    core: &CoreHandle,
+    path: Option<&std::path::Path>,
+) -> Result<crate::core::ReloadDone, CoreError> {
+    let path = path.ok_or_else(|| {
+        CoreError::FailedPrecondition(
+            "halod runs on built-in defaults; there is no config file to reload".into(),
+        )
+    })?;
+    let p = path.to_path_buf();
+    let config = tokio::task::spawn_blocking(move || Config::load(&p))
+        .await
+        .map_err(|e| CoreError::Unavailable(format!("reload failed: {e}")))?
+        .map_err(|e| {
+            CoreError::InvalidArgument(format!("config rejected, the old one stays in force: {e}"))
+        })?;
+    core.call(|reply| crate::core::Command::Reload {
+        config: Box::new(config),
+        reply,
+    })
+    .await
+}
+
+fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), Status> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(Status::invalid_argument(format!(
+            "{name} {x} is out of range [{lo}, {hi}]"
+        ))),
+        _ => Ok(()),
+    }
+}
