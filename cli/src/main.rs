@@ -1,1 +1,710 @@
-fn main() {}
+//! `halo`: the command-line client for `halod`. It only speaks gRPC to the daemon.
+//!
+//! Output rules: results go to stdout (tables for people, `--json` for scripts), everything else to
+//! stderr; a closed stdout (`halo ps | head -1`) is not an error. Exit codes: 0 success, 1 the
+//! daemon cannot be reached, 2 bad command line, 3 the daemon refused the request, 4 the daemon
+//! does not implement it yet.
+#![forbid(unsafe_code)]
+
+mod output;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use halo_proto::v1 as pb;
+use halo_proto::{Addr, HaloClient};
+use output::{fmt_bytes, fmt_secs, Out, Table};
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// Talk to halod, halo's local inference daemon.
+#[derive(Parser)]
+#[command(name = "halo", version)]
+struct Cli {
+    /// Daemon address: unix:PATH or http://HOST:PORT [default: the local socket]
+    #[arg(long, global = true, env = halo_proto::ADDR_ENV)]
+    addr: Option<Addr>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Args, Clone, Copy)]
+struct JsonFlag {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Daemon, GPU device and memory budget
+    Status(JsonFlag),
+    /// Models in the config, loaded or not
+    Models(JsonFlag),
+    /// Models in memory now
+    Ps(JsonFlag),
+    /// Load a model into memory
+    Load {
+        model: String,
+        /// Never evict it (until `halo unpin`)
+        #[arg(long)]
+        pin: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Unload a model from memory
+    Unload { model: String },
+    /// Keep a loaded model in memory: never evicted, never expires
+    Pin { model: String },
+    /// Let a pinned model be evicted and expire again
+    Unpin { model: String },
+    /// Queued, running and recently finished jobs
+    Jobs(JsonFlag),
+    /// Cancel a queued or running job
+    Cancel { job: u64 },
+    /// Make halod re-read its config file
+    Reload(JsonFlag),
+    /// Generate text from a prompt, streaming it as it comes
+    Generate(GenerateArgs),
+    /// Show how a model tokenizes text
+    Tokenize {
+        model: String,
+        text: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Generate an image
+    Image(ImageArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    model: String,
+    /// The prompt (omit with --tokens)
+    #[arg(required_unless_present = "tokens")]
+    prompt: Option<String>,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text is generated (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Render the prompt as one user message with the model's chat template
+    #[arg(long)]
+    chat: bool,
+    /// Give the prompt as token ids: 1,2,3
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    tokens: Option<Vec<u32>>,
+    /// Report this many top alternatives per token
+    #[arg(long, default_value_t = 0)]
+    logprobs: u32,
+    /// One JSON object per token, then a final summary line
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ImageArgs {
+    model: String,
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    #[arg(long, default_value_t = 0)]
+    width: u32,
+    #[arg(long, default_value_t = 0)]
+    height: u32,
+    #[arg(long, default_value_t = 0)]
+    steps: u32,
+    #[arg(long, default_value_t = 0.0)]
+    cfg: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value = "")]
+    sampler: String,
+    /// Where to write the PNG [default: halo-JOB.png]
+    #[arg(long, short = 'o')]
+    output: Option<std::path::PathBuf>,
+}
+
+const EXIT_UNREACHABLE: u8 = 1;
+const EXIT_REFUSED: u8 = 3;
+const EXIT_UNIMPLEMENTED: u8 = 4;
+
+/// Why the command failed, and so which exit code.
+enum Failure {
+    Unreachable(String),
+    Refused(tonic::Status),
+    Local(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Refused(s)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Local(e.to_string())
+    }
+}
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("halo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = Out::stdout();
+    match runtime.block_on(run(cli, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Unreachable(m)) => {
+            eprintln!("halo: {m}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(Failure::Refused(s)) => {
+            let code = if s.code() == tonic::Code::Unimplemented {
+                EXIT_UNIMPLEMENTED
+            } else {
+                EXIT_REFUSED
+            };
+            eprintln!("halo: {}: {}", code_name(s.code()), s.message());
+            ExitCode::from(code)
+        }
+        Err(Failure::Local(m)) if m.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(Failure::Local(m)) => {
+            eprintln!("halo: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        NotFound => "not found",
+        InvalidArgument => "invalid argument",
+        ResourceExhausted => "out of room",
+        FailedPrecondition => "cannot do that now",
+        Unimplemented => "not implemented",
+        Unavailable => "unavailable",
+        Cancelled => "cancelled",
+        DeadlineExceeded => "timed out",
+        PermissionDenied => "permission denied",
+        _ => "error",
+    }
+}
+
+/// Connects to the daemon at `addr`, or at the first default socket that exists.
+async fn connect(addr: Option<Addr>) -> Result<HaloClient<Channel>> {
+    let addr = addr.unwrap_or_else(|| {
+        let candidates = halo_proto::socket_candidates();
+        let found = candidates.iter().find(|p| p.exists()).cloned();
+        Addr::Unix(found.unwrap_or_else(|| candidates[0].clone()))
+    });
+    halo_proto::connect(&addr).await.map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string());
+        Failure::Unreachable(format!(
+            "cannot reach halod at {addr}: {cause}; is it running? (start it with `halod` or `systemctl start halod`, or point --addr / $HALO_ADDR at it)"
+        ))
+    })
+}
+
+async fn run(cli: Cli, out: &mut Out) -> Result<()> {
+    let mut c = connect(cli.addr).await?;
+    match cli.verb {
+        Verb::Status(j) => status(&mut c, j.json, out).await,
+        Verb::Models(j) => models(&mut c, j.json, out).await,
+        Verb::Ps(j) => ps(&mut c, j.json, out).await,
+        Verb::Load { model, pin, json } => {
+            let r = c
+                .load(pb::LoadRequest {
+                    model: model.clone(),
+                    pin,
+                })
+                .await?
+                .into_inner();
+            let m = r.model.unwrap_or_default();
+            if json.json {
+                out.json(&json!({
+                    "model": resident_json(&m),
+                    "evicted": r.evicted,
+                    "load_ms": r.load_ms,
+                }))
+            } else {
+                for e in &r.evicted {
+                    eprintln!("evicted {e}");
+                }
+                out.line(&format!(
+                    "loaded {} ({}{}) in {:.1} s",
+                    m.name,
+                    fmt_bytes(m.bytes),
+                    if m.pinned { ", pinned" } else { "" },
+                    r.load_ms as f64 / 1000.0
+                ))
+            }
+        }
+        Verb::Unload { model } => {
+            let r = c
+                .unload(pb::UnloadRequest {
+                    model: model.clone(),
+                })
+                .await?
+                .into_inner();
+            out.line(&format!(
+                "unloaded {model} (freed {})",
+                fmt_bytes(r.freed_bytes)
+            ))
+        }
+        Verb::Pin { model } => {
+            c.pin(pb::PinRequest {
+                model: model.clone(),
+            })
+            .await?;
+            out.line(&format!("pinned {model}"))
+        }
+        Verb::Unpin { model } => {
+            c.unpin(pb::UnpinRequest {
+                model: model.clone(),
+            })
+            .await?;
+            out.line(&format!("unpinned {model}"))
+        }
+        Verb::Jobs(j) => jobs(&mut c, j.json, out).await,
+        Verb::Cancel { job } => {
+            let r = c
+                .cancel_job(pb::CancelJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            out.line(&format!("job {job}: {}", r.state))
+        }
+        Verb::Reload(j) => {
+            let r = c
+                .reload_config(pb::ReloadConfigRequest {})
+                .await?
+                .into_inner();
+            if j.json {
+                out.json(&json!({
+                    "config_path": r.config_path,
+                    "models": r.models,
+                    "budget_bytes": r.budget_bytes,
+                    "unloaded": r.unloaded,
+                }))
+            } else {
+                out.line(&format!(
+                    "reloaded {}: {} models, budget {}{}",
+                    r.config_path,
+                    r.models,
+                    fmt_bytes(r.budget_bytes),
+                    if r.unloaded.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", unloaded {}", r.unloaded.join(", "))
+                    }
+                ))
+            }
+        }
+        Verb::Generate(a) => generate(&mut c, a, out).await,
+        Verb::Tokenize { model, text, json } => {
+            let r = c
+                .tokenize(pb::TokenizeRequest { model, text })
+                .await?
+                .into_inner();
+            if json.json {
+                out.json(&json!({ "tokens": r.tokens }))
+            } else {
+                let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
+                out.line(&ids.join(" "))
+            }
+        }
+        Verb::Image(a) => image(&mut c, a, out).await,
+    }
+}
+
+fn device_json(d: &pb::Device) -> Value {
+    json!({
+        "index": d.index,
+        "name": d.name,
+        "type": d.device_type,
+        "driver": d.driver,
+        "driver_info": d.driver_info,
+        "api_version": d.api_version,
+        "vendor_id": d.vendor_id,
+        "device_id": d.device_id,
+        "heaps": d.heaps.iter().map(|h| json!({
+            "size": h.size, "device_local": h.device_local,
+            "budget": (h.budget > 0).then_some(h.budget), "usage": (h.budget > 0).then_some(h.usage),
+        })).collect::<Vec<_>>(),
+        "max_allocation_bytes": d.max_allocation_bytes,
+        "max_storage_buffer_range": d.max_storage_buffer_range,
+        "shared_memory_bytes": d.shared_memory_bytes,
+        "subgroup_size": d.subgroup_size,
+        "external_memory_host": d.external_memory_host,
+        "host_pointer_alignment": (d.host_pointer_alignment > 0).then_some(d.host_pointer_alignment),
+        "memory_budget_ext": d.memory_budget_ext,
+    })
+}
+
+async fn status(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Result<()> {
+    let s = c.status(pb::StatusRequest {}).await?.into_inner();
+    let b = s.budget.clone().unwrap_or_default();
+    let nz = |v: u64| (v > 0).then_some(v);
+    if json {
+        return out.json(&json!({
+            "version": s.version,
+            "uptime_s": s.uptime_ms / 1000,
+            "config_path": (!s.config_path.is_empty()).then_some(&s.config_path),
+            "listen": s.listen,
+            "device": s.device.as_ref().map(device_json),
+            "device_error": (!s.device_error.is_empty()).then_some(&s.device_error),
+            "devices": s.devices.iter().map(device_json).collect::<Vec<_>>(),
+            "budget_bytes": s.budget_bytes,
+            "used_bytes": s.used_bytes,
+            "free_bytes": s.budget_bytes.saturating_sub(s.used_bytes),
+            "budget": {
+                "mode": b.mode,
+                "configured_bytes": nz(b.configured_bytes),
+                "reserve_bytes": b.reserve_bytes,
+                "vulkan_visible_bytes": nz(b.vulkan_visible_bytes),
+                "sysfs_vram_bytes": nz(b.sysfs_vram_bytes),
+                "sysfs_gtt_bytes": nz(b.sysfs_gtt_bytes),
+                "physical_ram_bytes": b.physical_ram_bytes,
+                "gpu_visible_bytes": b.gpu_visible_bytes,
+                "cap_bytes": b.cap_bytes,
+                "explanation": b.explanation,
+            },
+            "resident_models": s.resident_models,
+            "active_jobs": s.active_jobs,
+        }));
+    }
+    let mut t = Table::new(&["", ""]).headerless();
+    t.row(vec![
+        "halod".into(),
+        format!("{} (up {})", s.version, fmt_secs(s.uptime_ms / 1000)),
+    ]);
+    t.row(vec!["listening".into(), s.listen.join(", ")]);
+    t.row(vec![
+        "config".into(),
+        if s.config_path.is_empty() {
+            "built-in defaults".into()
+        } else {
+            s.config_path.clone()
+        },
+    ]);
+    match &s.device {
+        Some(d) => {
+            t.row(vec![
+                "device".into(),
+                format!(
+                    "{} ({}, {} {}, Vulkan {})",
+                    d.name, d.device_type, d.driver, d.driver_info, d.api_version
+                ),
+            ]);
+            t.row(vec![
+                "limits".into(),
+                format!(
+                    "max alloc {}, storage range {}, shared mem {} KiB, subgroup {}{}",
+                    fmt_bytes(d.max_allocation_bytes),
+                    fmt_bytes(d.max_storage_buffer_range),
+                    d.shared_memory_bytes / 1024,
+                    d.subgroup_size,
+                    if d.external_memory_host {
+                        ", host import"
+                    } else {
+                        ""
+                    }
+                ),
+            ]);
+        }
+        None => t.row(vec!["device".into(), format!("none: {}", s.device_error)]),
+    }
+    t.row(vec![
+        "memory".into(),
+        format!(
+            "{} used of {} budget ({} free)",
+            fmt_bytes(s.used_bytes),
+            fmt_bytes(s.budget_bytes),
+            fmt_bytes(s.budget_bytes.saturating_sub(s.used_bytes))
+        ),
+    ]);
+    t.row(vec!["budget".into(), b.explanation.clone()]);
+    let mut src = vec![format!("RAM {}", fmt_bytes(b.physical_ram_bytes))];
+    if b.vulkan_visible_bytes > 0 {
+        src.push(format!(
+            "Vulkan heaps {}",
+            fmt_bytes(b.vulkan_visible_bytes)
+        ));
+    }
+    if b.sysfs_vram_bytes > 0 || b.sysfs_gtt_bytes > 0 {
+        src.push(format!(
+            "sysfs VRAM {} + GTT {}",
+            fmt_bytes(b.sysfs_vram_bytes),
+            fmt_bytes(b.sysfs_gtt_bytes)
+        ));
+    }
+    t.row(vec!["sources".into(), src.join(", ")]);
+    t.row(vec![
+        "models".into(),
+        format!(
+            "{} resident, {} active jobs",
+            s.resident_models, s.active_jobs
+        ),
+    ]);
+    out.table(&t)
+}
+
+async fn models(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Result<()> {
+    let r = c.list_models(pb::ListModelsRequest {}).await?.into_inner();
+    if json {
+        let v: Vec<Value> = r
+            .models
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name, "kind": m.kind, "path": m.path,
+                    "estimated_bytes": m.estimated_bytes, "state": m.state, "pinned": m.pinned,
+                    "context": (m.context > 0).then_some(m.context),
+                    "keep_alive": m.keep_alive,
+                    "error": (!m.error.is_empty()).then_some(&m.error),
+                })
+            })
+            .collect();
+        return out.json(&Value::Array(v));
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "KIND",
+        "SIZE",
+        "STATE",
+        "PINNED",
+        "KEEP ALIVE",
+        "PATH",
+    ]);
+    for m in &r.models {
+        t.row(vec![
+            m.name.clone(),
+            m.kind.clone(),
+            if m.state == "missing" {
+                "-".into()
+            } else {
+                fmt_bytes(m.estimated_bytes)
+            },
+            m.state.clone(),
+            if m.pinned { "yes" } else { "" }.into(),
+            m.keep_alive.clone(),
+            m.path.clone(),
+        ]);
+    }
+    out.table(&t)?;
+    for m in r.models.iter().filter(|m| !m.error.is_empty()) {
+        eprintln!("{}: {}", m.name, m.error);
+    }
+    Ok(())
+}
+
+fn resident_json(m: &pb::ResidentModel) -> Value {
+    json!({
+        "name": m.name, "kind": m.kind, "bytes": m.bytes, "pinned": m.pinned, "state": m.state,
+        "last_used": output::rfc3339_ms(m.last_used_unix_ms),
+        "last_used_unix_ms": m.last_used_unix_ms,
+        "idle_s": m.idle_ms / 1000,
+        "expires_in_s": m.expires_in_s,
+        "running_jobs": m.running_jobs,
+    })
+}
+
+async fn ps(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Result<()> {
+    let r = c
+        .list_resident(pb::ListResidentRequest {})
+        .await?
+        .into_inner();
+    if json {
+        return out.json(&Value::Array(r.models.iter().map(resident_json).collect()));
+    }
+    let mut t = Table::new(&[
+        "NAME", "KIND", "SIZE", "STATE", "PINNED", "JOBS", "IDLE", "UNTIL",
+    ]);
+    for m in &r.models {
+        t.row(vec![
+            m.name.clone(),
+            m.kind.clone(),
+            fmt_bytes(m.bytes),
+            m.state.clone(),
+            if m.pinned { "yes" } else { "" }.into(),
+            m.running_jobs.to_string(),
+            fmt_secs(m.idle_ms / 1000),
+            match m.expires_in_s {
+                Some(s) => format!("{} from now", fmt_secs(s)),
+                None if m.pinned => "pinned".into(),
+                None if m.running_jobs > 0 => "busy".into(),
+                None => "forever".into(),
+            },
+        ]);
+    }
+    out.table(&t)
+}
+
+async fn jobs(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Result<()> {
+    let r = c.list_jobs(pb::ListJobsRequest {}).await?.into_inner();
+    if json {
+        let v: Vec<Value> = r
+            .jobs
+            .iter()
+            .map(|j| {
+                json!({
+                    "id": j.id, "model": j.model, "kind": j.kind, "state": j.state,
+                    "age_s": j.age_ms / 1000, "queue_position": j.queue_position,
+                    "error": (!j.error.is_empty()).then_some(&j.error),
+                })
+            })
+            .collect();
+        return out.json(&Value::Array(v));
+    }
+    let mut t = Table::new(&["ID", "MODEL", "KIND", "STATE", "AGE", "DETAIL"]);
+    for j in &r.jobs {
+        t.row(vec![
+            j.id.to_string(),
+            j.model.clone(),
+            j.kind.clone(),
+            j.state.clone(),
+            fmt_secs(j.age_ms / 1000),
+            match j.queue_position {
+                Some(p) => format!("position {p} in queue"),
+                None => j.error.clone(),
+            },
+        ]);
+    }
+    out.table(&t)
+}
+
+async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -> Result<()> {
+    let prompt = match (a.tokens, a.prompt) {
+        (Some(ids), _) => pb::generate_request::Prompt::Tokens(pb::TokenList { ids }),
+        (None, Some(text)) => pb::generate_request::Prompt::Text(text),
+        (None, None) => return Err(Failure::Local("give a prompt or --tokens".into())),
+    };
+    let req = pb::GenerateRequest {
+        model: a.model,
+        prompt: Some(prompt),
+        chat: a.chat,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.seed,
+        stop: a.stop,
+        logprobs: a.logprobs,
+        ..Default::default()
+    };
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut job = None;
+    loop {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = tokio::signal::ctrl_c() => {
+                if let Some(id) = job {
+                    let _ = c.cancel_job(pb::CancelJobRequest { job_id: id }).await;
+                    eprintln!("\ncancelled job {id}");
+                }
+                return Ok(());
+            }
+        };
+        let Some(ev) = next else { break };
+        match ev?.event {
+            Some(pb::generate_event::Event::Started(s)) => job = Some(s.job_id),
+            Some(pb::generate_event::Event::Token(t)) => {
+                if a.json {
+                    out.json_line(&json!({
+                        "token": t.token, "text": t.text, "logprob": t.logprob,
+                        "top_logprobs": t.top_logprobs.iter()
+                            .map(|l| json!({"token": l.token, "logprob": l.logprob}))
+                            .collect::<Vec<_>>(),
+                    }))?;
+                } else {
+                    out.text(&t.text)?;
+                }
+            }
+            Some(pb::generate_event::Event::Done(d)) => {
+                if a.json {
+                    out.json_line(&json!({
+                        "done": true, "finish_reason": d.finish_reason,
+                        "prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+                        "prompt_ms": d.prompt_ms, "generation_ms": d.generation_ms,
+                    }))?;
+                } else {
+                    out.line("")?;
+                    if d.finish_reason == "cancelled" {
+                        eprintln!("(cancelled)");
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Result<()> {
+    let req = pb::GenerateImageRequest {
+        model: a.model,
+        prompt: a.prompt,
+        negative_prompt: a.negative,
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
+        cfg_scale: a.cfg,
+        seed: a.seed,
+        sampler: a.sampler,
+    };
+    let mut stream = c.generate_image(req).await?.into_inner();
+    let mut job = 0;
+    while let Some(ev) = stream.next().await {
+        match ev?.event {
+            Some(pb::image_event::Event::Started(s)) => job = s.job_id,
+            Some(pb::image_event::Event::Progress(p)) => {
+                eprint!("\rstep {}/{}", p.step, p.total_steps);
+                let _ = std::io::stderr().flush();
+            }
+            Some(pb::image_event::Event::Image(img)) => {
+                let path = a
+                    .output
+                    .clone()
+                    .unwrap_or_else(|| format!("halo-{job}.png").into());
+                std::fs::write(&path, &img.png)
+                    .map_err(|e| Failure::Local(format!("cannot write {}: {e}", path.display())))?;
+                eprintln!();
+                out.line(&format!(
+                    "{} ({}x{}, seed {})",
+                    path.display(),
+                    img.width,
+                    img.height,
+                    img.seed
+                ))?;
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

@@ -168,15 +168,13 @@ pub async fn run(
     }
     info!(listen = ?listen, "halod ready");
 
-    loop {
-        match control.recv().await {
-            Some(Control::Reload) => match service::reload(&core, config_path.as_deref()).await {
-                Ok(done) => {
-                    info!(models = done.models, unloaded = ?done.unloaded, "reloaded on SIGHUP")
-                }
-                Err(e) => warn!(error = %e, "reload on SIGHUP failed"),
-            },
-            Some(Control::Shutdown) | None => break,
+    // Anything but a reload (a shutdown, or the sender going away) ends the loop.
+    while let Some(Control::Reload) = control.recv().await {
+        match service::reload(&core, config_path.as_deref()).await {
+            Ok(done) => {
+                info!(models = done.models, unloaded = ?done.unloaded, "reloaded on SIGHUP")
+            }
+            Err(e) => warn!(error = %e, "reload on SIGHUP failed"),
         }
     }
 
@@ -221,6 +219,7 @@ pub fn init_logging(config_log: Option<&str>) {
     let json = std::env::var("HALO_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -92,6 +92,11 @@ fn main() -> ExitCode {
 }
 
 async fn serve(listen_override: Vec<Addr>, config: Config) -> anyhow::Result<()> {
+    // Signal handlers first, so a signal that arrives while we start up is not fatal.
+    let (tx, rx) = mpsc::channel(4);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     match &config.source {
         Some(p) => tracing::info!(config = %p.display(), "config loaded"),
         None => tracing::info!("no config file; using built-in defaults"),
@@ -110,10 +115,6 @@ async fn serve(listen_override: Vec<Addr>, config: Config) -> anyhow::Result<()>
     }
     let facts = halod::probe_device().await;
 
-    let (tx, rx) = mpsc::channel(4);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {

@@ -34,15 +34,19 @@ use std::time::Duration;
 /// Time since the daemon started. Always supplied by the caller.
 pub type Now = Duration;
 
+const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// Formats a byte count for people: "12.0 GiB", "512.5 MiB" or "900 B".
+/// Formats a byte count for people: "12.0 GiB", "512.5 MiB", "3.2 KiB" or "900 B" (the same
+/// format the CLI prints).
 pub fn format_bytes(bytes: u64) -> String {
     if bytes >= GIB {
         format!("{:.1} GiB", bytes as f64 / GIB as f64)
     } else if bytes >= MIB {
         format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    } else if bytes >= KIB {
+        format!("{:.1} KiB", bytes as f64 / KIB as f64)
     } else {
         format!("{bytes} B")
     }
@@ -880,7 +884,7 @@ mod tests {
     fn format_bytes_picks_a_readable_unit() {
         assert_eq!(format_bytes(0), "0 B");
         assert_eq!(format_bytes(1023), "1023 B");
-        assert_eq!(format_bytes(512 * 1024), "524288 B");
+        assert_eq!(format_bytes(512 * 1024), "512.0 KiB");
         assert_eq!(format_bytes(MIB), "1.0 MiB");
         assert_eq!(format_bytes(1536 * MIB / 2), "768.0 MiB");
         assert_eq!(format_bytes(GIB), "1.0 GiB");

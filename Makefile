@@ -1,0 +1,36 @@
+# The two commands of the README's quick start, and the pieces they are made of.
+#   make run    install what is missing, build, run halod in the foreground
+#   make test   the whole test suite (what .ci/run runs)
+
+APT_PACKAGES := mesa-vulkan-drivers libvulkan1 glslc spirv-tools
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps build check fmt clippy unit
+
+run: deps
+	cargo build --release --bin halod --bin halo
+	./target/release/halod $(HALOD_ARGS)
+
+test: deps fmt clippy unit
+
+# Debian packages: the Vulkan loader and lavapipe (a CPU Vulkan device), the shader compiler and
+# validator, and systemd-analyze for checking the unit file.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES) systemd; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+build:
+	cargo build --workspace
+
+fmt:
+	cargo fmt --all --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# HALO_REQUIRE_VULKAN=1: the Vulkan tests must find a device (lavapipe) instead of skipping.
+unit:
+	HALO_REQUIRE_VULKAN=1 cargo test --workspace
