@@ -46,6 +46,41 @@ pub enum VulkanError {
     #[error("the Vulkan device was lost")]
     DeviceLost,
 
+    /// The device lacks something halo needs (a Vulkan version, a feature).
+    #[error("the Vulkan device {device:?} cannot run halo: {what}")]
+    Unsupported {
+        /// The device's name.
+        device: String,
+        /// What is missing.
+        what: String,
+    },
+
+    /// A single allocation is larger than the device allows.
+    #[error(
+        "{what} needs {requested} bytes in one allocation but the device allows at most {limit}"
+    )]
+    TooLarge {
+        /// What was being allocated.
+        what: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// The device's maxMemoryAllocationSize (or another limit).
+        limit: u64,
+    },
+
+    /// An operation was called with arguments that do not fit together (sizes, offsets).
+    #[error("bad arguments to {op}: {message}")]
+    BadArgument {
+        /// The operation, such as `"add_f32"`.
+        op: &'static str,
+        /// What does not fit.
+        message: String,
+    },
+
+    /// Importing host memory (a memory-mapped file) failed; callers fall back to copying.
+    #[error("cannot import host memory: {0}")]
+    HostImport(String),
+
     /// The host or the device ran out of memory.
     #[error("Vulkan ran out of host or device memory in {call}")]
     OutOfMemory {

@@ -1,7 +1,9 @@
 //! halo's Vulkan runtime.
 //!
-//! For now this crate finds the Vulkan devices on the machine and picks one
-//! to run on ([`discover`]). The compute kernels will live here later.
+//! Device discovery ([`discover`]), the runtime ([`Device`], [`Buffer`],
+//! [`Stream`]), the compute kernels compiled from `shaders/` ([`KernelId`]),
+//! typed ops over them ([`ops`]) and their plain-Rust references
+//! ([`reference`]).
 //!
 //! This is the only halo crate that uses `unsafe`: every call into Vulkan is
 //! unsafe by nature. Each unsafe block carries a `SAFETY` comment that says
@@ -12,6 +14,13 @@
 
 pub mod device;
 pub mod error;
+mod kernels;
+pub mod ops;
+pub mod quant;
+pub mod reference;
+mod runtime;
 
 pub use device::*;
 pub use error::VulkanError;
+pub use kernels::KernelId;
+pub use runtime::*;

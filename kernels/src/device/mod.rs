@@ -7,7 +7,7 @@
 //! module calls into the driver.
 
 mod map;
-mod vulkan;
+pub(crate) mod vulkan;
 
 pub use map::format_api_version;
 

@@ -13,10 +13,10 @@ use crate::error::VulkanError;
 ///
 /// The instance is destroyed when this value is dropped, and the loader
 /// library stays loaded until after that, because `entry` is dropped last.
-struct Instance {
-    instance: ash::Instance,
+pub(crate) struct Instance {
+    pub(crate) instance: ash::Instance,
     /// The Vulkan version the instance was created with.
-    api_version: u32,
+    pub(crate) api_version: u32,
     /// Keeps the loader library loaded for as long as `instance` is used.
     _entry: ash::Entry,
 }
@@ -24,7 +24,7 @@ struct Instance {
 impl Instance {
     /// Loads the Vulkan loader and creates an instance asking for Vulkan 1.3,
     /// or the loader's own version when that is older (at least 1.1).
-    fn new() -> Result<Self, VulkanError> {
+    pub(crate) fn new() -> Result<Self, VulkanError> {
         // SAFETY: loading libvulkan runs its library initialisers, which is
         // sound for the system Vulkan loader; the returned `Entry` keeps the
         // library loaded and is stored alongside everything loaded from it.
@@ -74,14 +74,14 @@ impl Instance {
     }
 
     /// Every physical device the instance can see, in Vulkan's order.
-    fn physical_devices(&self) -> Result<Vec<vk::PhysicalDevice>, VulkanError> {
+    pub(crate) fn physical_devices(&self) -> Result<Vec<vk::PhysicalDevice>, VulkanError> {
         // SAFETY: `self.instance` is a live instance (it is only destroyed in `Drop`).
         unsafe { self.instance.enumerate_physical_devices() }
             .map_err(|r| VulkanError::from_vk("vkEnumeratePhysicalDevices", r))
     }
 
     /// Asks the driver everything discovery reports about one device.
-    fn describe(
+    pub(crate) fn describe(
         &self,
         index: usize,
         physical_device: vk::PhysicalDevice,
@@ -213,7 +213,8 @@ impl Drop for Instance {
     fn drop(&mut self) {
         // SAFETY: the instance was created by `Instance::new`, is destroyed
         // only here, and nothing created from it outlives this value: discovery
-        // creates no logical devices, and physical device handles are not kept.
+        // keeps no handles, and the runtime's `Shared` destroys its logical
+        // device before dropping the `Instance` it owns.
         unsafe { self.instance.destroy_instance(None) };
     }
 }

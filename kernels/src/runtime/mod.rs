@@ -1,0 +1,16 @@
+//! The Vulkan runtime: one [`Device`] per process, memory with an owner ledger ([`Buffer`],
+//! [`OwnerId`]), pipelines built from the kernels compiled at build time, and [`Stream`]s that
+//! record and submit work.
+//!
+//! Layers: `device` (instance, logical device, queue, timeline semaphore) → `memory` (allocator,
+//! ledger, buffers, host import) and `pipeline` (layout, cache, pipelines) → `stream` (recording,
+//! barriers, submission). Ops (`crate::ops`) build on streams; no `vk::` type leaves this module.
+
+mod device;
+mod memory;
+mod pipeline;
+mod stream;
+
+pub use device::{Device, DeviceOptions, Features};
+pub use memory::{Buffer, HostMemory, Ledger, MemoryKind, OwnerId};
+pub use stream::{Access, Dispatch, Stream};
