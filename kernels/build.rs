@@ -1,6 +1,6 @@
 //! Compiles the GLSL compute shaders in `shaders/` to SPIR-V with `glslc`, validates them with
 //! `spirv-val` when it is installed, and writes `kernels.rs` into OUT_DIR: the `KernelId` enum with
-//! one variant per entry of `KERNELS` and the embedded SPIR-V of each.
+//! one variant per kernel listed in the `shaders/*.kernels` manifests, and the SPIR-V of each.
 //!
 //! One source file may be compiled several times with different `-D` defines (one matvec source
 //! for every weight type, say); each compilation is its own kernel id.
@@ -8,13 +8,41 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// (kernel id, source file in shaders/, defines). The id becomes a `KernelId` variant in
-/// UpperCamelCase; keep them grouped by source.
-const KERNELS: &[(&str, &str, &[&str])] = &[
-    ("add_f32", "binary.comp", &["OP_ADD"]),
-    ("mul_f32", "binary.comp", &["OP_MUL"]),
-    ("scale_f32", "scale.comp", &[]),
-];
+/// Kernel manifests: every `shaders/*.kernels` file lists kernels, one per line:
+/// `id source.comp [DEFINE ...]` (`#` starts a comment). The id becomes a `KernelId` variant in
+/// UpperCamelCase; the defines are passed to glslc as `-DNAME` (or `-DNAME=VALUE`).
+fn manifests(shaders: &Path) -> Vec<(String, String, Vec<String>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(shaders)
+        .expect("shaders/ exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kernels"))
+        .collect();
+    files.sort();
+    let mut out: Vec<(String, String, Vec<String>)> = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace().map(str::to_string);
+            let (Some(id), Some(source)) = (words.next(), words.next()) else {
+                panic!(
+                    "{}:{}: expected `id source.comp [DEFINES]`",
+                    f.display(),
+                    i + 1
+                );
+            };
+            if out.iter().any(|(other, _, _)| *other == id) {
+                panic!("{}:{}: kernel id {id} is used twice", f.display(), i + 1);
+            }
+            out.push((id, source, words.collect()));
+        }
+    }
+    out
+}
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -38,7 +66,7 @@ fn main() {
     let mut names = String::new();
     let mut blobs = String::new();
     let mut all = String::new();
-    for (id, source, defines) in KERNELS {
+    for (id, source, defines) in &manifests(&shaders) {
         let src = shaders.join(source);
         let spv = out.join(format!("{id}.spv"));
         let mut cmd = Command::new(&glslc);
@@ -48,7 +76,7 @@ fn main() {
             .arg("-I")
             .arg(shaders.join("include"))
             .arg("-fshader-stage=compute");
-        for d in *defines {
+        for d in defines {
             cmd.arg(format!("-D{d}"));
         }
         cmd.arg(&src).arg("-o").arg(&spv);

@@ -3,22 +3,15 @@
 //! errors instead of panics. Skips (with a message) when no device exists, unless
 //! HALO_REQUIRE_VULKAN=1.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::device;
 
 use halo_kernels::ops::{self, F32s};
 use halo_kernels::reference::{self, max_rel_diff, Rng};
 use halo_kernels::{Device, DeviceOptions, HostMemory, MemoryKind, OwnerId, VulkanError};
-
-fn device() -> Option<Device> {
-    match Device::open(&DeviceOptions::default()) {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var("HALO_REQUIRE_VULKAN").as_deref() != Ok("1") => {
-            eprintln!("skipping: no Vulkan device ({e})");
-            None
-        }
-        Err(e) => panic!("HALO_REQUIRE_VULKAN=1 but no device: {e}"),
-    }
-}
 
 const OWNER: OwnerId = OwnerId(7);
 

@@ -50,6 +50,45 @@ impl<'a> F32s<'a> {
     }
 }
 
+/// A run of `len` u32 elements (token ids, expert ids, indices) starting at element `start`.
+#[derive(Clone, Copy, Debug)]
+pub struct U32s<'a> {
+    pub buffer: &'a Buffer,
+    pub start: u64,
+    pub len: u64,
+}
+
+#[allow(dead_code)] // access/address: used by index-taking ops as they land
+impl<'a> U32s<'a> {
+    pub fn all(buffer: &'a Buffer) -> Self {
+        U32s {
+            buffer,
+            start: 0,
+            len: buffer.len() / 4,
+        }
+    }
+
+    pub fn sub(&self, start: u64, len: u64) -> Self {
+        U32s {
+            buffer: self.buffer,
+            start: self.start + start,
+            len,
+        }
+    }
+
+    pub(crate) fn access(&self) -> Access<'a> {
+        Access {
+            buffer: self.buffer,
+            offset: self.start * 4,
+            len: self.len * 4,
+        }
+    }
+
+    pub(crate) fn address(&self) -> u64 {
+        self.buffer.address(self.start * 4)
+    }
+}
+
 /// Push-constant bytes laid out as GLSL does for a push-constant block (scalars 4-aligned,
 /// buffer references 8-aligned).
 #[derive(Default)]
