@@ -11,7 +11,9 @@ use common::device;
 
 use halo_kernels::ops::{self, F32s};
 use halo_kernels::reference::{self, max_rel_diff, Rng};
-use halo_kernels::{Device, DeviceOptions, HostMemory, MemoryKind, OwnerId, VulkanError};
+use halo_kernels::{
+    Device, DeviceOptions, HostMemory, LoadStrategy, MemoryKind, OwnerId, VulkanError,
+};
 
 const OWNER: OwnerId = OwnerId(7);
 
@@ -228,4 +230,51 @@ fn the_pipeline_cache_is_written_to_disk() {
     // Opening again reads it back without complaint.
     let dev = Device::open(&opts).unwrap();
     drop(dev);
+}
+
+#[test]
+fn weights_load_by_copy_and_by_import_alike() {
+    let Some(dev) = device() else { return };
+    // A file with a header and three tensors at unaligned and aligned offsets.
+    let mut rng = Rng::new(9);
+    let mut bytes: Vec<u8> = (0..3 * 4096 + 77).map(|_| rng.next_u64() as u8).collect();
+    bytes.truncate(3 * 4096 + 77);
+    let tensors = [40..1040u64, 4096..4096 + 8000, 12_000..12_000 + 365];
+    let mut file = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut file, &bytes).unwrap();
+    // SAFETY: the temp file is private to this test and not modified while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let host: Arc<dyn HostMemory> = Arc::new(MappedFile(map));
+    let owner = OwnerId(99);
+    let mut strategies = vec![LoadStrategy::Copy, LoadStrategy::Auto];
+    if dev.features().host_import {
+        strategies.push(LoadStrategy::Import);
+    }
+    for strategy in strategies {
+        let w = dev
+            .load_weights(host.clone(), &tensors, strategy, owner)
+            .unwrap();
+        assert_ne!(w.strategy, LoadStrategy::Auto);
+        assert!(dev.ledger().owner(owner) >= w.bytes);
+        for (i, t) in tensors.iter().enumerate() {
+            let (buf, off) = w.tensor(i).unwrap();
+            let got = dev.read(buf, off, t.end - t.start).unwrap();
+            assert_eq!(
+                got,
+                &bytes[t.start as usize..t.end as usize],
+                "{strategy:?} tensor {i}"
+            );
+        }
+        drop(w);
+        assert_eq!(
+            dev.ledger().owner(owner),
+            0,
+            "{strategy:?} frees everything"
+        );
+    }
+    let e = dev
+        .load_weights(host, &[0..(1 << 20)], LoadStrategy::Copy, owner)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("past the end"), "{e}");
 }

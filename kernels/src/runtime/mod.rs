@@ -4,13 +4,15 @@
 //!
 //! Layers: `device` (instance, logical device, queue, timeline semaphore) → `memory` (allocator,
 //! ledger, buffers, host import) and `pipeline` (layout, cache, pipelines) → `stream` (recording,
-//! barriers, submission). Ops (`crate::ops`) build on streams; no `vk::` type leaves this module.
+//! barriers, submission) and `weights` (model tensors from a mapped file, copied or imported). Ops (`crate::ops`) build on streams; no `vk::` type leaves this module.
 
 mod device;
 mod memory;
 mod pipeline;
 mod stream;
+mod weights;
 
 pub use device::{Device, DeviceOptions, Features};
 pub use memory::{Buffer, HostMemory, Ledger, MemoryKind, OwnerId};
 pub use stream::{Access, Dispatch, Stream};
+pub use weights::{LoadStrategy, LoadedWeights};
