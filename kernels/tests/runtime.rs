@@ -278,3 +278,20 @@ fn weights_load_by_copy_and_by_import_alike() {
         .unwrap();
     assert!(e.to_string().contains("past the end"), "{e}");
 }
+
+#[test]
+fn profiling_reports_each_dispatch() {
+    let Some(dev) = device() else { return };
+    let a = dev.upload_f32(&[1.0; 4096], OWNER).unwrap();
+    let mut s = dev.stream().unwrap();
+    s.set_profiling(true);
+    for _ in 0..3 {
+        ops::scale(&mut s, F32s::all(&a), 1.5, F32s::all(&a)).unwrap();
+    }
+    ops::add(&mut s, F32s::all(&a), F32s::all(&a), F32s::all(&a)).unwrap();
+    s.finish().unwrap();
+    let p = s.take_profile();
+    let kernels: Vec<_> = p.iter().map(|(k, _)| k.name()).collect();
+    assert_eq!(kernels, ["scale_f32", "scale_f32", "scale_f32", "add_f32"]);
+    assert!(s.take_profile().is_empty());
+}

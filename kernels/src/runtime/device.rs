@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) info: DeviceInfo,
     pub(crate) features: Features,
     pub(crate) queue_family: u32,
+    /// Nanoseconds per timestamp tick; `None` when the queue cannot write timestamps.
+    pub(crate) timestamp_period: Option<f32>,
     pub(crate) allocator: Mutex<Allocator>,
     pub(crate) pipelines: Mutex<Pipelines>,
     pub(crate) host_memory: Option<ash::ext::external_memory_host::Device>,
@@ -114,6 +116,10 @@ impl Device {
         let families = unsafe { raw.get_physical_device_queue_family_properties(pdev) };
         let queue_family =
             pick_queue_family(&families).ok_or_else(|| unsupported("no compute queue"))?;
+        // Nanoseconds per timestamp tick, when the queue can write timestamps.
+        let timestamp_period = (families[queue_family as usize].timestamp_valid_bits > 0
+            && props.limits.timestamp_compute_and_graphics != 0)
+            .then_some(props.limits.timestamp_period);
 
         // What the device has.
         let mut f11 = vk::PhysicalDeviceVulkan11Features::default();
@@ -203,6 +209,7 @@ impl Device {
             info,
             features,
             queue_family,
+            timestamp_period,
             options,
         )
     }
@@ -238,6 +245,7 @@ fn pick_queue_family(families: &[vk::QueueFamilyProperties]) -> Option<u32> {
         .map(|i| i as u32)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish_open(
     instance: Instance,
     pdev: vk::PhysicalDevice,
@@ -245,6 +253,7 @@ fn finish_open(
     info: DeviceInfo,
     features: Features,
     queue_family: u32,
+    timestamp_period: Option<f32>,
     options: &DeviceOptions,
 ) -> Result<Device, VulkanError> {
     let destroy_device = |device: &ash::Device| {
@@ -297,6 +306,7 @@ fn finish_open(
             info,
             features,
             queue_family,
+            timestamp_period,
             allocator: Mutex::new(allocator),
             pipelines: Mutex::new(pipelines),
             host_memory,

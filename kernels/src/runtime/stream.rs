@@ -63,6 +63,8 @@ struct Batch {
     /// Timeline value that marks it done; 0 while recording.
     value: u64,
     keep: Vec<Buffer>,
+    /// With profiling: the query pool and the kernel of each timestamp pair.
+    queries: Option<(vk::QueryPool, Vec<KernelId>)>,
 }
 
 /// Records and submits GPU work for one job.
@@ -76,6 +78,8 @@ pub struct Stream {
     /// Address ranges written / read since the last barrier.
     written: Vec<(u64, u64)>,
     read: Vec<(u64, u64)>,
+    profiling: bool,
+    profile: Vec<(KernelId, Duration)>,
 }
 
 impl Device {
@@ -98,6 +102,8 @@ impl Device {
             spare: Vec::new(),
             written: Vec::new(),
             read: Vec::new(),
+            profiling: false,
+            profile: Vec::new(),
         })
     }
 }
@@ -133,10 +139,24 @@ impl Stream {
         // SAFETY: `cmd` is in the initial state (fresh, or reset when its batch completed).
         unsafe { self.raw().begin_command_buffer(cmd, &begin) }
             .map_err(|r| self.device.shared.check("vkBeginCommandBuffer", r))?;
+        let queries = if self.profiling {
+            let info = vk::QueryPoolCreateInfo::default()
+                .query_type(vk::QueryType::TIMESTAMP)
+                .query_count(2 * BATCH as u32);
+            // SAFETY: valid create info on this device.
+            let pool = unsafe { self.raw().create_query_pool(&info, None) }
+                .map_err(|r| self.device.shared.check("vkCreateQueryPool", r))?;
+            // SAFETY: `cmd` is recording; the range covers the new pool.
+            unsafe { self.raw().cmd_reset_query_pool(cmd, pool, 0, 2 * BATCH as u32) };
+            Some((pool, Vec::new()))
+        } else {
+            None
+        };
         self.recording = Some(Batch {
             cmd,
             value: 0,
             keep: Vec::new(),
+            queries,
         });
         self.written.clear();
         self.read.clear();
@@ -253,6 +273,18 @@ impl Stream {
         // Push constants are zero-padded to a multiple of 4 bytes.
         let mut push = d.push.to_vec();
         push.resize(push.len().div_ceil(4) * 4, 0);
+        let query = self.recording.as_mut().and_then(|b| b.queries.as_mut()).map(|(pool, kernels)| {
+            kernels.push(d.kernel);
+            (*pool, 2 * (kernels.len() as u32 - 1))
+        });
+        if let Some((pool, q)) = query {
+            // SAFETY: `cmd` is recording; query `q` was reset at the start of the batch and is
+            // written once (a batch holds at most BATCH commands, the pool 2·BATCH queries).
+            unsafe {
+                self.raw()
+                    .cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, q)
+            };
+        }
         // SAFETY: `cmd` is recording; the pipeline and layout belong to this device; the push
         // range lies within the layout's 128 bytes; every buffer address in the push constants
         // was taken from a live buffer that `keep` holds until the batch completes.
@@ -263,6 +295,9 @@ impl Stream {
                 dev.cmd_push_constants(cmd, layout, vk::ShaderStageFlags::COMPUTE, 0, &push);
             }
             dev.cmd_dispatch(cmd, d.groups[0], d.groups[1], d.groups[2]);
+            if let Some((pool, q)) = query {
+                dev.cmd_write_timestamp(cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, q + 1);
+            }
         }
         self.keep(d.reads);
         self.keep(d.writes);
@@ -383,6 +418,9 @@ impl Stream {
         while i < self.in_flight.len() {
             if self.in_flight[i].value <= done {
                 let b = self.in_flight.remove(i);
+                if let Some((pool, kernels)) = &b.queries {
+                    self.collect_profile(*pool, kernels)?;
+                }
                 // SAFETY: the batch completed, so its command buffer is not in use.
                 unsafe {
                     self.raw()
@@ -398,13 +436,54 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Turns per-dispatch GPU timing on or off (from the next batch on). Ignored where the queue
+    /// cannot write timestamps.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on && self.device.shared.timestamp_period.is_some();
+    }
+
+    /// GPU time of each profiled dispatch that has completed, in recording order; empties the
+    /// list.
+    pub fn take_profile(&mut self) -> Vec<(KernelId, Duration)> {
+        std::mem::take(&mut self.profile)
+    }
+
+    fn collect_profile(&mut self, pool: vk::QueryPool, kernels: &[KernelId]) -> Result<(), VulkanError> {
+        let period = self.device.shared.timestamp_period.unwrap_or(1.0) as f64;
+        let mut ticks = vec![0u64; 2 * kernels.len()];
+        if !kernels.is_empty() {
+            // SAFETY: the batch completed, so every query in 0..2n was written; `ticks` has room
+            // for 2n 64-bit results.
+            unsafe {
+                self.raw()
+                    .get_query_pool_results(pool, 0, &mut ticks, vk::QueryResultFlags::TYPE_64)
+            }
+            .map_err(|r| self.device.shared.check("vkGetQueryPoolResults", r))?;
+        }
+        for (k, pair) in kernels.iter().zip(ticks.chunks_exact(2)) {
+            let ns = pair[1].saturating_sub(pair[0]) as f64 * period;
+            self.profile.push((*k, Duration::from_nanos(ns as u64)));
+        }
+        // SAFETY: the batch that used the pool has completed.
+        unsafe { self.raw().destroy_query_pool(pool, None) };
+        Ok(())
+    }
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         // Unsubmitted commands are dropped, submitted ones waited for: the pool cannot be
         // destroyed while the GPU still runs its command buffers.
         if let Some(b) = self.recording.take() {
-            // SAFETY: the buffer is recording, never submitted; ending it is always valid.
-            let _ = unsafe { self.raw().end_command_buffer(b.cmd) };
+            // SAFETY: the buffer is recording, never submitted; ending it is always valid, and
+            // its query pool (if any) is used by no submitted work.
+            unsafe {
+                let _ = self.raw().end_command_buffer(b.cmd);
+                if let Some((pool, _)) = b.queries {
+                    self.raw().destroy_query_pool(pool, None);
+                }
+            }
         }
         if let Some(last) = self.in_flight.last() {
             if self.device.shared.wait(last.value, WAIT).is_err() {
@@ -413,7 +492,12 @@ impl Drop for Stream {
                 let _ = unsafe { self.raw().device_wait_idle() };
             }
         }
-        self.in_flight.clear();
+        for b in std::mem::take(&mut self.in_flight) {
+            if let Some((pool, _)) = b.queries {
+                // SAFETY: the work using the pool has completed (waited above).
+                unsafe { self.raw().destroy_query_pool(pool, None) };
+            }
+        }
         // SAFETY: no command buffer from this pool is pending any more (waited above), and
         // destroying the pool frees its command buffers.
         unsafe { self.raw().destroy_command_pool(self.pool, None) };
