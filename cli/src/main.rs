@@ -394,6 +394,8 @@ async fn status(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Resul
                 "cap_bytes": b.cap_bytes,
                 "explanation": b.explanation,
             },
+            "gpu_allocated_bytes": s.gpu_allocated_bytes,
+            "runtime_error": (!s.runtime_error.is_empty()).then_some(&s.runtime_error),
             "resident_models": s.resident_models,
             "active_jobs": s.active_jobs,
         }));
@@ -438,6 +440,12 @@ async fn status(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Resul
             ]);
         }
         None => t.row(vec!["device".into(), format!("none: {}", s.device_error)]),
+    }
+    if !s.runtime_error.is_empty() && s.device.is_some() {
+        t.row(vec![
+            "runtime".into(),
+            format!("unavailable: {}", s.runtime_error),
+        ]);
     }
     t.row(vec![
         "memory".into(),

@@ -55,9 +55,10 @@ impl TestDaemon {
             rt.block_on(async move {
                 let listener = halod::bind(&addr).await.unwrap();
                 let facts = match gpu {
-                    Gpu::Probe => halod::probe_device().await,
+                    Gpu::Probe => halod::probe_device(None).await,
                     Gpu::None => Arc::new(DeviceFacts {
                         discovery: Err("the Vulkan loader found no devices".into()),
+                        runtime: Err("the Vulkan loader found no devices".into()),
                         memory: MemorySources {
                             physical_ram: 16 << 30,
                             ..Default::default()
@@ -185,6 +186,8 @@ fn status_reports_device_and_budget() {
     }
     if std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1") {
         assert!(s["device"].is_object(), "a Vulkan device is required: {s}");
+        assert_eq!(s["runtime_error"], Value::Null, "{s}");
+        assert_eq!(s["gpu_allocated_bytes"], 0, "nothing allocated yet: {s}");
     }
     let human = d.ok(&["status"]);
     assert!(human.contains("2.4 MiB budget"), "{human}");

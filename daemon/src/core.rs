@@ -67,10 +67,12 @@ pub enum JobEvent {
     Cancelled,
 }
 
-/// Facts fixed at start-up: the device and the memory sources.
+/// Facts fixed at start-up: the devices, the opened runtime, and the memory sources.
 #[derive(Debug, Clone)]
 pub struct DeviceFacts {
     pub discovery: Result<halo_kernels::Discovery, String>,
+    /// The Vulkan runtime on the chosen device, or why it could not be opened.
+    pub runtime: Result<halo_kernels::Device, String>,
     pub memory: MemorySources,
 }
 
@@ -661,7 +663,7 @@ impl Core {
                 entry.config.kind.as_str()
             )));
         }
-        if let Err(why) = &self.facts.discovery {
+        if let Err(why) = &self.facts.runtime {
             return Err(CoreError::FailedPrecondition(format!(
                 "no GPU device: {why}; jobs need a Vulkan device (see `halo status`)"
             )));

@@ -97,10 +97,11 @@ pub enum Control {
     Shutdown,
 }
 
-/// Finds the Vulkan device and probes memory. Runs on the blocking pool; never fails: without a
-/// device the daemon still serves and says why.
-pub async fn probe_device() -> Arc<DeviceFacts> {
-    let facts = tokio::task::spawn_blocking(|| {
+/// Finds the Vulkan device, opens the runtime on it (its pipeline cache in `state`), and probes
+/// memory. Runs on the blocking pool; never fails: without a device the daemon still serves and
+/// says why.
+pub async fn probe_device(state: Option<PathBuf>) -> Arc<DeviceFacts> {
+    let facts = tokio::task::spawn_blocking(move || {
         let selector = std::env::var(halo_kernels::DEVICE_ENV).ok();
         let discovery = halo_kernels::discover(selector.as_deref()).map_err(|e| e.to_string());
         match &discovery {
@@ -112,11 +113,50 @@ pub async fn probe_device() -> Arc<DeviceFacts> {
             Err(e) => warn!(error = %e, "no vulkan device; jobs that need the GPU will fail"),
         }
         let memory = memory::probe(discovery.as_ref().ok().map(|d| d.device()));
-        DeviceFacts { discovery, memory }
+        let runtime = match &discovery {
+            Err(e) => Err(e.clone()),
+            Ok(_) => halo_kernels::Device::open(&halo_kernels::DeviceOptions {
+                selector,
+                pipeline_cache_dir: state,
+            })
+            .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = &runtime {
+            warn!(error = %e, "cannot open the Vulkan runtime; jobs that need the GPU will fail");
+        }
+        DeviceFacts {
+            discovery,
+            runtime,
+            memory,
+        }
     })
     .await
     .expect("device probe does not panic");
     Arc::new(facts)
+}
+
+/// Where halod keeps state between runs (the pipeline cache): systemd's `$STATE_DIRECTORY`,
+/// else `$XDG_STATE_HOME/halo`, else `~/.local/state/halo`.
+pub fn state_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
+        let first = dirs
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if !first.is_empty() {
+            return Some(PathBuf::from(first));
+        }
+    }
+    var("XDG_STATE_HOME")
+        .map(|d| d.join("halo"))
+        .or_else(|| var("HOME").map(|h| h.join(".local/state/halo")))
 }
 
 /// Runs the daemon on `listeners` until `control` says shut down (or its sender is dropped).

@@ -113,7 +113,7 @@ async fn serve(listen_override: Vec<Addr>, config: Config) -> anyhow::Result<()>
     for a in &addrs {
         listeners.push(halod::bind(a).await?);
     }
-    let facts = halod::probe_device().await;
+    let facts = halod::probe_device(halod::state_dir()).await;
 
     tokio::spawn(async move {
         loop {

@@ -218,6 +218,19 @@ impl pb::halo_server::Halo for HaloService {
                 cap_bytes: crate::config::AUTO_BUDGET_CAP,
                 explanation: b.explanation.clone(),
             }),
+            gpu_allocated_bytes: self
+                .facts
+                .runtime
+                .as_ref()
+                .map(|d| d.ledger().device_memory)
+                .unwrap_or(0),
+            runtime_error: self
+                .facts
+                .runtime
+                .as_ref()
+                .err()
+                .cloned()
+                .unwrap_or_default(),
             resident_models: s.resident_models as u32,
             active_jobs: s.active_jobs as u32,
         }))

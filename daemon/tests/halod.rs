@@ -22,6 +22,7 @@ fn spawn(cfg: &Path, sock: &Path) -> Child {
         .args(["--config", cfg.to_str().unwrap()])
         .args(["--listen", &format!("unix:{}", sock.display())])
         .env("HALO_LOG", "warn")
+        .env("XDG_STATE_HOME", cfg.parent().unwrap().join("state"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -124,6 +124,9 @@ impl Pipelines {
 
     /// Writes the cache blob to `path` (atomically: write a temp file, then rename).
     pub(crate) fn save(&self, device: &ash::Device, path: &Path) -> Result<(), VulkanError> {
+        if self.pipelines.is_empty() {
+            return Ok(()); // nothing compiled in this run: keep whatever is on disk
+        }
         // SAFETY: the cache belongs to this device.
         let data = unsafe { device.get_pipeline_cache_data(self.cache) }
             .map_err(|r| VulkanError::from_vk("vkGetPipelineCacheData", r))?;
