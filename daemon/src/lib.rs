@@ -3,7 +3,8 @@
 //!
 //! Layers, each using only the ones above it:
 //! - [`config`]: the TOML config and its validation.
-//! - [`models`]: model files on disk (which files, how many bytes, mapping them).
+//! - [`models`]: model files on disk (which files, how many bytes, mapping them); [`gguf`]: the
+//!   GGUF reader.
 //! - [`memory`]: how big the memory budget is.
 //! - [`residency`], [`scheduler`]: the pure cores (no I/O, no clock, no tokio).
 //! - [`core`]: the one task that owns both cores and applies their decisions.
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod core;
+pub mod gguf;
 pub mod memory;
 pub mod models;
 pub mod residency;

@@ -117,9 +117,38 @@ pub fn estimate(model: &ModelConfig) -> Result<u64, ModelFileError> {
     Ok(weight_files(model)?.iter().map(|(_, n)| n).sum())
 }
 
+/// One file mapped read-only (an empty file maps to an empty slice). Dropping it unmaps it.
+pub struct Mapping {
+    map: Option<memmap2::Mmap>,
+}
+
+impl Mapping {
+    pub fn open(path: &Path) -> std::io::Result<Mapping> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        // mmap rejects empty files; an empty file simply has no bytes.
+        let map = if len == 0 {
+            None
+        } else {
+            Some(map_file(&file)?)
+        };
+        Ok(Mapping { map })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+impl halo_kernels::HostMemory for Mapping {
+    fn bytes(&self) -> &[u8] {
+        Mapping::bytes(self)
+    }
+}
+
 /// A model's files mapped read-only. Dropping it unmaps them.
 pub struct MappedModel {
-    maps: Vec<memmap2::Mmap>,
+    maps: Vec<Mapping>,
     bytes: u64,
 }
 
@@ -148,14 +177,9 @@ pub fn map(model: &ModelConfig) -> Result<MappedModel, ModelFileError> {
     let mut maps = Vec::new();
     let mut bytes = 0;
     for (path, _) in weight_files(model)? {
-        let file = File::open(&path).map_err(|e| io_err(&path, e))?;
-        let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
-        if len == 0 {
-            // mmap rejects empty files; an empty file holds no weights to charge.
-            continue;
-        }
-        maps.push(map_file(&file).map_err(|e| io_err(&path, e))?);
-        bytes += len;
+        let m = Mapping::open(&path).map_err(|e| io_err(&path, e))?;
+        bytes += m.bytes().len() as u64;
+        maps.push(m);
     }
     Ok(MappedModel { maps, bytes })
 }
@@ -166,9 +190,8 @@ fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the mapping is read-only and private to this process. Model files are treated as
     // immutable while loaded (the docs say so: replace a model by writing a new file and renaming
     // it over the old one, which leaves this mapping on the old inode). If someone truncates the
-    // file in place anyway, touching the lost pages raises SIGBUS; nothing in this crate reads the
-    // mapping's bytes yet, and the engines that will read them do so through bounds checked
-    // against the length recorded here.
+    // file in place anyway, touching the lost pages raises SIGBUS; the parsers check every offset
+    // against the length mapped here, so they never read past it themselves.
     unsafe { memmap2::MmapOptions::new().map(file) }
 }
 
@@ -209,6 +232,9 @@ mod tests {
         assert_eq!(estimate(&m).unwrap(), 150);
         let mapped = map(&m).unwrap();
         assert_eq!((mapped.bytes(), mapped.files()), (150, 2));
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(Mapping::open(&empty).unwrap().bytes(), b"");
     }
 
     #[test]
