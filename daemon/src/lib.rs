@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod memory;
 pub mod models;
 pub mod residency;
+pub mod sampler;
 pub mod scheduler;
 pub mod service;
 
