@@ -543,7 +543,7 @@ impl Gguf {
 pub struct GgufFile {
     pub path: PathBuf,
     pub header: Gguf,
-    pub map: crate::models::Mapping,
+    pub map: std::sync::Arc<crate::models::Mapping>,
 }
 
 impl GgufFile {
@@ -553,7 +553,9 @@ impl GgufFile {
             path: path.to_path_buf(),
             error,
         };
-        let map = crate::models::Mapping::open(path).map_err(|e| err(GgufFileErrorKind::Io(e)))?;
+        let map = crate::models::Mapping::open(path)
+            .map(std::sync::Arc::new)
+            .map_err(|e| err(GgufFileErrorKind::Io(e)))?;
         let header = Gguf::parse(map.bytes()).map_err(|e| err(GgufFileErrorKind::Format(e)))?;
         Ok(GgufFile {
             path: path.to_path_buf(),

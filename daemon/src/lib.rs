@@ -14,6 +14,7 @@
 pub mod config;
 pub mod core;
 pub mod gguf;
+pub mod llm;
 pub mod memory;
 pub mod models;
 pub mod residency;

@@ -1,0 +1,160 @@
+//! An LLM's shape and numerics, read from its GGUF metadata, for each architecture halo runs.
+
+use crate::gguf::{Gguf, GgufError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen3,
+    Qwen3Moe,
+    Gemma3,
+    Glm4,
+}
+
+impl Arch {
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen3" => Arch::Qwen3,
+            "qwen3moe" => Arch::Qwen3Moe,
+            "gemma3" => Arch::Gemma3,
+            "glm4" => Arch::Glm4,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Gemma3 => "gemma3",
+            Arch::Glm4 => "glm4",
+        }
+    }
+}
+
+/// Everything the forward pass needs to know besides the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HParams {
+    pub arch: Arch,
+    pub n_vocab: u64,
+    pub n_embd: u64,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_head_kv: u64,
+    pub head_dim: u64,
+    pub n_ff: u64,
+    pub eps: f32,
+    pub rope_base: f32,
+    /// RoPE base on sliding-window layers, where it differs (gemma3).
+    pub rope_base_local: f32,
+    pub rope_dims: u64,
+    /// NEOX-style pairs (i, i + d/2) instead of adjacent pairs.
+    pub neox: bool,
+    pub context_train: u64,
+    pub n_expert: u64,
+    pub n_expert_used: u64,
+    pub n_ff_expert: u64,
+    pub sliding_window: Option<u32>,
+    /// With a sliding window: layer l is global when (l + 1) % pattern == 0 (gemma3: 6).
+    pub sliding_pattern: u64,
+    /// Multiply the embeddings by this (gemma: √n_embd).
+    pub embd_scale: f32,
+    pub attn_scale: f32,
+}
+
+impl HParams {
+    pub fn from_gguf(g: &Gguf) -> Result<HParams, GgufError> {
+        let arch_name = g.str("general.architecture")?;
+        let arch = Arch::from_name(arch_name).ok_or_else(|| GgufError::WrongType {
+            key: "general.architecture".into(),
+            expected: "one of llama, qwen3, qwen3moe, gemma3, glm4",
+            found: "an unsupported architecture",
+        })?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let u = |k: &str| g.u64(&key(k));
+        let u_or = |k: &str, d: u64| {
+            g.metadata
+                .get(&key(k))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(d)
+        };
+        let f_or = |k: &str, d: f64| {
+            g.metadata
+                .get(&key(k))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(d)
+        };
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        if n_head == 0 || n_embd == 0 {
+            return Err(GgufError::BadShape {
+                tensor: key("attention.head_count"),
+                message: "must be positive".into(),
+            });
+        }
+        let n_head_kv = u_or("attention.head_count_kv", n_head);
+        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(GgufError::BadShape {
+                tensor: key("attention.head_count_kv"),
+                message: format!("{n_head_kv} does not divide the {n_head} query heads"),
+            });
+        }
+        let head_dim = u_or("attention.key_length", n_embd / n_head);
+        let n_vocab = match g.metadata.get(&key("vocab_size")).and_then(|v| v.as_u64()) {
+            Some(v) => v,
+            None => g
+                .tensor("token_embd.weight")?
+                .dims
+                .get(1)
+                .copied()
+                .unwrap_or(0),
+        };
+        let gemma = arch == Arch::Gemma3;
+        let sliding_window = g
+            .metadata
+            .get(&key("attention.sliding_window"))
+            .and_then(|v| v.as_u64())
+            .map(|w| w as u32);
+        Ok(HParams {
+            arch,
+            n_vocab,
+            n_embd,
+            n_layer: u("block_count")?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: u_or("feed_forward_length", 0),
+            eps: f_or("attention.layer_norm_rms_epsilon", 1e-5) as f32,
+            rope_base: f_or("rope.freq_base", 10_000.0) as f32,
+            rope_base_local: if gemma {
+                10_000.0
+            } else {
+                f_or("rope.freq_base", 10_000.0) as f32
+            },
+            rope_dims: u_or("rope.dimension_count", head_dim),
+            neox: !matches!(arch, Arch::Llama),
+            context_train: u_or("context_length", 4096),
+            n_expert: u_or("expert_count", 0),
+            n_expert_used: u_or("expert_used_count", 0),
+            n_ff_expert: u_or("expert_feed_forward_length", 0),
+            sliding_window: if gemma { sliding_window } else { None },
+            sliding_pattern: if gemma { 6 } else { 0 },
+            embd_scale: if gemma { (n_embd as f32).sqrt() } else { 1.0 },
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+
+    /// Whether layer `l` attends only within the sliding window.
+    pub fn is_sliding(&self, l: u64) -> bool {
+        self.sliding_window.is_some()
+            && self.sliding_pattern > 0
+            && (l + 1) % self.sliding_pattern != 0
+    }
+
+    /// Bytes of one sequence's KV cache for `context` tokens with f16 entries.
+    pub fn kv_cache_bytes(&self, context: u64) -> u64 {
+        2 * self.n_layer * self.n_head_kv * context * self.head_dim * 2
+    }
+}

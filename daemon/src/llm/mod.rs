@@ -1,0 +1,4 @@
+//! The LLM engine: model shape (hparams), weights on the device, the forward pass, tokenizer and
+//! chat templates.
+
+pub mod hparams;
