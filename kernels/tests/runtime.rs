@@ -273,7 +273,12 @@ fn weights_load_by_copy_and_by_import_alike() {
         );
     }
     let e = dev
-        .load_weights(host, &[0..(1 << 20)], LoadStrategy::Copy, owner)
+        .load_weights(
+            host,
+            std::slice::from_ref(&(0..1 << 20)),
+            LoadStrategy::Copy,
+            owner,
+        )
         .err()
         .unwrap();
     assert!(e.to_string().contains("past the end"), "{e}");

@@ -95,7 +95,7 @@ impl HParams {
             });
         }
         let n_head_kv = u_or("attention.head_count_kv", n_head);
-        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return Err(GgufError::BadShape {
                 tensor: key("attention.head_count_kv"),
                 message: format!("{n_head_kv} does not divide the {n_head} query heads"),
@@ -150,7 +150,7 @@ impl HParams {
     pub fn is_sliding(&self, l: u64) -> bool {
         self.sliding_window.is_some()
             && self.sliding_pattern > 0
-            && (l + 1) % self.sliding_pattern != 0
+            && !(l + 1).is_multiple_of(self.sliding_pattern)
     }
 
     /// Bytes of one sequence's KV cache for `context` tokens with f16 entries.

@@ -3,8 +3,12 @@
 //! pipeline, a descriptor or a `vk::` type.
 
 mod elementwise;
+mod nn;
+pub use nn::*;
+mod quant;
 
 pub use elementwise::{add, mul, scale};
+pub use quant::*;
 
 use crate::error::VulkanError;
 use crate::runtime::{Access, Buffer, Dispatch, Stream};
@@ -58,7 +62,6 @@ pub struct U32s<'a> {
     pub len: u64,
 }
 
-#[allow(dead_code)] // access/address: used by index-taking ops as they land
 impl<'a> U32s<'a> {
     pub fn all(buffer: &'a Buffer) -> Self {
         U32s {

@@ -1,6 +1,8 @@
 //! Plain-Rust references for every op: the definition each GPU kernel is tested against.
 //! Written for clarity, not speed.
 
+pub mod nn;
+
 /// out[i] = a[i] + b[i % b.len()].
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter()

@@ -147,7 +147,10 @@ impl Stream {
             let pool = unsafe { self.raw().create_query_pool(&info, None) }
                 .map_err(|r| self.device.shared.check("vkCreateQueryPool", r))?;
             // SAFETY: `cmd` is recording; the range covers the new pool.
-            unsafe { self.raw().cmd_reset_query_pool(cmd, pool, 0, 2 * BATCH as u32) };
+            unsafe {
+                self.raw()
+                    .cmd_reset_query_pool(cmd, pool, 0, 2 * BATCH as u32)
+            };
             Some((pool, Vec::new()))
         } else {
             None
@@ -273,10 +276,14 @@ impl Stream {
         // Push constants are zero-padded to a multiple of 4 bytes.
         let mut push = d.push.to_vec();
         push.resize(push.len().div_ceil(4) * 4, 0);
-        let query = self.recording.as_mut().and_then(|b| b.queries.as_mut()).map(|(pool, kernels)| {
-            kernels.push(d.kernel);
-            (*pool, 2 * (kernels.len() as u32 - 1))
-        });
+        let query = self
+            .recording
+            .as_mut()
+            .and_then(|b| b.queries.as_mut())
+            .map(|(pool, kernels)| {
+                kernels.push(d.kernel);
+                (*pool, 2 * (kernels.len() as u32 - 1))
+            });
         if let Some((pool, q)) = query {
             // SAFETY: `cmd` is recording; query `q` was reset at the start of the batch and is
             // written once (a batch holds at most BATCH commands, the pool 2·BATCH queries).
@@ -449,15 +456,23 @@ impl Stream {
         std::mem::take(&mut self.profile)
     }
 
-    fn collect_profile(&mut self, pool: vk::QueryPool, kernels: &[KernelId]) -> Result<(), VulkanError> {
+    fn collect_profile(
+        &mut self,
+        pool: vk::QueryPool,
+        kernels: &[KernelId],
+    ) -> Result<(), VulkanError> {
         let period = self.device.shared.timestamp_period.unwrap_or(1.0) as f64;
         let mut ticks = vec![0u64; 2 * kernels.len()];
         if !kernels.is_empty() {
             // SAFETY: the batch completed, so every query in 0..2n was written; `ticks` has room
             // for 2n 64-bit results.
             unsafe {
-                self.raw()
-                    .get_query_pool_results(pool, 0, &mut ticks, vk::QueryResultFlags::TYPE_64)
+                self.raw().get_query_pool_results(
+                    pool,
+                    0,
+                    &mut ticks,
+                    vk::QueryResultFlags::TYPE_64,
+                )
             }
             .map_err(|r| self.device.shared.check("vkGetQueryPoolResults", r))?;
         }

@@ -214,7 +214,7 @@ mod tests {
         let (segs, which) = plan(&t, 8192, 4096).unwrap();
         assert_eq!(segs, vec![0..200, 4096..9100]);
         assert_eq!(which, vec![0, 0, 1, 1]);
-        let e = plan(&[0..10_000], 8192, 4096).unwrap_err();
+        let e = plan(std::slice::from_ref(&(0..10_000)), 8192, 4096).unwrap_err();
         assert!(matches!(e, VulkanError::TooLarge { .. }));
     }
 

@@ -1,0 +1,639 @@
+//! Neural-network ops on f32 activations: norms, activations, softmax, rotary embedding,
+//! attention over a KV cache, KV-cache stores and top-k. Row-wise ops run one workgroup per
+//! row; every op checks its arguments and returns [`VulkanError::BadArgument`] when they do not
+//! fit together.
+
+use super::{bad, elementwise, grid_1d, to_u32, F32s, Push, U32s};
+use crate::error::VulkanError;
+use crate::runtime::{Access, Buffer, Dispatch, Stream};
+use crate::KernelId;
+
+/// The most partial results a workgroup reduction keeps (`NN_MAX_PARTIALS` in nn.glsl): a
+/// row kernel's workgroup may hold at most this many subgroups.
+const MAX_PARTIALS: u32 = 64;
+/// The widest workgroup a row kernel uses.
+const ROW_WG: u32 = 256;
+/// Output values each attention invocation accumulates (`MAX_OUT` in attention.comp).
+const ATTN_MAX_OUT: u32 = 8;
+/// Attention workgroup size.
+const ATTN_WG: u32 = 128;
+/// Largest head dimension attention supports.
+pub const MAX_HEAD_DIM: u32 = 256;
+
+/// A layer's K or V cache: `n_kv_heads × capacity × head_dim` values, f32 or f16, starting at
+/// byte `offset` (a multiple of 4) of `buffer`. Each head's positions are contiguous rows.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCache<'a> {
+    pub buffer: &'a Buffer,
+    pub offset: u64,
+    pub f16: bool,
+}
+
+impl KvCache<'_> {
+    fn bytes_per_value(&self) -> u64 {
+        if self.f16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    fn access(&self, values: u64) -> Access<'_> {
+        Access {
+            buffer: self.buffer,
+            offset: self.offset,
+            len: values * self.bytes_per_value(),
+        }
+    }
+
+    fn address(&self) -> u64 {
+        self.buffer.address(self.offset)
+    }
+}
+
+/// Shapes and options of [`attention`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub n_heads: u32,
+    /// Divides `n_heads`; query head h reads kv head h / (n_heads / n_kv_heads).
+    pub n_kv_heads: u32,
+    /// At most [`MAX_HEAD_DIM`]; even when a cache is f16.
+    pub head_dim: u32,
+    pub n_q_tokens: u32,
+    /// Position of query token 0; query token t is at first_pos + t and sees keys at positions
+    /// 0..=first_pos + t, which the caches must already hold.
+    pub first_pos: u32,
+    /// Positions each cache has room for per kv head (the `capacity` of its layout).
+    pub capacity: u32,
+    /// Multiplies q·k (usually 1 / sqrt(head_dim)).
+    pub scale: f32,
+    /// A token at position p sees only keys at positions in (p - window, p].
+    pub sliding_window: Option<u32>,
+    /// Scores become softcap · tanh(score / softcap) (after scaling).
+    pub softcap: Option<f32>,
+}
+
+fn same_len(op: &'static str, what: &str, got: u64, want: u64) -> Result<(), VulkanError> {
+    if got != want {
+        return Err(bad(
+            op,
+            format!("{what} has {got} elements, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Number of rows of `row_len` in `len`, which must divide exactly.
+fn rows(op: &'static str, len: u64, row_len: u64) -> Result<u64, VulkanError> {
+    if row_len == 0 || !len.is_multiple_of(row_len) {
+        return Err(bad(
+            op,
+            format!("{len} elements are not a whole number of rows of {row_len}"),
+        ));
+    }
+    to_u32(op, "element count", len)?;
+    Ok(len / row_len)
+}
+
+/// Workgroup size of a row kernel: a power of two near the row length, at least one subgroup,
+/// at most ROW_WG, the device's limit and MAX_PARTIALS subgroups.
+fn row_wg(stream: &Stream, row_len: u64) -> u32 {
+    let l = stream.limits();
+    let sg = l.subgroup_size.max(1);
+    let device_max = 1u32 << (31 - l.max_compute_workgroup_invocations.max(1).leading_zeros());
+    let cap = ROW_WG.min(device_max).min(MAX_PARTIALS.saturating_mul(sg));
+    let want = u32::try_from(row_len.next_power_of_two()).unwrap_or(u32::MAX);
+    want.max(sg).min(cap).max(1)
+}
+
+/// Records a one-workgroup-per-row kernel over `n_rows` rows.
+fn row_dispatch(
+    stream: &mut Stream,
+    kernel: KernelId,
+    row_len: u64,
+    n_rows: u64,
+    push: &Push,
+    reads: &[Access<'_>],
+    writes: &[Access<'_>],
+) -> Result<(), VulkanError> {
+    if n_rows == 0 {
+        return Ok(());
+    }
+    let wg = row_wg(stream, row_len);
+    let spec = [wg, stream.limits().subgroup_size];
+    stream.dispatch(&Dispatch {
+        kernel,
+        spec: &spec,
+        push: push.bytes(),
+        groups: grid_1d(n_rows, 1)?,
+        reads,
+        writes,
+    })
+}
+
+fn optional_row_param(
+    op: &'static str,
+    what: &str,
+    p: Option<F32s<'_>>,
+    row_len: u64,
+) -> Result<(), VulkanError> {
+    match p {
+        Some(w) => same_len(op, what, w.len, row_len),
+        None => Ok(()),
+    }
+}
+
+/// RMS norm over rows of `row_len`: out = x / sqrt(mean(x²) + eps) · (weight + weight_offset).
+/// `weight` (row_len values) is shared by every row; without it the scale is 1. Per-head q/k
+/// norms are this op with row_len = head_dim. `out` may be `x`.
+pub fn rms_norm(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    weight: Option<F32s<'_>>,
+    out: F32s<'_>,
+    row_len: u64,
+    eps: f32,
+    weight_offset: f32,
+) -> Result<(), VulkanError> {
+    let op = "rms_norm_f32";
+    let n_rows = rows(op, x.len, row_len)?;
+    same_len(op, "out", out.len, x.len)?;
+    optional_row_param(op, "weight", weight, row_len)?;
+    let push = Push::default()
+        .addr(x.address())
+        .addr(weight.map_or(0, |w| w.address()))
+        .addr(out.address())
+        .u32(to_u32(op, "row_len", row_len)?)
+        .u32(to_u32(op, "rows", n_rows)?)
+        .f32(eps)
+        .f32(weight_offset)
+        .u32(weight.is_some() as u32);
+    let mut reads = vec![x.access()];
+    reads.extend(weight.map(|w| w.access()));
+    row_dispatch(
+        stream,
+        KernelId::RmsNormF32,
+        row_len,
+        n_rows,
+        &push,
+        &reads,
+        &[out.access()],
+    )
+}
+
+/// Layer norm over rows of `row_len`: out = (x - mean) / sqrt(var + eps) · weight + bias, with
+/// weight and bias (row_len values each) optional. `out` may be `x`.
+pub fn layer_norm(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    weight: Option<F32s<'_>>,
+    bias: Option<F32s<'_>>,
+    out: F32s<'_>,
+    row_len: u64,
+    eps: f32,
+) -> Result<(), VulkanError> {
+    let op = "layer_norm_f32";
+    let n_rows = rows(op, x.len, row_len)?;
+    same_len(op, "out", out.len, x.len)?;
+    optional_row_param(op, "weight", weight, row_len)?;
+    optional_row_param(op, "bias", bias, row_len)?;
+    let push = Push::default()
+        .addr(x.address())
+        .addr(weight.map_or(0, |w| w.address()))
+        .addr(bias.map_or(0, |b| b.address()))
+        .addr(out.address())
+        .u32(to_u32(op, "row_len", row_len)?)
+        .u32(to_u32(op, "rows", n_rows)?)
+        .f32(eps)
+        .u32(weight.is_some() as u32)
+        .u32(bias.is_some() as u32);
+    let mut reads = vec![x.access()];
+    reads.extend(weight.map(|w| w.access()));
+    reads.extend(bias.map(|b| b.access()));
+    row_dispatch(
+        stream,
+        KernelId::LayerNormF32,
+        row_len,
+        n_rows,
+        &push,
+        &reads,
+        &[out.access()],
+    )
+}
+
+fn activation(
+    stream: &mut Stream,
+    kernel: KernelId,
+    x: F32s<'_>,
+    up: Option<F32s<'_>>,
+    out: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let op = kernel.name();
+    same_len(op, "out", out.len, x.len)?;
+    if let Some(u) = up {
+        same_len(op, "up", u.len, x.len)?;
+    }
+    if x.len == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(up.map_or(0, |u| u.address()))
+        .addr(out.address())
+        .u32(to_u32(op, "n", x.len)?);
+    let mut reads = vec![x.access()];
+    reads.extend(up.map(|u| u.access()));
+    elementwise(stream, kernel, x.len, &push, &reads, &[out.access()])
+}
+
+/// out = x / (1 + e^-x). `out` may be `x`.
+pub fn silu(stream: &mut Stream, x: F32s<'_>, out: F32s<'_>) -> Result<(), VulkanError> {
+    activation(stream, KernelId::SiluF32, x, None, out)
+}
+
+/// out = x/2 · (1 + tanh(sqrt(2/pi) · (x + 0.044715 x³))). `out` may be `x`.
+pub fn gelu_tanh(stream: &mut Stream, x: F32s<'_>, out: F32s<'_>) -> Result<(), VulkanError> {
+    activation(stream, KernelId::GeluTanhF32, x, None, out)
+}
+
+/// out = silu(gate) · up. `out` may be `gate` or `up`.
+pub fn swiglu(
+    stream: &mut Stream,
+    gate: F32s<'_>,
+    up: F32s<'_>,
+    out: F32s<'_>,
+) -> Result<(), VulkanError> {
+    activation(stream, KernelId::SwigluF32, gate, Some(up), out)
+}
+
+/// out = gelu_tanh(gate) · up. `out` may be `gate` or `up`.
+pub fn geglu(
+    stream: &mut Stream,
+    gate: F32s<'_>,
+    up: F32s<'_>,
+    out: F32s<'_>,
+) -> Result<(), VulkanError> {
+    activation(stream, KernelId::GegluF32, gate, Some(up), out)
+}
+
+/// Softmax of scale · x over each row of `row_len`, max-subtracted; -inf entries get 0. `out`
+/// may be `x`.
+pub fn softmax(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    out: F32s<'_>,
+    row_len: u64,
+    scale: f32,
+) -> Result<(), VulkanError> {
+    let op = "softmax_f32";
+    let n_rows = rows(op, x.len, row_len)?;
+    same_len(op, "out", out.len, x.len)?;
+    let push = Push::default()
+        .addr(x.address())
+        .addr(out.address())
+        .u32(to_u32(op, "row_len", row_len)?)
+        .u32(to_u32(op, "rows", n_rows)?)
+        .f32(scale);
+    row_dispatch(
+        stream,
+        KernelId::SoftmaxF32,
+        row_len,
+        n_rows,
+        &push,
+        &[x.access()],
+        &[out.access()],
+    )
+}
+
+/// Rotary position embedding. `x` is n_tokens × n_heads × head_dim and `positions` holds one
+/// position per token. The first `rotary_dims` (even, at most head_dim) values of each head are
+/// rotated, the rest copied: pair i is (2i, 2i + 1), or (i, i + rotary_dims / 2) when `neox`,
+/// and turns by pos · freq_base^(-2i / rotary_dims). `out` may be `x`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    positions: U32s<'_>,
+    out: F32s<'_>,
+    n_heads: u64,
+    head_dim: u64,
+    rotary_dims: u64,
+    freq_base: f32,
+    neox: bool,
+) -> Result<(), VulkanError> {
+    let op = "rope_f32";
+    if rotary_dims == 0 || !rotary_dims.is_multiple_of(2) || rotary_dims > head_dim {
+        return Err(bad(
+            op,
+            format!("rotary_dims = {rotary_dims} must be even, positive and at most head_dim = {head_dim}"),
+        ));
+    }
+    if !(freq_base > 0.0 && freq_base.is_finite()) {
+        return Err(bad(op, format!("freq_base = {freq_base} must be positive")));
+    }
+    let n_rows = rows(op, x.len, head_dim)?;
+    if n_heads == 0 || !n_rows.is_multiple_of(n_heads) {
+        return Err(bad(
+            op,
+            format!("{n_rows} head rows are not a whole number of tokens of {n_heads} heads"),
+        ));
+    }
+    same_len(op, "out", out.len, x.len)?;
+    same_len(op, "positions", positions.len, n_rows / n_heads)?;
+    if x.len == 0 {
+        return Ok(());
+    }
+    let slots = head_dim.div_ceil(2);
+    let total = n_rows * slots;
+    let push = Push::default()
+        .addr(x.address())
+        .addr(positions.address())
+        .addr(out.address())
+        .u32(to_u32(op, "threads", total)?)
+        .u32(to_u32(op, "slots", slots)?)
+        .u32(to_u32(op, "n_heads", n_heads)?)
+        .u32(to_u32(op, "head_dim", head_dim)?)
+        .u32(to_u32(op, "rotary_dims", rotary_dims)?)
+        .f32((freq_base as f64).log2() as f32)
+        .u32(neox as u32);
+    elementwise(
+        stream,
+        KernelId::RopeF32,
+        total,
+        &push,
+        &[x.access(), positions.access()],
+        &[out.access()],
+    )
+}
+
+fn check_cache(
+    op: &'static str,
+    what: &str,
+    cache: &KvCache<'_>,
+    head_dim: u64,
+) -> Result<(), VulkanError> {
+    if !cache.offset.is_multiple_of(4) {
+        return Err(bad(
+            op,
+            format!("{what} offset {} is not a multiple of 4", cache.offset),
+        ));
+    }
+    if cache.f16 && !head_dim.is_multiple_of(2) {
+        return Err(bad(
+            op,
+            format!("an f16 {what} needs an even head_dim, not {head_dim}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Causal grouped-query attention of `q` (n_q_tokens × n_heads × head_dim) over K and V caches
+/// (n_kv_heads × capacity × head_dim each, f32 or f16, already holding positions
+/// 0..first_pos + n_q_tokens), written to `out` (same shape as q). Softmax is taken in f32
+/// with a running maximum; no score matrix is stored.
+pub fn attention(
+    stream: &mut Stream,
+    q: F32s<'_>,
+    k_cache: KvCache<'_>,
+    v_cache: KvCache<'_>,
+    out: F32s<'_>,
+    params: AttentionParams,
+) -> Result<(), VulkanError> {
+    let op = "attention_f32";
+    let p = params;
+    if p.n_heads == 0 || p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
+        return Err(bad(
+            op,
+            format!(
+                "n_heads = {} is not a multiple of n_kv_heads = {}",
+                p.n_heads, p.n_kv_heads
+            ),
+        ));
+    }
+    if p.head_dim == 0 || p.head_dim > MAX_HEAD_DIM {
+        return Err(bad(
+            op,
+            format!("head_dim = {} is not in 1..={MAX_HEAD_DIM}", p.head_dim),
+        ));
+    }
+    let d = p.head_dim as u64;
+    check_cache(op, "K cache", &k_cache, d)?;
+    check_cache(op, "V cache", &v_cache, d)?;
+    let end = p.first_pos as u64 + p.n_q_tokens as u64;
+    if end > p.capacity as u64 {
+        return Err(bad(
+            op,
+            format!(
+                "positions up to {end} do not fit a cache of capacity {}",
+                p.capacity
+            ),
+        ));
+    }
+    if p.sliding_window == Some(0) {
+        return Err(bad(op, "a sliding window of 0 sees nothing".into()));
+    }
+    if let Some(c) = p.softcap {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(bad(op, format!("softcap = {c} must be positive")));
+        }
+    }
+    let q_len = p.n_q_tokens as u64 * p.n_heads as u64 * d;
+    same_len(op, "q", q.len, q_len)?;
+    same_len(op, "out", out.len, q_len)?;
+    to_u32(op, "q elements", q_len)?;
+    let cache_values = p.n_kv_heads as u64 * p.capacity as u64 * d;
+    to_u32(op, "cache values", cache_values)?;
+    if p.n_q_tokens == 0 {
+        return Ok(());
+    }
+
+    let l = stream.limits();
+    let wg = ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
+    let group = (p.n_heads / p.n_kv_heads) as u64;
+    let n_rows = p.n_q_tokens as u64 * group;
+    // Rows per workgroup: as many as the accumulators hold (MAX_OUT per invocation), but no
+    // more than there are. Vulkan guarantees 128 invocations, which covers head_dim 256.
+    let rows_cap = (ATTN_MAX_OUT * wg / p.head_dim).min(64);
+    if rows_cap == 0 {
+        return Err(bad(
+            op,
+            format!(
+                "head_dim = {} needs a larger workgroup than the device allows",
+                p.head_dim
+            ),
+        ));
+    }
+    let rows_per_wg = n_rows.next_power_of_two().min(rows_cap as u64) as u32;
+    // Keys per tile: as many as shared memory holds (q, K padded by one, V, scores, 3 per row).
+    let shared_floats = (l.max_compute_shared_memory_size / 4) as u64;
+    let fixed = rows_per_wg as u64 * (d + 3);
+    let per_key = 2 * d + 1 + rows_per_wg as u64;
+    let mut tile = shared_floats.saturating_sub(fixed) / per_key;
+    tile = tile.min(64);
+    if tile >= 8 {
+        tile -= tile % 8;
+    }
+    if tile == 0 {
+        return Err(bad(
+            op,
+            format!("head_dim = {} does not fit in shared memory", p.head_dim),
+        ));
+    }
+    let n_blocks = n_rows.div_ceil(rows_per_wg as u64);
+    let mut groups = grid_1d(n_blocks, 1)?;
+    groups[2] = p.n_kv_heads;
+    let window = p.sliding_window.unwrap_or(0);
+    let push = Push::default()
+        .addr(q.address())
+        .addr(k_cache.address())
+        .addr(v_cache.address())
+        .addr(out.address())
+        .u32(p.n_heads)
+        .u32(p.n_kv_heads)
+        .u32(p.n_q_tokens)
+        .u32(p.first_pos)
+        .u32(p.capacity)
+        .f32(p.scale)
+        .u32(window)
+        .f32(p.softcap.unwrap_or(0.0))
+        .u32(k_cache.f16 as u32 | (v_cache.f16 as u32) << 1)
+        .u32(to_u32(op, "blocks", n_blocks)?);
+    let spec = [wg, l.subgroup_size, p.head_dim, rows_per_wg, tile as u32];
+    stream.dispatch(&Dispatch {
+        kernel: KernelId::AttentionF32,
+        spec: &spec,
+        push: push.bytes(),
+        groups,
+        reads: &[
+            q.access(),
+            k_cache.access(cache_values),
+            v_cache.access(cache_values),
+        ],
+        writes: &[out.access()],
+    })
+}
+
+/// Writes `n_tokens` new K or V rows from `src` (n_tokens × n_kv_heads × head_dim, f32) into
+/// `cache` (n_kv_heads × capacity × head_dim) at positions first_pos.., rounding to f16 when
+/// the cache is f16.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_store(
+    stream: &mut Stream,
+    src: F32s<'_>,
+    cache: KvCache<'_>,
+    n_kv_heads: u64,
+    head_dim: u64,
+    capacity: u64,
+    first_pos: u64,
+    n_tokens: u64,
+) -> Result<(), VulkanError> {
+    let op = if cache.f16 {
+        "kv_store_f16"
+    } else {
+        "kv_store_f32"
+    };
+    if n_kv_heads == 0 || head_dim == 0 {
+        return Err(bad(op, "n_kv_heads and head_dim must be positive".into()));
+    }
+    check_cache(op, "cache", &cache, head_dim)?;
+    same_len(op, "src", src.len, n_tokens * n_kv_heads * head_dim)?;
+    if first_pos + n_tokens > capacity {
+        return Err(bad(
+            op,
+            format!(
+                "positions {first_pos}..{} do not fit a cache of capacity {capacity}",
+                first_pos + n_tokens
+            ),
+        ));
+    }
+    let cache_values = n_kv_heads * capacity * head_dim;
+    to_u32(op, "cache values", cache_values)?;
+    if n_tokens == 0 {
+        return Ok(());
+    }
+    let (kernel, n) = if cache.f16 {
+        (KernelId::KvStoreF16, src.len / 2)
+    } else {
+        (KernelId::KvStoreF32, src.len)
+    };
+    let push = Push::default()
+        .addr(src.address())
+        .addr(cache.address())
+        .u32(to_u32(op, "n", n)?)
+        .u32(to_u32(op, "n_kv_heads", n_kv_heads)?)
+        .u32(to_u32(op, "head_dim", head_dim)?)
+        .u32(to_u32(op, "capacity", capacity)?)
+        .u32(to_u32(op, "first_pos", first_pos)?);
+    elementwise(
+        stream,
+        kernel,
+        n,
+        &push,
+        &[src.access()],
+        &[cache.access(cache_values)],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn top_k_inner(
+    stream: &mut Stream,
+    logits: F32s<'_>,
+    row_len: u64,
+    k: u64,
+    mode: u32,
+    out_ids: U32s<'_>,
+    out_vals: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let op = "top_k_f32";
+    let n_rows = rows(op, logits.len, row_len)?;
+    if k == 0 || k > row_len {
+        return Err(bad(op, format!("k = {k} is not in 1..={row_len}")));
+    }
+    same_len(op, "out_ids", out_ids.len, n_rows * k)?;
+    same_len(op, "out_vals", out_vals.len, n_rows * k)?;
+    let push = Push::default()
+        .addr(logits.address())
+        .addr(out_ids.address())
+        .addr(out_vals.address())
+        .u32(to_u32(op, "row_len", row_len)?)
+        .u32(to_u32(op, "rows", n_rows)?)
+        .u32(to_u32(op, "k", k)?)
+        .u32(mode);
+    row_dispatch(
+        stream,
+        KernelId::TopKF32,
+        row_len,
+        n_rows,
+        &push,
+        &[logits.access()],
+        &[out_ids.access(), out_vals.access()],
+    )
+}
+
+/// The `k` largest logits of each row of `row_len`, largest first (ties to the lower index):
+/// their indices in `out_ids` and values in `out_vals` (n_rows × k each). NaNs are never chosen.
+pub fn top_k(
+    stream: &mut Stream,
+    logits: F32s<'_>,
+    row_len: u64,
+    k: u64,
+    out_ids: U32s<'_>,
+    out_vals: F32s<'_>,
+) -> Result<(), VulkanError> {
+    top_k_inner(stream, logits, row_len, k, 0, out_ids, out_vals)
+}
+
+/// The MoE router: softmax over each row, then its `k` most probable entries as in [`top_k`],
+/// with their probabilities (divided by the sum of the k chosen when `renormalize`).
+pub fn softmax_top_k(
+    stream: &mut Stream,
+    logits: F32s<'_>,
+    row_len: u64,
+    k: u64,
+    renormalize: bool,
+    out_ids: U32s<'_>,
+    out_vals: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let mode = if renormalize { 2 } else { 1 };
+    top_k_inner(stream, logits, row_len, k, mode, out_ids, out_vals)
+}
