@@ -6,20 +6,27 @@ use std::path::PathBuf;
 use halod::gguf::GgufFile;
 
 fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
     if p.exists() {
         Some(p)
     } else if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
         panic!("{} is missing; run scripts/fetch-models.sh", p.display());
     } else {
-        eprintln!("skipping: {} is missing (scripts/fetch-models.sh fetches it)", p.display());
+        eprintln!(
+            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
+            p.display()
+        );
         None
     }
 }
 
 #[test]
 fn smollm2_header() {
-    let Some(p) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(p) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let f = GgufFile::open(&p).unwrap();
     let g = &f.header;
     assert_eq!(g.str("general.architecture").unwrap(), "llama");
@@ -35,7 +42,9 @@ fn smollm2_header() {
 
 #[test]
 fn gemma3_header() {
-    let Some(p) = model("gemma-3-270m-q4_k_m.gguf") else { return };
+    let Some(p) = model("gemma-3-270m-q4_k_m.gguf") else {
+        return;
+    };
     let f = GgufFile::open(&p).unwrap();
     let g = &f.header;
     assert_eq!(g.str("general.architecture").unwrap(), "gemma3");
@@ -48,7 +57,9 @@ fn gemma3_header() {
 
 #[test]
 fn a_truncated_real_file_is_a_clear_error() {
-    let Some(p) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(p) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cut = dir.path().join("cut.gguf");
     let bytes = std::fs::read(&p).unwrap();
