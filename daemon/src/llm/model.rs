@@ -1,0 +1,528 @@
+//! An LLM on the device: its weights (loaded from the GGUF by copy or import), and the forward
+//! pass that turns a batch of tokens of one sequence into the next-token logits, writing the
+//! sequence's KV cache as it goes.
+//!
+//! Prompt batches use the matrix-matrix kernels, single tokens the matrix-vector ones. Every
+//! buffer is charged to an owner: the model's weights to the model, a sequence's KV cache and
+//! scratch to the sequence's owner, so the allocator's ledger is the memory truth.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, U32s, Weights};
+use halo_kernels::quant::WeightType;
+use halo_kernels::{
+    Buffer, Device, LoadStrategy, LoadedWeights, MemoryKind, OwnerId, Stream, VulkanError,
+};
+
+use super::hparams::{Arch, HParams};
+use crate::gguf::{GgufError, GgufFile, TensorInfo};
+
+/// Largest number of prompt tokens run through one forward call; longer prompts are chunked.
+pub const MAX_BATCH: u64 = 256;
+
+#[derive(Debug)]
+pub enum LlmError {
+    Format(GgufError),
+    Gpu(VulkanError),
+    Unsupported(String),
+    ContextFull { capacity: u64 },
+}
+
+impl fmt::Display for LlmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LlmError::Format(e) => write!(f, "{e}"),
+            LlmError::Gpu(e) => write!(f, "GPU: {e}"),
+            LlmError::Unsupported(m) => f.write_str(m),
+            LlmError::ContextFull { capacity } => write!(
+                f,
+                "the sequence reached its context of {capacity} tokens; raise `context` for the model"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LlmError {}
+
+impl From<GgufError> for LlmError {
+    fn from(e: GgufError) -> Self {
+        LlmError::Format(e)
+    }
+}
+
+impl From<VulkanError> for LlmError {
+    fn from(e: VulkanError) -> Self {
+        LlmError::Gpu(e)
+    }
+}
+
+/// A model's weights on the device and what it needs to run.
+pub struct LlmModel {
+    pub hp: HParams,
+    device: Device,
+    weights: LoadedWeights,
+    tensors: HashMap<String, (usize, TensorInfo)>,
+}
+
+/// Names of the tensors every layer of a dense model needs.
+fn layer(l: u64, what: &str) -> String {
+    format!("blk.{l}.{what}.weight")
+}
+
+impl LlmModel {
+    /// Loads every tensor of `file` onto `device`, charged to `owner`.
+    pub fn load(
+        device: &Device,
+        file: &GgufFile,
+        strategy: LoadStrategy,
+        owner: OwnerId,
+    ) -> Result<LlmModel, LlmError> {
+        let g = &file.header;
+        let hp = HParams::from_gguf(g)?;
+        if matches!(hp.arch, Arch::Qwen3Moe | Arch::Glm4) {
+            return Err(LlmError::Unsupported(format!(
+                "the {} architecture is not supported by the engine yet",
+                hp.arch.name()
+            )));
+        }
+        if hp.head_dim > ops::MAX_HEAD_DIM as u64 {
+            return Err(LlmError::Unsupported(format!(
+                "head dimension {} is above the attention kernel's {}",
+                hp.head_dim,
+                ops::MAX_HEAD_DIM
+            )));
+        }
+        // Check the shapes the forward pass relies on before spending time loading.
+        let d = hp.n_embd;
+        let q_dim = hp.n_head * hp.head_dim;
+        let kv_dim = hp.n_head_kv * hp.head_dim;
+        g.tensor_shaped("token_embd.weight", &[d, hp.n_vocab])?;
+        g.tensor_shaped("output_norm.weight", &[d])?;
+        for l in 0..hp.n_layer {
+            g.tensor_shaped(&layer(l, "attn_norm"), &[d])?;
+            g.tensor_shaped(&layer(l, "attn_q"), &[d, q_dim])?;
+            g.tensor_shaped(&layer(l, "attn_k"), &[d, kv_dim])?;
+            g.tensor_shaped(&layer(l, "attn_v"), &[d, kv_dim])?;
+            g.tensor_shaped(&layer(l, "attn_output"), &[q_dim, d])?;
+            g.tensor_shaped(&layer(l, "ffn_norm"), &[d])?;
+            g.tensor_shaped(&layer(l, "ffn_gate"), &[d, hp.n_ff])?;
+            g.tensor_shaped(&layer(l, "ffn_up"), &[d, hp.n_ff])?;
+            g.tensor_shaped(&layer(l, "ffn_down"), &[hp.n_ff, d])?;
+            if matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3) {
+                g.tensor_shaped(&layer(l, "attn_q_norm"), &[hp.head_dim])?;
+                g.tensor_shaped(&layer(l, "attn_k_norm"), &[hp.head_dim])?;
+            }
+            if hp.arch == Arch::Gemma3 {
+                g.tensor_shaped(&layer(l, "post_attention_norm"), &[d])?;
+                g.tensor_shaped(&layer(l, "post_ffw_norm"), &[d])?;
+            }
+        }
+        if let Ok(t) = g.tensor("output.weight") {
+            if t.dims != [d, hp.n_vocab] {
+                return Err(GgufError::ShapeMismatch {
+                    tensor: t.name.clone(),
+                    expected: vec![d, hp.n_vocab],
+                    found: t.dims.clone(),
+                }
+                .into());
+            }
+        }
+        for t in &g.tensors {
+            let vector = t.dims.len() == 1;
+            if vector && t.ty != WeightType::F32 {
+                return Err(LlmError::Unsupported(format!(
+                    "tensor {:?} is a {} vector; halo expects f32 norm weights",
+                    t.name,
+                    t.ty.name()
+                )));
+            }
+        }
+        let ranges: Vec<_> = g.tensors.iter().map(|t| g.range(t)).collect();
+        let host: std::sync::Arc<dyn halo_kernels::HostMemory> = file.map.clone();
+        let weights = device.load_weights(host, &ranges, strategy, owner)?;
+        let tensors = g
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), (i, t.clone())))
+            .collect();
+        Ok(LlmModel {
+            hp,
+            device: device.clone(),
+            weights,
+            tensors,
+        })
+    }
+
+    pub fn weights(&self) -> &LoadedWeights {
+        &self.weights
+    }
+
+    fn info(&self, name: &str) -> Result<&(usize, TensorInfo), LlmError> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()).into())
+    }
+
+    /// A weight matrix (GGUF dims [cols, rows]).
+    fn w(&self, name: &str) -> Result<Weights<'_>, LlmError> {
+        let (i, t) = self.info(name)?;
+        let (buffer, offset) = self.weights.tensor(*i).expect("every tensor was loaded");
+        Ok(Weights {
+            buffer,
+            offset,
+            ty: t.ty,
+            rows: t.dims.get(1).copied().unwrap_or(1),
+            cols: t.dims[0],
+        })
+    }
+
+    /// An f32 vector (norm weights).
+    fn v(&self, name: &str) -> Result<F32s<'_>, LlmError> {
+        let (i, t) = self.info(name)?;
+        let (buffer, offset) = self.weights.tensor(*i).expect("every tensor was loaded");
+        Ok(F32s {
+            buffer,
+            start: offset / 4,
+            len: t.elements(),
+        })
+    }
+
+    /// The output projection: `output.weight`, or the embeddings when they are tied.
+    fn output(&self) -> Result<Weights<'_>, LlmError> {
+        if self.tensors.contains_key("output.weight") {
+            self.w("output.weight")
+        } else {
+            self.w("token_embd.weight")
+        }
+    }
+
+    /// A new sequence with room for `capacity` tokens; its KV cache (f16) and scratch are
+    /// charged to `owner`.
+    pub fn new_sequence(&self, capacity: u64, owner: OwnerId) -> Result<Sequence, LlmError> {
+        let hp = &self.hp;
+        let dev = &self.device;
+        let kv_bytes = hp.n_head_kv * capacity * hp.head_dim * 2;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..hp.n_layer {
+            k.push(dev.alloc(MemoryKind::Device, kv_bytes, owner)?);
+            v.push(dev.alloc(MemoryKind::Device, kv_bytes, owner)?);
+        }
+        let b = MAX_BATCH.min(capacity.max(1));
+        let f = |n: u64| dev.alloc(MemoryKind::Device, n.max(1) * 4, owner);
+        let q_dim = hp.n_head * hp.head_dim;
+        let kv_dim = hp.n_head_kv * hp.head_dim;
+        Ok(Sequence {
+            capacity,
+            pos: 0,
+            k,
+            v,
+            ids: f(b)?,
+            positions: f(b)?,
+            x: f(b * hp.n_embd)?,
+            h: f(b * hp.n_embd)?,
+            q: f(b * q_dim)?,
+            kk: f(b * kv_dim)?,
+            vv: f(b * kv_dim)?,
+            attn: f(b * q_dim)?,
+            gate: f(b * hp.n_ff)?,
+            up: f(b * hp.n_ff)?,
+            logits: dev.alloc(MemoryKind::Readback, hp.n_vocab * 4, owner)?,
+        })
+    }
+
+    /// Runs `tokens` (at most MAX_BATCH) at the sequence's next positions and returns the logits
+    /// after the last one.
+    pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, LlmError> {
+        let n = tokens.len() as u64;
+        if n == 0 || n > MAX_BATCH {
+            return Err(LlmError::Unsupported(format!(
+                "a forward batch holds 1 to {MAX_BATCH} tokens, not {n}"
+            )));
+        }
+        if seq.pos + n > seq.capacity {
+            return Err(LlmError::ContextFull {
+                capacity: seq.capacity,
+            });
+        }
+        if let Some(bad) = tokens.iter().find(|t| **t as u64 >= self.hp.n_vocab) {
+            return Err(LlmError::Unsupported(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.hp.n_vocab
+            )));
+        }
+        let dev = &self.device;
+        let ids: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        dev.write(&mut seq.ids, 0, &ids)?;
+        let pos: Vec<u8> = (seq.pos..seq.pos + n)
+            .flat_map(|p| (p as u32).to_le_bytes())
+            .collect();
+        dev.write(&mut seq.positions, 0, &pos)?;
+        let mut s = dev.stream()?;
+        self.record(&mut s, seq, n)?;
+        s.finish()?;
+        seq.pos += n;
+        Ok(dev.read_f32(&seq.logits, 0, self.hp.n_vocab)?)
+    }
+
+    fn record(&self, s: &mut Stream, seq: &Sequence, n: u64) -> Result<(), LlmError> {
+        let hp = &self.hp;
+        let d = hp.n_embd;
+        let q_dim = hp.n_head * hp.head_dim;
+        let kv_dim = hp.n_head_kv * hp.head_dim;
+        fn all(buffer: &Buffer, len: u64) -> F32s<'_> {
+            F32s {
+                buffer,
+                start: 0,
+                len,
+            }
+        }
+        let x = all(&seq.x, n * d);
+        let h = all(&seq.h, n * d);
+        let q = all(&seq.q, n * q_dim);
+        let kk = all(&seq.kk, n * kv_dim);
+        let vv = all(&seq.vv, n * kv_dim);
+        let attn = all(&seq.attn, n * q_dim);
+        let gate = all(&seq.gate, n * hp.n_ff);
+        let up = all(&seq.up, n * hp.n_ff);
+        let positions = U32s {
+            buffer: &seq.positions,
+            start: 0,
+            len: n,
+        };
+        // y = W·x for each of the n rows: matvec for one token, matmul for a batch.
+        let proj =
+            |s: &mut Stream, w: Weights<'_>, x: F32s<'_>, y: F32s<'_>| -> Result<(), VulkanError> {
+                if n == 1 {
+                    ops::matvec(s, w, x, y)
+                } else {
+                    ops::matmul(s, w, x, y, n)
+                }
+            };
+        let gemma = hp.arch == Arch::Gemma3;
+        let qk_norm = matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3);
+
+        ops::get_rows(
+            s,
+            self.w("token_embd.weight")?,
+            U32s {
+                buffer: &seq.ids,
+                start: 0,
+                len: n,
+            },
+            x,
+        )?;
+        if hp.embd_scale != 1.0 {
+            ops::scale(s, x, hp.embd_scale, x)?;
+        }
+        for l in 0..hp.n_layer {
+            let sliding = hp.is_sliding(l);
+            ops::rms_norm(
+                s,
+                x,
+                Some(self.v(&layer(l, "attn_norm"))?),
+                h,
+                d,
+                hp.eps,
+                0.0,
+            )?;
+            proj(s, self.w(&layer(l, "attn_q"))?, h, q)?;
+            proj(s, self.w(&layer(l, "attn_k"))?, h, kk)?;
+            proj(s, self.w(&layer(l, "attn_v"))?, h, vv)?;
+            if qk_norm {
+                let hd = hp.head_dim;
+                ops::rms_norm(
+                    s,
+                    q,
+                    Some(self.v(&layer(l, "attn_q_norm"))?),
+                    q,
+                    hd,
+                    hp.eps,
+                    0.0,
+                )?;
+                ops::rms_norm(
+                    s,
+                    kk,
+                    Some(self.v(&layer(l, "attn_k_norm"))?),
+                    kk,
+                    hd,
+                    hp.eps,
+                    0.0,
+                )?;
+            }
+            let base = if sliding {
+                hp.rope_base_local
+            } else {
+                hp.rope_base
+            };
+            ops::rope(
+                s,
+                q,
+                positions,
+                q,
+                hp.n_head,
+                hp.head_dim,
+                hp.rope_dims,
+                base,
+                hp.neox,
+            )?;
+            ops::rope(
+                s,
+                kk,
+                positions,
+                kk,
+                hp.n_head_kv,
+                hp.head_dim,
+                hp.rope_dims,
+                base,
+                hp.neox,
+            )?;
+            let kc = KvCache {
+                buffer: &seq.k[l as usize],
+                offset: 0,
+                f16: true,
+            };
+            let vc = KvCache {
+                buffer: &seq.v[l as usize],
+                offset: 0,
+                f16: true,
+            };
+            ops::kv_store(
+                s,
+                kk,
+                kc,
+                hp.n_head_kv,
+                hp.head_dim,
+                seq.capacity,
+                seq.pos,
+                n,
+            )?;
+            ops::kv_store(
+                s,
+                vv,
+                vc,
+                hp.n_head_kv,
+                hp.head_dim,
+                seq.capacity,
+                seq.pos,
+                n,
+            )?;
+            ops::attention(
+                s,
+                q,
+                kc,
+                vc,
+                attn,
+                AttentionParams {
+                    n_heads: hp.n_head as u32,
+                    n_kv_heads: hp.n_head_kv as u32,
+                    head_dim: hp.head_dim as u32,
+                    n_q_tokens: n as u32,
+                    first_pos: seq.pos as u32,
+                    capacity: seq.capacity as u32,
+                    scale: hp.attn_scale,
+                    sliding_window: if sliding { hp.sliding_window } else { None },
+                    softcap: None,
+                },
+            )?;
+            proj(s, self.w(&layer(l, "attn_output"))?, attn, h)?;
+            if gemma {
+                ops::rms_norm(
+                    s,
+                    h,
+                    Some(self.v(&layer(l, "post_attention_norm"))?),
+                    h,
+                    d,
+                    hp.eps,
+                    0.0,
+                )?;
+            }
+            ops::add(s, x, h, x)?;
+
+            ops::rms_norm(
+                s,
+                x,
+                Some(self.v(&layer(l, "ffn_norm"))?),
+                h,
+                d,
+                hp.eps,
+                0.0,
+            )?;
+            proj(s, self.w(&layer(l, "ffn_gate"))?, h, gate)?;
+            proj(s, self.w(&layer(l, "ffn_up"))?, h, up)?;
+            if gemma {
+                ops::geglu(s, gate, up, gate)?;
+            } else {
+                ops::swiglu(s, gate, up, gate)?;
+            }
+            proj(s, self.w(&layer(l, "ffn_down"))?, gate, h)?;
+            if gemma {
+                ops::rms_norm(
+                    s,
+                    h,
+                    Some(self.v(&layer(l, "post_ffw_norm"))?),
+                    h,
+                    d,
+                    hp.eps,
+                    0.0,
+                )?;
+            }
+            ops::add(s, x, h, x)?;
+        }
+        // Only the last token's logits are needed.
+        let last = x.sub((n - 1) * d, d);
+        let hl = h.sub(0, d);
+        ops::rms_norm(
+            s,
+            last,
+            Some(self.v("output_norm.weight")?),
+            hl,
+            d,
+            hp.eps,
+            0.0,
+        )?;
+        let logits = F32s {
+            buffer: &seq.logits,
+            start: 0,
+            len: hp.n_vocab,
+        };
+        ops::matvec(s, self.output()?, hl, logits)?;
+        Ok(())
+    }
+}
+
+/// One sequence's state: its KV cache and scratch. Dropping it frees them.
+pub struct Sequence {
+    capacity: u64,
+    pos: u64,
+    k: Vec<Buffer>,
+    v: Vec<Buffer>,
+    ids: Buffer,
+    positions: Buffer,
+    x: Buffer,
+    h: Buffer,
+    q: Buffer,
+    kk: Buffer,
+    vv: Buffer,
+    attn: Buffer,
+    gate: Buffer,
+    up: Buffer,
+    logits: Buffer,
+}
+
+impl Sequence {
+    /// Tokens processed so far.
+    pub fn len(&self) -> u64 {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
