@@ -2,3 +2,4 @@
 //! chat templates.
 
 pub mod hparams;
+pub mod model;
