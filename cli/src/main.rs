@@ -68,6 +68,8 @@ enum Verb {
     Reload(JsonFlag),
     /// Generate text from a prompt, streaming it as it comes
     Generate(GenerateArgs),
+    /// Chat with a model in the terminal (the history stays in this process)
+    Chat(ChatArgs),
     /// Show how a model tokenizes text
     Tokenize {
         model: String,
@@ -112,6 +114,26 @@ struct GenerateArgs {
     /// One JSON object per token, then a final summary line
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    model: String,
+    /// A system message to start the conversation with
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Args)]
@@ -339,7 +361,92 @@ async fn run(cli: Cli, out: &mut Out) -> Result<()> {
             }
         }
         Verb::Image(a) => image(&mut c, a, out).await,
+        Verb::Chat(a) => chat(&mut c, a, out).await,
     }
+}
+
+/// Reads a line from stdin on the blocking pool; `None` at end of input.
+async fn read_line() -> Result<Option<String>> {
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(line)),
+            Err(e) => Err(Failure::Local(format!("cannot read stdin: {e}"))),
+        }
+    })
+    .await
+    .map_err(|e| Failure::Local(e.to_string()))?
+}
+
+/// An interactive conversation: each line you type is a user message; the reply streams back.
+/// `/clear` forgets the conversation, `/bye` or end of input leaves.
+async fn chat(c: &mut HaloClient<Channel>, a: ChatArgs, out: &mut Out) -> Result<()> {
+    use std::io::IsTerminal;
+    let interactive = std::io::stdin().is_terminal();
+    let mut history: Vec<pb::ChatMessage> = Vec::new();
+    let system = a.system.clone().map(|content| pb::ChatMessage {
+        role: "system".into(),
+        content,
+    });
+    if interactive {
+        eprintln!("chatting with {} (/clear forgets, /bye leaves)", a.model);
+    }
+    loop {
+        if interactive {
+            eprint!(">>> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = read_line().await? else {
+            break;
+        };
+        let line = line.trim_end_matches(['\n', '\r']).to_string();
+        match line.trim() {
+            "" => continue,
+            "/bye" | "/exit" => break,
+            "/clear" => {
+                history.clear();
+                continue;
+            }
+            _ => {}
+        }
+        history.push(pb::ChatMessage {
+            role: "user".into(),
+            content: line,
+        });
+        let req = pb::GenerateRequest {
+            model: a.model.clone(),
+            messages: system.iter().chain(&history).cloned().collect(),
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            seed: a.seed,
+            ..Default::default()
+        };
+        let mut stream = c.generate(req).await?.into_inner();
+        let mut reply = String::new();
+        while let Some(ev) = stream.next().await {
+            match ev?.event {
+                Some(pb::generate_event::Event::Token(t)) => {
+                    out.text(&t.text)?;
+                    reply.push_str(&t.text);
+                }
+                Some(pb::generate_event::Event::Done(d)) => {
+                    out.text(&d.trailing_text)?;
+                    reply.push_str(&d.trailing_text);
+                }
+                _ => {}
+            }
+        }
+        out.line("")?;
+        history.push(pb::ChatMessage {
+            role: "assistant".into(),
+            content: reply.trim().to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn device_json(d: &pb::Device) -> Value {
@@ -662,6 +769,7 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
                         "prompt_ms": d.prompt_ms, "generation_ms": d.generation_ms,
                     }))?;
                 } else {
+                    out.text(&d.trailing_text)?;
                     out.line("")?;
                     if d.finish_reason == "cancelled" {
                         eprintln!("(cancelled)");

@@ -1,152 +1,13 @@
 //! End-to-end: the real daemon (`halod::run`) on a temporary unix socket with a temporary config
 //! naming real files, driven by the real `halo` binary.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::Arc;
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use halo_proto::Addr;
-use halod::core::DeviceFacts;
-use halod::memory::MemorySources;
-use halod::{Config, Control};
+use common::{text, Gpu, TestDaemon, MB};
 use serde_json::Value;
-use tokio::sync::mpsc;
-
-const MB: u64 = 1_000_000;
-
-struct TestDaemon {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    ctl: mpsc::Sender<Control>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-enum Gpu {
-    Probe,
-    None,
-}
-
-impl TestDaemon {
-    /// Writes `files` (name, size) and `config` into a temp folder and starts the daemon on it.
-    fn start(config: &str, files: &[(&str, u64)]) -> Self {
-        Self::start_with(config, files, Gpu::Probe)
-    }
-
-    fn start_with(config: &str, files: &[(&str, u64)], gpu: Gpu) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, size) in files {
-            let f = std::fs::File::create(dir.path().join(name)).unwrap();
-            f.set_len(*size).unwrap();
-        }
-        let cfg_path = dir.path().join("halod.toml");
-        std::fs::write(&cfg_path, config).unwrap();
-        let config = Config::load(&cfg_path).unwrap();
-        let sock = dir.path().join("halod.sock");
-        let (ctl, rx) = mpsc::channel(4);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let addr = Addr::Unix(sock.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = halod::bind(&addr).await.unwrap();
-                let facts = match gpu {
-                    Gpu::Probe => halod::probe_device(None).await,
-                    Gpu::None => Arc::new(DeviceFacts {
-                        discovery: Err("the Vulkan loader found no devices".into()),
-                        runtime: Err("the Vulkan loader found no devices".into()),
-                        memory: MemorySources {
-                            physical_ram: 16 << 30,
-                            ..Default::default()
-                        },
-                    }),
-                };
-                ready_tx.send(()).unwrap();
-                halod::run(vec![listener], config, facts, rx).await.unwrap();
-            });
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        TestDaemon {
-            dir,
-            sock,
-            ctl,
-            thread: Some(thread),
-        }
-    }
-
-    fn halo(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_halo"))
-            .args(args)
-            .env("HALO_ADDR", format!("unix:{}", self.sock.display()))
-            .output()
-            .unwrap()
-    }
-
-    /// Runs `halo ARGS`, requires success, and parses stdout as JSON.
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.halo(args);
-        assert!(
-            out.status.success(),
-            "halo {args:?} failed: {}",
-            text(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("halo {args:?}: bad JSON ({e}): {}", text(&out.stdout)))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.halo(args);
-        assert!(
-            out.status.success(),
-            "halo {args:?} failed: {}",
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
-    /// Runs `halo ARGS`, requires exit code `code`, returns stderr.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.halo(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "halo {args:?}: stdout {} stderr {}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stderr)
-    }
-
-    fn resident(&self) -> Vec<String> {
-        let ps = self.json(&["ps", "--json"]);
-        ps.as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        let _ = self.ctl.try_send(Control::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Three 1 MB models and a budget that fits two of them.
 const THREE: &str = r#"
@@ -154,18 +15,22 @@ const THREE: &str = r#"
 budget = "2.5MB"
 [[models]]
 name = "a"
-kind = "llm"
-path = "a.gguf"
+kind = "sdxl"
+path = "a.safetensors"
 [[models]]
 name = "b"
-kind = "llm"
-path = "b.gguf"
+kind = "sdxl"
+path = "b.safetensors"
 [[models]]
 name = "c"
-kind = "llm"
-path = "c.gguf"
+kind = "sdxl"
+path = "c.safetensors"
 "#;
-const THREE_FILES: &[(&str, u64)] = &[("a.gguf", MB), ("b.gguf", MB), ("c.gguf", MB)];
+const THREE_FILES: &[(&str, u64)] = &[
+    ("a.safetensors", MB),
+    ("b.safetensors", MB),
+    ("c.safetensors", MB),
+];
 
 #[test]
 fn status_reports_device_and_budget() {
@@ -202,11 +67,11 @@ fn models_lists_estimates_and_missing_files() {
     let m = m.as_array().unwrap();
     assert_eq!(m.len(), 4);
     assert_eq!(m[0]["name"], "a");
-    assert_eq!(m[0]["kind"], "llm");
+    assert_eq!(m[0]["kind"], "sdxl");
     assert_eq!(m[0]["estimated_bytes"], MB);
     assert_eq!(m[0]["state"], "unloaded");
     assert_eq!(m[0]["pinned"], false);
-    assert_eq!(m[0]["path"], d.path("a.gguf").to_str().unwrap());
+    assert_eq!(m[0]["path"], d.path("a.safetensors").to_str().unwrap());
     let gone = m.iter().find(|x| x["name"] == "gone").unwrap();
     assert_eq!(gone["state"], "missing");
     assert!(gone["error"].as_str().unwrap().contains("does not exist"));
@@ -223,7 +88,7 @@ fn load_then_ps_shows_real_bytes() {
     assert_eq!(r["evicted"], Value::Array(vec![]));
     let ps = d.json(&["ps", "--json"]);
     assert_eq!(ps[0]["name"], "a");
-    assert_eq!(ps[0]["kind"], "llm");
+    assert_eq!(ps[0]["kind"], "sdxl");
     assert_eq!(ps[0]["bytes"], MB);
     assert_eq!(ps[0]["pinned"], false);
     assert!(ps[0]["last_used"].as_str().unwrap().ends_with('Z'));
@@ -284,10 +149,10 @@ fn a_model_that_can_never_fit_is_refused() {
 budget = "1MB"
 [[models]]
 name = "huge"
-kind = "llm"
-path = "huge.gguf"
+kind = "sdxl"
+path = "huge.safetensors"
 "#;
-    let d = TestDaemon::start(cfg, &[("huge.gguf", 3 * MB)]);
+    let d = TestDaemon::start(cfg, &[("huge.safetensors", 3 * MB)]);
     let err = d.fails(&["load", "huge"], 3);
     assert!(err.contains("out of room"), "{err}");
     assert!(err.contains("\"huge\""), "{err}");
@@ -317,8 +182,9 @@ fn unload_frees_the_bytes() {
 
 #[test]
 fn unknown_and_missing_models_get_clear_errors() {
-    let cfg =
-        format!("{THREE}\n[[models]]\nname = \"gone\"\nkind = \"llm\"\npath = \"gone.gguf\"\n");
+    let cfg = format!(
+        "{THREE}\n[[models]]\nname = \"gone\"\nkind = \"sdxl\"\npath = \"gone.safetensors\"\n"
+    );
     let d = TestDaemon::start(&cfg, THREE_FILES);
     let err = d.fails(&["load", "nope"], 3);
     assert!(
@@ -326,9 +192,9 @@ fn unknown_and_missing_models_get_clear_errors() {
         "{err}"
     );
     let err = d.fails(&["load", "gone"], 3);
-    assert!(err.contains("gone.gguf does not exist"), "{err}");
+    assert!(err.contains("gone.safetensors does not exist"), "{err}");
     // The file appears: now it loads.
-    std::fs::File::create(d.path("gone.gguf"))
+    std::fs::File::create(d.path("gone.safetensors"))
         .unwrap()
         .set_len(MB / 2)
         .unwrap();
@@ -341,26 +207,27 @@ fn jobs_fail_honestly_and_cancel_reports_state() {
     let d = TestDaemon::start(THREE, THREE_FILES);
     let err = d.fails(&["cancel", "999"], 3);
     assert!(err.contains("no job 999"), "{err}");
-    // No engine exists yet: generate queues a job, loads the model, and says UNIMPLEMENTED.
-    let out = d.halo(&["generate", "a", "hello"]);
+    // No diffusion engine exists yet: image queues a job, loads the model, and says UNIMPLEMENTED.
+    let out = d.halo(&["image", "a", "a cat"]);
     let err = text(&out.stderr);
     if std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1") || out.status.code() == Some(4) {
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(
-            err.contains("not implemented") && err.contains("LLM engine"),
+            err.contains("not implemented") && err.contains("diffusion engine"),
             "{err}"
         );
         let jobs = d.json(&["jobs", "--json"]);
         assert_eq!(jobs[0]["id"], 1);
         assert_eq!(jobs[0]["model"], "a");
+        assert_eq!(jobs[0]["kind"], "image");
         assert_eq!(jobs[0]["state"], "failed");
         assert_eq!(d.resident(), ["a"]);
         let err = d.fails(&["cancel", "1"], 3);
         assert!(err.contains("already finished"), "{err}");
     }
-    let err = d.fails(&["image", "a", "a cat"], 3);
+    let err = d.fails(&["generate", "a", "a cat"], 3);
     assert!(
-        err.contains("llm model") && err.contains("halo generate"),
+        err.contains("sdxl model") && err.contains("halo image"),
         "{err}"
     );
     let err = d.fails(&["generate", "nope", "hi"], 3);
@@ -375,7 +242,7 @@ fn without_a_device_jobs_fail_with_failed_precondition() {
     let s = d.json(&["status", "--json"]);
     assert_eq!(s["device"], Value::Null);
     assert!(s["device_error"].as_str().unwrap().contains("no devices"));
-    let err = d.fails(&["generate", "a", "hello"], 3);
+    let err = d.fails(&["image", "a", "a cat"], 3);
     assert!(
         err.contains("cannot do that now") && err.contains("no GPU device"),
         "{err}"
@@ -394,15 +261,15 @@ budget = "10MB"
 keep_alive = "1s"
 [[models]]
 name = "short"
-kind = "llm"
-path = "a.gguf"
+kind = "sdxl"
+path = "a.safetensors"
 [[models]]
 name = "forever"
-kind = "llm"
-path = "b.gguf"
+kind = "sdxl"
+path = "b.safetensors"
 keep_alive = "-1"
 "#;
-    let d = TestDaemon::start(cfg, &[("a.gguf", MB), ("b.gguf", MB)]);
+    let d = TestDaemon::start(cfg, &[("a.safetensors", MB), ("b.safetensors", MB)]);
     d.ok(&["load", "short"]);
     d.ok(&["load", "forever"]);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -418,7 +285,8 @@ fn reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     let d = TestDaemon::start(THREE, THREE_FILES);
     d.ok(&["load", "a"]);
     let cfg = d.path("halod.toml");
-    let more = format!("{THREE}\n[[models]]\nname = \"d\"\nkind = \"llm\"\npath = \"a.gguf\"\n");
+    let more =
+        format!("{THREE}\n[[models]]\nname = \"d\"\nkind = \"sdxl\"\npath = \"a.safetensors\"\n");
     std::fs::write(&cfg, more).unwrap();
     let r = d.json(&["reload", "--json"]);
     assert_eq!(r["models"], 4);
@@ -434,7 +302,7 @@ fn reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     // A new config without a: it is unloaded.
     std::fs::write(
         &cfg,
-        "[memory]\nbudget = \"2.5MB\"\n[[models]]\nname = \"b\"\nkind = \"llm\"\npath = \"b.gguf\"\n",
+        "[memory]\nbudget = \"2.5MB\"\n[[models]]\nname = \"b\"\nkind = \"sdxl\"\npath = \"b.safetensors\"\n",
     )
     .unwrap();
     let r = d.json(&["reload", "--json"]);

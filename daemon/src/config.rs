@@ -58,6 +58,8 @@ pub struct ModelConfig {
     pub context: Option<u32>,
     pub pinned: bool,
     pub keep_alive: KeepAlive,
+    /// LLMs: how many requests may run at once (each gets its own KV cache, allocated at load).
+    pub parallel: u32,
 }
 
 /// The resolved configuration.
@@ -73,6 +75,10 @@ pub struct Config {
     pub reserve: u64,
     pub keep_alive: KeepAlive,
     pub max_queue: usize,
+    /// Default for `[[models]] parallel`.
+    pub parallel: u32,
+    /// How weights reach the GPU: copy, import (zero-copy from the mapped file) or auto.
+    pub weights: halo_kernels::LoadStrategy,
     pub models: Vec<ModelConfig>,
 }
 
@@ -86,6 +92,8 @@ impl Default for Config {
             reserve: DEFAULT_RESERVE,
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_queue: DEFAULT_MAX_QUEUE,
+            parallel: DEFAULT_PARALLEL,
+            weights: halo_kernels::LoadStrategy::Auto,
             models: Vec::new(),
         }
     }
@@ -94,6 +102,7 @@ impl Default for Config {
 const DEFAULT_RESERVE: u64 = 2 << 30;
 const DEFAULT_KEEP_ALIVE: KeepAlive = KeepAlive::For(Duration::from_secs(300));
 const DEFAULT_MAX_QUEUE: usize = 16;
+const DEFAULT_PARALLEL: u32 = 2;
 
 /// A config problem, located as precisely as the parser allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +160,8 @@ struct RawMemory {
     budget: Option<BudgetSetting>,
     #[serde(default, deserialize_with = "de_size_opt")]
     reserve: Option<u64>,
+    #[serde(default, deserialize_with = "de_weights")]
+    weights: Option<halo_kernels::LoadStrategy>,
 }
 
 #[derive(Deserialize, Default)]
@@ -159,6 +170,7 @@ struct RawDefaults {
     #[serde(default, deserialize_with = "de_keep_alive_opt")]
     keep_alive: Option<KeepAlive>,
     max_queue: Option<Spanned<usize>>,
+    parallel: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +184,7 @@ struct RawModel {
     pinned: bool,
     #[serde(default, deserialize_with = "de_keep_alive_opt")]
     keep_alive: Option<KeepAlive>,
+    parallel: Option<Spanned<u32>>,
 }
 
 // ---- value parsers (also used by tests and by the CLI-facing code) ---------------------------
@@ -327,6 +340,13 @@ fn de_keep_alive_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<KeepAlive
     }
 }
 
+fn de_weights<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<halo_kernels::LoadStrategy>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
 fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Addr>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -393,6 +413,20 @@ impl Config {
             None => DEFAULT_MAX_QUEUE,
         };
         let keep_alive = raw.defaults.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
+        let check_parallel =
+            |p: Option<Spanned<u32>>, key: String| -> Result<Option<u32>, ConfigError> {
+                match p {
+                    Some(v) if !(1..=64).contains(v.get_ref()) => Err(err_at(
+                        v.span().start,
+                        key,
+                        "parallel must be between 1 and 64".into(),
+                    )),
+                    Some(v) => Ok(Some(v.into_inner())),
+                    None => Ok(None),
+                }
+            };
+        let parallel = check_parallel(raw.defaults.parallel, "defaults.parallel".into())?
+            .unwrap_or(DEFAULT_PARALLEL);
 
         let mut models: Vec<ModelConfig> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
@@ -442,6 +476,7 @@ impl Config {
                 Some(c) => Some(c.into_inner()),
                 None => None,
             };
+            let model_parallel = check_parallel(m.parallel, format!("models[{i}].parallel"))?;
             models.push(ModelConfig {
                 name,
                 kind: m.kind,
@@ -449,6 +484,7 @@ impl Config {
                 context,
                 pinned: m.pinned,
                 keep_alive: m.keep_alive.unwrap_or(keep_alive),
+                parallel: model_parallel.unwrap_or(parallel),
             });
         }
 
@@ -460,6 +496,11 @@ impl Config {
             reserve: raw.memory.reserve.unwrap_or(DEFAULT_RESERVE),
             keep_alive,
             max_queue,
+            parallel,
+            weights: raw
+                .memory
+                .weights
+                .unwrap_or(halo_kernels::LoadStrategy::Auto),
             models,
         })
     }
@@ -504,11 +545,13 @@ impl Config {
             BudgetSetting::Fixed(b) => out.push_str(&format!("budget = {}\n", q(&size_str(b)))),
         }
         out.push_str(&format!("reserve = {}\n", q(&size_str(self.reserve))));
+        out.push_str(&format!("weights = {}\n", q(self.weights.as_str())));
         out.push_str("\n[defaults]\n");
         out.push_str(&format!(
-            "keep_alive = {}\nmax_queue = {}\n",
+            "keep_alive = {}\nmax_queue = {}\nparallel = {}\n",
             q(&format_keep_alive(self.keep_alive)),
-            self.max_queue
+            self.max_queue,
+            self.parallel
         ));
         for m in &self.models {
             out.push_str("\n[[models]]\n");
@@ -523,6 +566,9 @@ impl Config {
                 "keep_alive = {}\n",
                 q(&format_keep_alive(m.keep_alive))
             ));
+            if m.kind == ModelKind::Llm {
+                out.push_str(&format!("parallel = {}\n", m.parallel));
+            }
         }
         out
     }

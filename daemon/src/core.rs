@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ModelConfig, ModelKind};
+use crate::executor::{Ended, ExecJob, Executor, GenerateParams};
+use crate::llm::engine::{self, LlmEngine};
 use crate::memory::{self, BudgetReport, MemorySources};
 use crate::models::{self, MappedModel, ModelFileError};
 use crate::residency::{
@@ -60,9 +62,30 @@ impl std::fmt::Display for CoreError {
 
 impl std::error::Error for CoreError {}
 
-/// What a running job reports to its client. Engines will add tokens and progress here.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One generated token as the client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub token: u32,
+    /// The text this token completes (may be empty while UTF-8 or a stop string is pending).
+    pub text: String,
+    /// Natural-log probability of the token under the raw logits.
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// What a running job reports to its client.
+#[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
+    Token(TokenEvent),
+    /// Text left over at the end (an incomplete stop-string prefix that never completed).
+    Text(String),
+    Done {
+        finish_reason: String,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        prompt_ms: u64,
+        generation_ms: u64,
+    },
     Failed(CoreError),
     Cancelled,
 }
@@ -87,7 +110,7 @@ impl DeviceFacts {
 pub struct ModelRow {
     pub config: ModelConfig,
     pub estimated_bytes: u64,
-    /// `unloaded`, `loading`, `resident` or `missing`.
+    /// `unloaded`, `loading`, `resident`, `missing` (no file) or `invalid` (a file halo cannot use).
     pub state: &'static str,
     pub pinned: bool,
     pub error: Option<String>,
@@ -170,9 +193,15 @@ pub enum Command {
     Submit {
         model: String,
         kind: JobKind,
+        params: Option<GenerateParams>,
         reply: Reply<(JobId, mpsc::UnboundedReceiver<JobEvent>)>,
     },
     Jobs(oneshot::Sender<Vec<JobRow>>),
+    /// The engine of a resident LLM (for tokenizing outside a job).
+    Engine {
+        model: String,
+        reply: Reply<Arc<LlmEngine>>,
+    },
     Cancel {
         job: JobId,
         reply: Reply<JobState>,
@@ -187,11 +216,33 @@ pub enum Command {
 
 /// Work that finished off the driver task.
 enum Internal {
-    Mapped {
+    Loaded {
         model: String,
-        result: Result<MappedModel, ModelFileError>,
+        result: Result<Loaded, ModelFileError>,
         started: Instant,
     },
+    JobEnded(JobId, Ended),
+}
+
+/// A model in memory: an LLM on the GPU, or files mapped for an engine still to come.
+pub enum Loaded {
+    Llm(Arc<LlmEngine>),
+    Mapped(MappedModel),
+}
+
+impl Loaded {
+    fn describe(&self) -> String {
+        match self {
+            Loaded::Llm(e) => format!(
+                "{} on the GPU ({}), {} sequences of {} tokens",
+                e.model.hp.arch.name(),
+                e.model.weights().strategy.as_str(),
+                e.parallel,
+                e.context
+            ),
+            Loaded::Mapped(m) => format!("{} files mapped", m.files()),
+        }
+    }
 }
 
 /// A cheap, cloneable way to talk to the core driver.
@@ -242,7 +293,12 @@ pub struct Core {
     catalog: BTreeMap<String, CatalogEntry>,
     residency: Residency,
     scheduler: Scheduler,
-    loaded: HashMap<String, MappedModel>,
+    loaded: HashMap<String, Loaded>,
+    /// Owner ids for the allocator's ledger, one per model name.
+    owners: HashMap<String, halo_kernels::OwnerId>,
+    executor: Executor,
+    job_params: HashMap<JobId, GenerateParams>,
+    cancel_flags: HashMap<JobId, Arc<std::sync::atomic::AtomicBool>>,
     load_waiters: HashMap<String, Vec<LoadWaiter>>,
     job_streams: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
     job_errors: HashMap<JobId, CoreError>,
@@ -253,6 +309,15 @@ pub struct Core {
 pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(256);
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(JobId, Ended)>();
+    let forward = internal_tx.clone();
+    tokio::spawn(async move {
+        while let Some((id, how)) = ended_rx.recv().await {
+            if forward.send(Internal::JobEnded(id, how)).is_err() {
+                return;
+            }
+        }
+    });
     let budget = memory::resolve(config.budget, config.reserve, &facts.memory);
     info!(budget = %format_bytes(budget.budget), explanation = %budget.explanation, "memory budget");
     let mut core = Core {
@@ -265,6 +330,10 @@ pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::tas
         config: Config::default(),
         catalog: BTreeMap::new(),
         loaded: HashMap::new(),
+        owners: HashMap::new(),
+        executor: Executor::spawn(ended_tx),
+        job_params: HashMap::new(),
+        cancel_flags: HashMap::new(),
         load_waiters: HashMap::new(),
         job_streams: HashMap::new(),
         job_errors: HashMap::new(),
@@ -377,11 +446,35 @@ impl Core {
                 let r = self.residency.unpin(&model, now).map_err(pin_error);
                 let _ = reply.send(r);
             }
-            Command::Submit { model, kind, reply } => {
-                let _ = reply.send(self.submit(&model, kind));
+            Command::Submit {
+                model,
+                kind,
+                params,
+                reply,
+            } => {
+                let r = self.submit(&model, kind);
+                if let (Ok((id, _)), Some(p)) = (&r, params) {
+                    self.job_params.insert(*id, p);
+                }
+                let _ = reply.send(r);
             }
             Command::Jobs(reply) => {
                 let _ = reply.send(self.job_rows());
+            }
+            Command::Engine { model, reply } => {
+                let r = match self.loaded.get(&model) {
+                    Some(Loaded::Llm(e)) => {
+                        self.residency.touch(&model, now);
+                        Ok(e.clone())
+                    }
+                    Some(_) => Err(CoreError::FailedPrecondition(format!(
+                        "model {model:?} is not loaded on the GPU; tokenizing needs the LLM engine"
+                    ))),
+                    None => Err(CoreError::FailedPrecondition(format!(
+                        "model {model:?} is not loaded"
+                    ))),
+                };
+                let _ = reply.send(r);
             }
             Command::Cancel { job, reply } => {
                 let r = match self.scheduler.cancel(job, now) {
@@ -422,7 +515,7 @@ impl Core {
             .models
             .iter()
             .map(|m| {
-                let estimate = models::estimate(m);
+                let estimate = estimate_model(m, self.facts.runtime.is_ok());
                 if let Err(e) = &estimate {
                     warn!(model = %m.name, error = %e, "model file problem");
                 }
@@ -500,7 +593,7 @@ impl Core {
             .get_mut(name)
             .ok_or_else(|| unknown_model(name))?;
         // The file may have appeared, changed or gone since the config was read.
-        let fresh = models::estimate(&entry.config);
+        let fresh = estimate_model(&entry.config, self.facts.runtime.is_ok());
         let changed = fresh.as_ref().ok() != entry.estimate.as_ref().ok();
         entry.estimate = fresh;
         let config = entry.config.clone();
@@ -527,9 +620,12 @@ impl Core {
                 let tx = self.internal_tx.clone();
                 let model = name.to_string();
                 let started = Instant::now();
+                let device = self.facts.runtime.as_ref().ok().cloned();
+                let owner = self.owner(name);
+                let strategy = self.config.weights;
                 tokio::task::spawn_blocking(move || {
-                    let result = models::map(&config);
-                    let _ = tx.send(Internal::Mapped {
+                    let result = load_model(&config, device.as_ref(), owner, strategy);
+                    let _ = tx.send(Internal::Loaded {
                         model,
                         result,
                         started,
@@ -544,34 +640,44 @@ impl Core {
 
     fn internal(&mut self, ev: Internal) {
         match ev {
-            Internal::Mapped {
+            Internal::Loaded {
                 model,
                 result,
                 started,
             } => self.mapped(model, result, started),
+            Internal::JobEnded(id, how) => self.job_ended(id, how),
         }
     }
 
-    fn mapped(
-        &mut self,
-        model: String,
-        result: Result<MappedModel, ModelFileError>,
-        started: Instant,
-    ) {
+    fn mapped(&mut self, model: String, result: Result<Loaded, ModelFileError>, started: Instant) {
         let now = self.now();
         let outcome = match result {
-            Ok(mapped) => match self.residency.finish_load(&model, mapped.bytes(), now) {
-                Ok(extra) => {
-                    for victim in &extra {
-                        self.drop_model(victim, "evicted: the model was larger than estimated");
+            Ok(loaded) => {
+                // What the model really holds: the allocator's ledger for GPU models, the mapped
+                // bytes otherwise.
+                let owner = self.owner(&model);
+                let bytes = match &loaded {
+                    Loaded::Llm(_) => self
+                        .facts
+                        .runtime
+                        .as_ref()
+                        .map(|d| d.ledger().owner(owner))
+                        .unwrap_or(0),
+                    Loaded::Mapped(m) => m.bytes(),
+                };
+                match self.residency.finish_load(&model, bytes, now) {
+                    Ok(extra) => {
+                        for victim in &extra {
+                            self.drop_model(victim, "evicted: the model was larger than estimated");
+                        }
+                        info!(model = %model, bytes, what = %loaded.describe(),
+                              ms = started.elapsed().as_millis() as u64, "model loaded");
+                        self.loaded.insert(model.clone(), loaded);
+                        Ok(extra)
                     }
-                    info!(model = %model, bytes = mapped.bytes(), files = mapped.files(),
-                          ms = started.elapsed().as_millis() as u64, "model loaded");
-                    self.loaded.insert(model.clone(), mapped);
-                    Ok(extra)
+                    Err(e) => Err(load_error(e)),
                 }
-                Err(e) => Err(load_error(e)),
-            },
+            }
             Err(e) => {
                 self.residency.fail_load(&model);
                 Err(CoreError::FailedPrecondition(format!(
@@ -612,7 +718,7 @@ impl Core {
 
     fn drop_model(&mut self, name: &str, why: &str) {
         if let Some(m) = self.loaded.remove(name) {
-            info!(model = %name, bytes = m.bytes(), reason = why, "model unloaded");
+            info!(model = %name, what = %m.describe(), reason = why, "model unloaded");
         }
     }
 
@@ -692,9 +798,14 @@ impl Core {
             .map(|m| m.name)
             .collect();
         let now = self.now();
-        let actions = self
-            .scheduler
-            .poll(&|m: &str| resident.iter().any(|r| r == m), now);
+        let actions = self.scheduler.poll(
+            &|m: &str| resident.iter().any(|r| r == m),
+            &|m: &str| match self.loaded.get(m) {
+                Some(Loaded::Llm(e)) => e.parallel as usize,
+                _ => 1,
+            },
+            now,
+        );
         self.apply(actions);
         self.reap();
     }
@@ -719,36 +830,91 @@ impl Core {
                 },
                 Action::Run { job, model } => {
                     self.residency.job_started(&model, now);
-                    let kind = self.catalog.get(&model).map(|e| e.config.kind);
-                    // No engine exists yet: say so instead of pretending.
-                    let e = CoreError::Unimplemented(match kind {
-                        Some(ModelKind::Llm) => format!(
-                            "the LLM engine is not built yet: halod loaded {model:?} but cannot run it"
-                        ),
-                        _ => format!(
-                            "the diffusion engine is not built yet: halod loaded {model:?} but cannot run it"
-                        ),
-                    });
-                    self.job_errors.insert(job, e.clone());
-                    self.scheduler
-                        .job_finished(job, Outcome::Failed(e.to_string()), now);
-                    for name in self.residency.job_finished(&model, now) {
-                        self.drop_model(&name, "removed from the config");
+                    let engine = match self.loaded.get(&model) {
+                        Some(Loaded::Llm(e)) => Some(e.clone()),
+                        _ => None,
+                    };
+                    let params = self.job_params.remove(&job);
+                    let events = self.job_streams.get(&job).cloned();
+                    match (engine, params, events) {
+                        (Some(engine), Some(params), Some(events)) => {
+                            let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                            self.cancel_flags.insert(job, cancel.clone());
+                            let exec = ExecJob {
+                                id: job,
+                                engine,
+                                params,
+                                events,
+                                cancel,
+                            };
+                            if !self.executor.submit(exec) {
+                                self.end_job(
+                                    job,
+                                    &model,
+                                    Outcome::Failed("the GPU executor stopped".into()),
+                                    None,
+                                );
+                            }
+                        }
+                        (engine, _, _) => {
+                            let kind = self.catalog.get(&model).map(|e| e.config.kind);
+                            // No engine can run it: say so instead of pretending.
+                            let e = match kind {
+                                Some(ModelKind::Llm) if engine.is_none() => CoreError::FailedPrecondition(format!(
+                                    "model {model:?} is loaded without the GPU runtime; jobs need a Vulkan device"
+                                )),
+                                Some(ModelKind::Llm) => CoreError::FailedPrecondition(
+                                    "the job lost its request or its client".into(),
+                                ),
+                                _ => CoreError::Unimplemented(format!(
+                                    "the diffusion engine is not built yet: halod loaded {model:?} but cannot run it"
+                                )),
+                            };
+                            self.end_job(job, &model, Outcome::Failed(e.to_string()), Some(e));
+                        }
                     }
                 }
                 Action::Abort { job } => {
-                    // Jobs end within their step today, so a running job is aborted at once.
-                    if let Some(view) = self.scheduler.job(job) {
-                        if view.state == JobState::Running {
-                            self.scheduler.job_finished(job, Outcome::Cancelled, now);
-                            for name in self.residency.job_finished(&view.model, now) {
-                                self.drop_model(&name, "removed from the config");
+                    match self.cancel_flags.get(&job) {
+                        // The executor stops it at its next step and reports back.
+                        Some(flag) => flag.store(true, std::sync::atomic::Ordering::SeqCst),
+                        None => {
+                            if let Some(view) = self.scheduler.job(job) {
+                                if view.state == JobState::Running {
+                                    self.end_job(job, &view.model, Outcome::Cancelled, None);
+                                }
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Records the end of a running job in both cores.
+    fn end_job(&mut self, job: JobId, model: &str, outcome: Outcome, error: Option<CoreError>) {
+        let now = self.now();
+        if let Some(e) = error {
+            self.job_errors.insert(job, e);
+        }
+        self.cancel_flags.remove(&job);
+        self.scheduler.job_finished(job, outcome, now);
+        for name in self.residency.job_finished(model, now) {
+            self.drop_model(&name, "removed from the config");
+        }
+    }
+
+    /// The executor finished a job.
+    fn job_ended(&mut self, job: JobId, how: Ended) {
+        let Some(view) = self.scheduler.job(job) else {
+            return;
+        };
+        let outcome = match how {
+            Ended::Done => (Outcome::Done, None),
+            Ended::Cancelled => (Outcome::Cancelled, None),
+            Ended::Failed(e) => (Outcome::Failed(e.to_string()), Some(e)),
+        };
+        self.end_job(job, &view.model, outcome.0, outcome.1);
     }
 
     /// Sends the final event to every client whose job has ended.
@@ -814,7 +980,8 @@ impl Core {
                         },
                         v.pinned,
                     ),
-                    (Err(_), _) => ("missing", false),
+                    (Err(ModelFileError::Missing { .. }), _) => ("missing", false),
+                    (Err(_), _) => ("invalid", false),
                     _ => ("unloaded", false),
                 };
                 ModelRow {
@@ -876,6 +1043,57 @@ impl Core {
                 queue_position: j.queue_position,
             })
             .collect()
+    }
+}
+
+impl Core {
+    /// The allocator owner id of a model (stable for the daemon's lifetime).
+    fn owner(&mut self, name: &str) -> halo_kernels::OwnerId {
+        let next = halo_kernels::OwnerId(self.owners.len() as u64 + 1);
+        *self.owners.entry(name.to_string()).or_insert(next)
+    }
+}
+
+/// Bytes a model will take: for LLMs on a GPU, weights plus the sequence pool, computed from the
+/// GGUF header and the config (the same sizes the loader allocates); otherwise the files' size.
+fn estimate_model(m: &ModelConfig, gpu: bool) -> Result<u64, ModelFileError> {
+    if m.kind != ModelKind::Llm || !gpu {
+        return models::estimate(m);
+    }
+    models::estimate(m)?; // missing-file errors first, with their own wording
+    let file = crate::gguf::GgufFile::open(&m.path).map_err(|e| ModelFileError::Invalid {
+        path: m.path.clone(),
+        message: match e.error {
+            crate::gguf::GgufFileErrorKind::Format(f) => f.to_string(),
+            crate::gguf::GgufFileErrorKind::Io(io) => io.to_string(),
+        },
+    })?;
+    engine::estimate(&file.header, m.context, m.parallel as u64).map_err(|e| {
+        ModelFileError::Invalid {
+            path: m.path.clone(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Loads a model: an LLM onto the GPU when there is one, otherwise its files mapped.
+fn load_model(
+    m: &ModelConfig,
+    device: Option<&halo_kernels::Device>,
+    owner: halo_kernels::OwnerId,
+    strategy: halo_kernels::LoadStrategy,
+) -> Result<Loaded, ModelFileError> {
+    match (m.kind, device) {
+        (ModelKind::Llm, Some(dev)) => {
+            models::estimate(m)?;
+            LlmEngine::load(dev, &m.path, m.context, m.parallel as u64, strategy, owner)
+                .map(|e| Loaded::Llm(Arc::new(e)))
+                .map_err(|e| ModelFileError::Invalid {
+                    path: m.path.clone(),
+                    message: e.to_string(),
+                })
+        }
+        _ => models::map(m).map(Loaded::Mapped),
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod core;
+pub mod executor;
 pub mod gguf;
 pub mod llm;
 pub mod memory;

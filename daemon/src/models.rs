@@ -22,10 +22,25 @@ const MAX_DEPTH: usize = 3;
 /// Why a model's files cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelFileError {
-    Missing { path: PathBuf },
-    NotAFile { path: PathBuf, kind: ModelKind },
-    NoWeights { dir: PathBuf },
-    Io { path: PathBuf, message: String },
+    Missing {
+        path: PathBuf,
+    },
+    NotAFile {
+        path: PathBuf,
+        kind: ModelKind,
+    },
+    NoWeights {
+        dir: PathBuf,
+    },
+    Io {
+        path: PathBuf,
+        message: String,
+    },
+    /// The file is there but cannot be used (a corrupt GGUF, an unsupported architecture).
+    Invalid {
+        path: PathBuf,
+        message: String,
+    },
 }
 
 impl fmt::Display for ModelFileError {
@@ -49,6 +64,9 @@ impl fmt::Display for ModelFileError {
             ),
             ModelFileError::Io { path, message } => {
                 write!(f, "cannot read {}: {message}", path.display())
+            }
+            ModelFileError::Invalid { path, message } => {
+                write!(f, "{}: {message}", path.display())
             }
         }
     }
@@ -208,6 +226,7 @@ mod tests {
             context: None,
             pinned: false,
             keep_alive: KeepAlive::Forever,
+            parallel: 1,
         }
     }
 

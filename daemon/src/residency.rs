@@ -701,6 +701,13 @@ impl Residency {
         }
     }
 
+    /// Records a use of a resident model outside a job (it restarts its keep-alive).
+    pub fn touch(&mut self, name: &str, now: Now) {
+        if let Some(entry) = self.models.get_mut(name).filter(|e| e.is_resident()) {
+            entry.last_used = Some(now);
+        }
+    }
+
     /// Records that a job started running on `name`, which must be resident.
     pub fn job_started(&mut self, name: &str, now: Now) {
         let entry = self.models.get_mut(name).filter(|e| e.is_resident());

@@ -1,25 +1,37 @@
 //! Queues jobs per model and decides when each one loads, runs or stops.
 //!
-//! [`Scheduler`] keeps a FIFO queue of jobs for every model and runs one job
-//! per model at a time. The daemon drives it: it submits jobs, calls
+//! [`Scheduler`] keeps a FIFO queue of jobs for every model and runs up to
+//! a caller-given number of jobs per model at once (the model's capacity,
+//! asked for on every poll). The daemon drives it: it submits jobs, calls
 //! [`Scheduler::poll`] to learn which models to load and which jobs to run,
 //! and reports back with [`Scheduler::load_finished`] and
 //! [`Scheduler::job_finished`]. The scheduler answers with [`Action`]s; it
 //! never loads or runs anything itself.
 //!
 //! A job moves Queued -> Loading (only if its model is not in memory) ->
-//! Running -> Done / Failed / Cancelled. Finished jobs are remembered for
-//! listing up to a fixed history size, oldest forgotten first.
+//! Running -> Done / Failed / Cancelled. While a model loads, the job at the
+//! head of its queue waits in Loading and no other job of that model starts;
+//! once the model is resident, queued jobs start in FIFO order until the
+//! model's capacity is reached. Lowering a capacity never stops jobs already
+//! running; it only keeps new ones from starting. Finished jobs are
+//! remembered for listing up to a fixed history size, oldest forgotten
+//! first.
 //!
 //! Architecture invariant: does no I/O and never reads a clock; the current
 //! time is always passed in as [`Now`].
 //! Architecture invariant: knows nothing of tokio, gRPC or Vulkan, nor of
-//! memory budgets; whether a model is resident is asked of the caller.
-//! Architecture invariant: at most one job per model is Loading or Running.
+//! memory budgets; whether a model is resident and how many of its jobs may
+//! run at once are asked of the caller.
+//! Architecture invariant: at most one load per model is outstanding, so at
+//! most one job per model is Loading.
+//! Architecture invariant: a job starts, or a load is started for it, only
+//! while fewer of its model's jobs are running than the model's capacity as
+//! given to poll, and no job of a model starts while its load is
+//! outstanding; lowering a capacity stops no running job.
 //! Architecture invariant: job ids start at 1, increase, and are never
 //! reused.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::error::Error;
 use std::fmt;
 
@@ -205,28 +217,28 @@ struct Job {
     cancel_requested: bool,
 }
 
-/// What a model is doing right now.
+/// Whether a model is being loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Slot {
+enum LoadState {
     #[default]
     Idle,
     /// A load is in progress on behalf of this job, or of no job if that job
-    /// was cancelled meanwhile. Either way nothing else starts until
+    /// was cancelled meanwhile. Either way no job of the model starts until
     /// `load_finished`.
-    Loading(Option<JobId>),
-    Running(JobId),
+    Pending(Option<JobId>),
 }
 
 /// Per-model queue and activity.
 #[derive(Clone, Debug, Default)]
 struct Lane {
     queued: VecDeque<JobId>,
-    slot: Slot,
+    load: LoadState,
+    running: BTreeSet<JobId>,
 }
 
 impl Lane {
     fn is_empty(&self) -> bool {
-        self.queued.is_empty() && self.slot == Slot::Idle
+        self.queued.is_empty() && self.load == LoadState::Idle && self.running.is_empty()
     }
 }
 
@@ -295,31 +307,49 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// Starts the next job of every model that is not already busy: a job
-    /// whose model is resident runs at once (`Run`); otherwise it waits for
-    /// the model, and a single `Load` is returned for it.
-    pub fn poll(&mut self, is_resident: &dyn Fn(&str) -> bool, now: Now) -> Vec<Action> {
+    /// Starts queued jobs of every model that has room, in FIFO order.
+    ///
+    /// `capacity(model)` is how many jobs of the model may run at once (0
+    /// counts as 1). For a resident model, queued jobs run at once (`Run`)
+    /// while fewer than that many are running. For a model that is not
+    /// resident, the job at the head of the queue waits for it and a single
+    /// `Load` is returned, provided a running slot is free for that job.
+    /// A model with a load in progress starts nothing until `load_finished`.
+    pub fn poll(
+        &mut self,
+        is_resident: &dyn Fn(&str) -> bool,
+        capacity: &dyn Fn(&str) -> usize,
+        now: Now,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         for (model, lane) in &mut self.lanes {
-            if lane.slot != Slot::Idle {
+            if lane.load != LoadState::Idle || lane.queued.is_empty() {
                 continue;
             }
-            let Some(id) = lane.queued.pop_front() else {
+            let capacity = capacity(model).max(1);
+            if lane.running.len() >= capacity {
                 continue;
-            };
-            let job = self.jobs.get_mut(&id).expect("queued jobs are tracked");
-            if is_resident(model) {
-                job.state = JobState::Running;
-                job.started_at = Some(now);
-                lane.slot = Slot::Running(id);
-                actions.push(Action::Run {
-                    job: id,
+            }
+            if !is_resident(model) {
+                let id = lane.queued.pop_front().expect("queue is not empty");
+                let job = self.jobs.get_mut(&id).expect("queued jobs are tracked");
+                job.state = JobState::Loading;
+                lane.load = LoadState::Pending(Some(id));
+                actions.push(Action::Load {
                     model: model.clone(),
                 });
-            } else {
-                job.state = JobState::Loading;
-                lane.slot = Slot::Loading(Some(id));
-                actions.push(Action::Load {
+                continue;
+            }
+            while lane.running.len() < capacity {
+                let Some(id) = lane.queued.pop_front() else {
+                    break;
+                };
+                let job = self.jobs.get_mut(&id).expect("queued jobs are tracked");
+                job.state = JobState::Running;
+                job.started_at = Some(now);
+                lane.running.insert(id);
+                actions.push(Action::Run {
+                    job: id,
                     model: model.clone(),
                 });
             }
@@ -330,8 +360,10 @@ impl Scheduler {
     /// Records the end of a `Load` for `model`.
     ///
     /// On success the job that waited for it starts running; if that job was
-    /// cancelled meanwhile, the next queued job runs instead. On failure the
-    /// waiting job and every queued job of the model fail with the error.
+    /// cancelled meanwhile, the next queued job runs instead. Only that one
+    /// job starts here; the next `poll` starts more up to the model's
+    /// capacity. On failure the waiting job and every queued job of the
+    /// model fail with the error; jobs already running are left alone.
     /// Does nothing if no load was pending for the model.
     pub fn load_finished(
         &mut self,
@@ -342,10 +374,10 @@ impl Scheduler {
         let Some(lane) = self.lanes.get_mut(model) else {
             return Vec::new();
         };
-        let Slot::Loading(waiting) = lane.slot else {
+        let LoadState::Pending(waiting) = lane.load else {
             return Vec::new();
         };
-        lane.slot = Slot::Idle;
+        lane.load = LoadState::Idle;
 
         let mut actions = Vec::new();
         match result {
@@ -354,7 +386,7 @@ impl Scheduler {
                     let job = self.jobs.get_mut(&id).expect("active jobs are tracked");
                     job.state = JobState::Running;
                     job.started_at = Some(now);
-                    lane.slot = Slot::Running(id);
+                    lane.running.insert(id);
                     actions.push(Action::Run {
                         job: id,
                         model: model.to_owned(),
@@ -391,8 +423,8 @@ impl Scheduler {
             Outcome::Cancelled => (JobState::Cancelled, None),
         };
         if let Some(lane) = self.lanes.get_mut(&model) {
-            debug_assert_eq!(lane.slot, Slot::Running(job));
-            lane.slot = Slot::Idle;
+            let was_running = lane.running.remove(&job);
+            debug_assert!(was_running, "running job {job} missing from its lane");
         }
         self.finish(job, state, error, now);
         self.drop_lane_if_empty(&model);
@@ -411,10 +443,10 @@ impl Scheduler {
             }
             _ => {
                 if let Some(lane) = self.lanes.get_mut(&model) {
-                    if lane.slot == Slot::Loading(Some(job)) {
+                    if lane.load == LoadState::Pending(Some(job)) {
                         // The load itself carries on; load_finished will hand
                         // the model to the next queued job.
-                        lane.slot = Slot::Loading(None);
+                        lane.load = LoadState::Pending(None);
                     } else {
                         lane.queued.retain(|&id| id != job);
                     }
@@ -477,11 +509,11 @@ impl Scheduler {
     /// running.
     pub fn active_jobs(&self, model: &str) -> usize {
         self.lanes.get(model).map_or(0, |lane| {
-            let current = match lane.slot {
-                Slot::Loading(Some(_)) | Slot::Running(_) => 1,
-                Slot::Idle | Slot::Loading(None) => 0,
+            let loading = match lane.load {
+                LoadState::Pending(Some(_)) => 1,
+                LoadState::Idle | LoadState::Pending(None) => 0,
             };
-            lane.queued.len() + current
+            lane.queued.len() + loading + lane.running.len()
         })
     }
 
@@ -514,7 +546,6 @@ impl Scheduler {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
     use std::time::Duration;
 
     fn t(s: u64) -> Now {
@@ -527,6 +558,14 @@ mod tests {
 
     fn nothing_resident(_: &str) -> bool {
         false
+    }
+
+    fn one(_: &str) -> usize {
+        1
+    }
+
+    fn two(_: &str) -> usize {
+        2
     }
 
     fn state(s: &Scheduler, id: JobId) -> JobState {
@@ -551,7 +590,7 @@ mod tests {
         assert_eq!((a, b, c, other), (JobId(1), JobId(2), JobId(3), JobId(4)));
         assert_eq!(s.job(c).unwrap().queue_position, Some(2));
 
-        let actions = s.poll(&resident, t(4));
+        let actions = s.poll(&resident, &one, t(4));
         assert_eq!(
             actions,
             vec![
@@ -565,14 +604,14 @@ mod tests {
                 },
             ]
         );
-        // One job per model at a time.
-        assert!(s.poll(&resident, t(5)).is_empty());
+        // With capacity 1, one job per model at a time.
+        assert!(s.poll(&resident, &one, t(5)).is_empty());
         assert_eq!(s.job(b).unwrap().queue_position, Some(0));
         assert_eq!(s.active_jobs("m"), 3);
 
         s.job_finished(a, Outcome::Done, t(6));
         assert_eq!(
-            s.poll(&resident, t(7)),
+            s.poll(&resident, &one, t(7)),
             vec![Action::Run {
                 job: b,
                 model: "m".into()
@@ -581,7 +620,7 @@ mod tests {
         s.job_finished(b, Outcome::Failed("out of memory".into()), t(8));
         assert_eq!(s.job(b).unwrap().error.as_deref(), Some("out of memory"));
         assert_eq!(
-            s.poll(&resident, t(9)),
+            s.poll(&resident, &one, t(9)),
             vec![Action::Run {
                 job: c,
                 model: "m".into()
@@ -608,7 +647,7 @@ mod tests {
         // Other models have their own queues.
         s.submit("n", JobKind::Generate, t(0)).unwrap();
         // The running job does not count against the queue.
-        s.poll(&resident, t(1));
+        s.poll(&resident, &one, t(1));
         s.submit("m", JobKind::Generate, t(2)).unwrap();
         assert_eq!(s.active_jobs("m"), 3);
 
@@ -624,7 +663,7 @@ mod tests {
         let b = s.submit("m", JobKind::Generate, t(0)).unwrap();
         let c = s.submit("m", JobKind::Generate, t(0)).unwrap();
         assert_eq!(
-            s.poll(&nothing_resident, t(1)),
+            s.poll(&nothing_resident, &one, t(1)),
             vec![Action::Load { model: "m".into() }]
         );
         assert_eq!(state(&s, a), JobState::Loading);
@@ -632,7 +671,7 @@ mod tests {
         // Cancelling the loading job does not start a second load.
         assert_eq!(s.cancel(a, t(2)), Ok(CancelOutcome::Cancelled));
         assert_eq!(s.cancel(b, t(2)), Ok(CancelOutcome::Cancelled));
-        assert!(s.poll(&nothing_resident, t(3)).is_empty());
+        assert!(s.poll(&nothing_resident, &one, t(3)).is_empty());
         assert_eq!(
             s.cancel(a, t(3)),
             Err(CancelError::AlreadyFinished {
@@ -669,7 +708,7 @@ mod tests {
     fn done_wins_over_a_late_cancel() {
         let mut s = Scheduler::new(8, 100);
         let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
-        s.poll(&resident, t(1));
+        s.poll(&resident, &one, t(1));
         s.cancel(a, t(2)).unwrap();
         s.job_finished(a, Outcome::Done, t(3));
         assert_eq!(state(&s, a), JobState::Done);
@@ -681,7 +720,7 @@ mod tests {
         let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
         let b = s.submit("m", JobKind::Generate, t(0)).unwrap();
         let other = s.submit("n", JobKind::Generate, t(0)).unwrap();
-        s.poll(&|model: &str| model == "n", t(1));
+        s.poll(&|model: &str| model == "n", &one, t(1));
         assert!(s
             .load_finished("m", Err("file not found".into()), t(2))
             .is_empty());
@@ -702,7 +741,7 @@ mod tests {
         let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
         let b = s.submit("m", JobKind::Generate, t(0)).unwrap();
         let c = s.submit("n", JobKind::Generate, t(0)).unwrap();
-        s.poll(&|model: &str| model == "m", t(1));
+        s.poll(&|model: &str| model == "m", &one, t(1));
         assert_eq!(s.cancel_all(t(2)), vec![Action::Abort { job: a }]);
         assert_eq!(state(&s, b), JobState::Cancelled);
         assert_eq!(state(&s, c), JobState::Cancelled);
@@ -726,6 +765,146 @@ mod tests {
         assert_eq!(s.cancel(ids[0], t(2)), Err(CancelError::NotFound(ids[0])));
     }
 
+    fn run(job: JobId, model: &str) -> Action {
+        Action::Run {
+            job,
+            model: model.into(),
+        }
+    }
+
+    #[test]
+    fn capacity_two_runs_two_jobs_and_the_third_waits() {
+        let mut s = Scheduler::new(8, 100);
+        let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        let b = s.submit("m", JobKind::Generate, t(1)).unwrap();
+        let c = s.submit("m", JobKind::Image, t(2)).unwrap();
+
+        assert_eq!(
+            s.poll(&resident, &two, t(3)),
+            vec![run(a, "m"), run(b, "m")]
+        );
+        assert_eq!(
+            (state(&s, a), state(&s, b)),
+            (JobState::Running, JobState::Running)
+        );
+        assert_eq!(state(&s, c), JobState::Queued);
+        assert_eq!(s.job(c).unwrap().queue_position, Some(0));
+        assert_eq!(s.active_jobs("m"), 3);
+        // Both slots are taken.
+        assert!(s.poll(&resident, &two, t(4)).is_empty());
+
+        s.job_finished(b, Outcome::Done, t(5));
+        assert_eq!(s.poll(&resident, &two, t(6)), vec![run(c, "m")]);
+        assert_eq!(s.job(c).unwrap().started_at, Some(t(6)));
+        assert_eq!(s.active_jobs("m"), 2);
+        s.job_finished(a, Outcome::Done, t(7));
+        s.job_finished(c, Outcome::Done, t(8));
+        assert_eq!(s.active_jobs("m"), 0);
+        assert!(s.poll(&resident, &two, t(9)).is_empty());
+    }
+
+    #[test]
+    fn capacity_may_change_between_polls() {
+        let mut s = Scheduler::new(8, 100);
+        let ids: Vec<JobId> = (0..5)
+            .map(|_| s.submit("m", JobKind::Generate, t(0)).unwrap())
+            .collect();
+        let zero = |_: &str| 0;
+        let three = |_: &str| 3;
+
+        // Capacity 0 counts as 1.
+        assert_eq!(s.poll(&resident, &zero, t(1)), vec![run(ids[0], "m")]);
+        assert!(s.poll(&resident, &zero, t(1)).is_empty());
+        // Raising it starts more jobs next to the running one.
+        assert_eq!(
+            s.poll(&resident, &three, t(2)),
+            vec![run(ids[1], "m"), run(ids[2], "m")]
+        );
+        // Lowering it stops nothing, but nothing new starts until fewer
+        // than the new capacity are running.
+        assert!(s.poll(&resident, &one, t(3)).is_empty());
+        assert_eq!(running(&s), ids[..3].to_vec());
+        s.job_finished(ids[0], Outcome::Done, t(4));
+        s.job_finished(ids[1], Outcome::Done, t(4));
+        assert!(s.poll(&resident, &one, t(5)).is_empty());
+        s.job_finished(ids[2], Outcome::Done, t(6));
+        assert_eq!(s.poll(&resident, &one, t(7)), vec![run(ids[3], "m")]);
+        // Each model has its own capacity.
+        let n = s.submit("n", JobKind::Generate, t(8)).unwrap();
+        let m_one_n_two = |model: &str| if model == "m" { 1 } else { 2 };
+        assert_eq!(s.poll(&resident, &m_one_n_two, t(9)), vec![run(n, "n")]);
+        assert_eq!(state(&s, ids[4]), JobState::Queued);
+    }
+
+    #[test]
+    fn one_load_at_a_time_then_poll_fills_the_capacity() {
+        let mut s = Scheduler::new(8, 100);
+        let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        let b = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        let c = s.submit("m", JobKind::Generate, t(0)).unwrap();
+
+        assert_eq!(
+            s.poll(&nothing_resident, &two, t(1)),
+            vec![Action::Load { model: "m".into() }]
+        );
+        assert_eq!(state(&s, a), JobState::Loading);
+        assert_eq!(state(&s, b), JobState::Queued);
+        // No second load, and nothing runs before the load is reported,
+        // even if the model looks resident meanwhile.
+        assert!(s.poll(&nothing_resident, &two, t(2)).is_empty());
+        assert!(s.poll(&resident, &two, t(2)).is_empty());
+
+        // The load starts only the job that waited for it.
+        assert_eq!(s.load_finished("m", Ok(()), t(3)), vec![run(a, "m")]);
+        assert_eq!(s.poll(&resident, &two, t(4)), vec![run(b, "m")]);
+        assert_eq!(state(&s, c), JobState::Queued);
+        assert_eq!(s.active_jobs("m"), 3);
+    }
+
+    #[test]
+    fn load_failure_spares_running_jobs() {
+        let mut s = Scheduler::new(8, 100);
+        let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        assert_eq!(s.poll(&resident, &two, t(1)), vec![run(a, "m")]);
+        // The model left memory while a ran; the next job must reload it.
+        let b = s.submit("m", JobKind::Generate, t(2)).unwrap();
+        let c = s.submit("m", JobKind::Generate, t(2)).unwrap();
+        assert_eq!(
+            s.poll(&nothing_resident, &two, t(3)),
+            vec![Action::Load { model: "m".into() }]
+        );
+        assert_eq!(state(&s, b), JobState::Loading);
+        assert_eq!(s.active_jobs("m"), 3);
+
+        assert!(s
+            .load_finished("m", Err("no memory".into()), t(4))
+            .is_empty());
+        assert_eq!(state(&s, a), JobState::Running);
+        for id in [b, c] {
+            assert_eq!(state(&s, id), JobState::Failed);
+        }
+        assert_eq!(s.active_jobs("m"), 1);
+        s.job_finished(a, Outcome::Done, t(5));
+        assert_eq!(state(&s, a), JobState::Done);
+        assert_eq!(s.active_jobs("m"), 0);
+    }
+
+    #[test]
+    fn no_load_while_the_running_jobs_fill_the_capacity() {
+        let mut s = Scheduler::new(8, 100);
+        let a = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        let b = s.submit("m", JobKind::Generate, t(0)).unwrap();
+        s.poll(&resident, &one, t(1));
+        // The waiting job would need a slot of its own once loaded.
+        assert!(s.poll(&nothing_resident, &one, t(2)).is_empty());
+        assert_eq!(state(&s, b), JobState::Queued);
+        s.job_finished(a, Outcome::Done, t(3));
+        assert_eq!(
+            s.poll(&nothing_resident, &one, t(4)),
+            vec![Action::Load { model: "m".into() }]
+        );
+    }
+
     // ---- Property tests over random event sequences ----
 
     #[derive(Clone, Debug)]
@@ -741,6 +920,11 @@ mod tests {
         /// Poll with the models whose bit is set resident.
         Poll {
             resident: u8,
+        },
+        /// Change the capacity later polls give a model.
+        SetCapacity {
+            model: usize,
+            capacity: usize,
         },
         LoadFinished {
             model: usize,
@@ -758,6 +942,8 @@ mod tests {
             4 => (0..4usize, any::<bool>()).prop_map(|(model, image)| Op::Submit { model, image }),
             2 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
             3 => any::<u8>().prop_map(|resident| Op::Poll { resident }),
+            1 => (0..4usize, 1..=3usize)
+                .prop_map(|(model, capacity)| Op::SetCapacity { model, capacity }),
             2 => (0..4usize, prop::bool::weighted(0.8))
                 .prop_map(|(model, ok)| Op::LoadFinished { model, ok }),
             3 => (any::<usize>(), 0..3u8).prop_map(|(pick, outcome)| Op::JobFinished { pick, outcome }),
@@ -766,7 +952,45 @@ mod tests {
 
     const MODELS: [&str; 4] = ["a", "b", "c", "d"];
 
-    fn check_invariants(s: &Scheduler, max_queue: usize) -> Result<(), TestCaseError> {
+    fn model_index(model: &str) -> usize {
+        MODELS.iter().position(|&m| m == model).unwrap()
+    }
+
+    /// What the property test tracks next to the scheduler.
+    struct Tracker {
+        max_queue: usize,
+        /// The capacity each poll hands out, per model.
+        capacity: [usize; 4],
+        /// How many jobs of each model may be running, counting an
+        /// outstanding load as one. This is the capacity, except after the
+        /// capacity was lowered: jobs already running then run on, and the
+        /// ceiling comes down as they finish.
+        ceiling: [usize; 4],
+        /// Models with a Load handed out and no load_finished yet.
+        loads_pending: BTreeSet<&'static str>,
+        /// Every job seen in a terminal state, with that state.
+        terminal: BTreeMap<JobId, JobState>,
+    }
+
+    impl Tracker {
+        fn new(max_queue: usize, capacity: [usize; 4]) -> Self {
+            Tracker {
+                max_queue,
+                capacity,
+                ceiling: capacity,
+                loads_pending: BTreeSet::new(),
+                terminal: BTreeMap::new(),
+            }
+        }
+    }
+
+    fn count(jobs: &[JobView], model: &str, state: JobState) -> usize {
+        jobs.iter()
+            .filter(|job| job.model == model && job.state == state)
+            .count()
+    }
+
+    fn check_invariants(s: &Scheduler, m: &mut Tracker) -> Result<(), TestCaseError> {
         let jobs = s.jobs();
         let ids: Vec<JobId> = jobs.iter().map(|job| job.id).collect();
         prop_assert!(
@@ -774,19 +998,41 @@ mod tests {
             "ids not ascending: {:?}",
             ids
         );
-        for model in MODELS {
-            let of_model = || jobs.iter().filter(move |job| job.model == model);
-            let queued = of_model()
-                .filter(|job| job.state == JobState::Queued)
-                .count();
-            let current = of_model()
-                .filter(|job| matches!(job.state, JobState::Loading | JobState::Running))
-                .count();
-            prop_assert!(queued <= max_queue, "{} queued for {}", queued, model);
-            prop_assert!(current <= 1, "{} loading or running for {}", current, model);
-            prop_assert_eq!(s.active_jobs(model), queued + current);
-            let mut positions: Vec<usize> =
-                of_model().filter_map(|job| job.queue_position).collect();
+        for job in &jobs {
+            if let Some(&state) = m.terminal.get(&job.id) {
+                prop_assert_eq!(job.state, state, "job {} left a terminal state", job.id);
+            } else if job.state.is_terminal() {
+                m.terminal.insert(job.id, job.state);
+            }
+        }
+        for (index, model) in MODELS.into_iter().enumerate() {
+            let queued = count(&jobs, model, JobState::Queued);
+            let loading = count(&jobs, model, JobState::Loading);
+            let running = count(&jobs, model, JobState::Running);
+            let load_pending = m.loads_pending.contains(model);
+            prop_assert!(queued <= m.max_queue, "{} queued for {}", queued, model);
+            prop_assert!(loading <= 1, "{} loading for {}", loading, model);
+            prop_assert!(
+                loading == 0 || load_pending,
+                "{} loading with no load",
+                model
+            );
+            let busy = running + usize::from(load_pending);
+            prop_assert!(
+                busy <= m.ceiling[index],
+                "{} running (load pending: {}) for {} with room for {}",
+                running,
+                load_pending,
+                model,
+                m.ceiling[index]
+            );
+            m.ceiling[index] = m.capacity[index].max(busy);
+            prop_assert_eq!(s.active_jobs(model), queued + loading + running);
+            let mut positions: Vec<usize> = jobs
+                .iter()
+                .filter(|job| job.model == model)
+                .filter_map(|job| job.queue_position)
+                .collect();
             positions.sort_unstable();
             prop_assert_eq!(positions, (0..queued).collect::<Vec<_>>());
         }
@@ -808,25 +1054,21 @@ mod tests {
         fn invariants_hold_over_random_events(
             max_queue in 1..5usize,
             history in 0..20usize,
+            capacity in prop::array::uniform4(1..=3usize),
             ops in prop::collection::vec(op(), 1..120),
         ) {
             let mut s = Scheduler::new(max_queue, history);
+            let mut m = Tracker::new(max_queue, capacity);
             let mut now = t(0);
             let mut last_id = 0u64;
             let mut seen = BTreeSet::new();
-            // Models with a Load handed out and no load_finished yet.
-            let mut loads_pending: BTreeSet<&str> = BTreeSet::new();
 
             for op in ops {
                 now += Duration::from_millis(250);
                 match op {
                     Op::Submit { model, image } => {
                         let kind = if image { JobKind::Image } else { JobKind::Generate };
-                        let queued_before = s
-                            .jobs()
-                            .iter()
-                            .filter(|job| job.model == MODELS[model] && job.state == JobState::Queued)
-                            .count();
+                        let queued_before = count(&s.jobs(), MODELS[model], JobState::Queued);
                         match s.submit(MODELS[model], kind, now) {
                             Ok(id) => {
                                 prop_assert!(queued_before < max_queue);
@@ -861,18 +1103,25 @@ mod tests {
                             }
                         }
                     }
+                    Op::SetCapacity { model, capacity } => {
+                        m.capacity[model] = capacity;
+                    }
                     Op::Poll { resident } => {
-                        let is_resident = |model: &str| {
-                            let index = MODELS.iter().position(|&m| m == model).unwrap();
-                            resident & (1 << index) != 0
-                        };
-                        for action in s.poll(&is_resident, now) {
+                        let is_resident =
+                            |model: &str| resident & (1 << model_index(model)) != 0;
+                        let capacity = m.capacity;
+                        let capacity_of = |model: &str| capacity[model_index(model)];
+                        let before = s.jobs();
+                        let actions = s.poll(&is_resident, &capacity_of, now);
+                        let mut loads = BTreeSet::new();
+                        for action in actions {
                             match action {
                                 Action::Load { model } => {
-                                    let model = MODELS.iter().copied().find(|&m| m == model).unwrap();
+                                    let model = MODELS[model_index(&model)];
                                     prop_assert!(!is_resident(model));
                                     // Never two loads in flight for one model.
-                                    prop_assert!(loads_pending.insert(model));
+                                    prop_assert!(m.loads_pending.insert(model));
+                                    loads.insert(model);
                                 }
                                 Action::Run { job, model } => {
                                     prop_assert!(is_resident(&model));
@@ -881,16 +1130,43 @@ mod tests {
                                 Action::Abort { .. } => prop_assert!(false, "poll never aborts"),
                             }
                         }
+                        // Poll leaves no room unused: a model with queued
+                        // jobs and no load in progress has its capacity
+                        // full, or a load under way for the next job.
+                        let after = s.jobs();
+                        for model in MODELS {
+                            if m.loads_pending.contains(model) && !loads.contains(model) {
+                                continue;
+                            }
+                            let running_before = count(&before, model, JobState::Running);
+                            let running = count(&after, model, JobState::Running);
+                            if count(&after, model, JobState::Queued) > 0 {
+                                prop_assert!(
+                                    running >= capacity_of(model) || loads.contains(model),
+                                    "poll left room for {} unused", model
+                                );
+                            }
+                            if loads.contains(model) {
+                                prop_assert!(running < capacity_of(model));
+                                prop_assert_eq!(running, running_before);
+                            }
+                        }
                     }
                     Op::LoadFinished { model, ok } => {
                         let model = MODELS[model];
                         let result = if ok { Ok(()) } else { Err("load failed".to_owned()) };
+                        let running_before = count(&s.jobs(), model, JobState::Running);
                         let actions = s.load_finished(model, result, now);
-                        if !loads_pending.remove(model) {
+                        if !m.loads_pending.remove(model) {
                             // Stray report: nothing was waiting for a load.
                             prop_assert!(actions.is_empty());
-                        } else if !ok {
-                            prop_assert_eq!(s.active_jobs(model), 0);
+                        } else if ok {
+                            // Only the job that waited starts; poll fills the rest.
+                            prop_assert!(actions.len() <= 1);
+                        } else {
+                            prop_assert!(actions.is_empty());
+                            // Running jobs carry on; everything else failed.
+                            prop_assert_eq!(s.active_jobs(model), running_before);
                         }
                     }
                     Op::JobFinished { pick, outcome } => {
@@ -910,20 +1186,22 @@ mod tests {
                         }
                     }
                 }
-                check_invariants(&s, max_queue)?;
+                check_invariants(&s, &mut m)?;
             }
 
             // Drain: finish every pending load, then keep running everything.
-            for model in std::mem::take(&mut loads_pending) {
+            for model in std::mem::take(&mut m.loads_pending) {
                 s.load_finished(model, Ok(()), now);
             }
             for _ in 0..1000 {
-                let mut progressed = !s.poll(&resident, now).is_empty();
+                let capacity = m.capacity;
+                let capacity_of = |model: &str| capacity[model_index(model)];
+                let mut progressed = !s.poll(&resident, &capacity_of, now).is_empty();
                 for id in running(&s) {
                     s.job_finished(id, Outcome::Done, now);
                     progressed = true;
                 }
-                check_invariants(&s, max_queue)?;
+                check_invariants(&s, &mut m)?;
                 if !progressed {
                     break;
                 }

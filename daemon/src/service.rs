@@ -141,14 +141,19 @@ fn job_pb(j: JobRow) -> pb::Job {
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Turns a job's events into a response stream: first `started`, then the job's own events.
+/// What one job event becomes on the wire: maybe an item, and whether the stream ends.
+type Mapped<T> = (Option<Result<T, Status>>, bool);
+
+/// Turns a job's events into a response stream: first `started`, then each event mapped by
+/// `map`. When the client goes away the job's receiver is dropped, which the executor notices
+/// within one step and cancels the job.
 fn job_stream<T: Send + 'static>(
     id: JobId,
     mut events: mpsc::UnboundedReceiver<JobEvent>,
     started: impl Fn(pb::JobStarted) -> T + Send + 'static,
-    cancelled: impl Fn() -> T + Send + 'static,
+    mut map: impl FnMut(JobEvent) -> Mapped<T> + Send + 'static,
 ) -> EventStream<T> {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         if tx
             .send(Ok(started(pb::JobStarted { job_id: id.0 })))
@@ -157,18 +162,47 @@ fn job_stream<T: Send + 'static>(
         {
             return;
         }
-        while let Some(ev) = events.recv().await {
-            let item = match ev {
-                JobEvent::Failed(e) => Err(Status::from(e)),
-                JobEvent::Cancelled => Ok(cancelled()),
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tx.closed() => return,
             };
-            let end = item.is_err();
-            if tx.send(item).await.is_err() || end {
+            let Some(ev) = ev else { return };
+            let (item, end) = map(ev);
+            if let Some(item) = item {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            if end {
                 return;
             }
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The sampling settings of a request: llama.cpp's defaults where the request says nothing, and
+/// a fresh seed unless one is given.
+fn sampler_config(req: &pb::GenerateRequest) -> crate::sampler::SamplerConfig {
+    let d = crate::sampler::SamplerConfig::default();
+    let seed = req.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    crate::sampler::SamplerConfig {
+        temperature: req.temperature.unwrap_or(d.temperature),
+        top_k: req.top_k.map(|k| k as usize).unwrap_or(d.top_k),
+        top_p: req.top_p.unwrap_or(d.top_p),
+        min_p: req.min_p.unwrap_or(d.min_p),
+        repeat_penalty: req.repeat_penalty.unwrap_or(d.repeat_penalty),
+        frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
+        presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
+        penalty_last_n: d.penalty_last_n,
+        seed,
+    }
 }
 
 #[tonic::async_trait]
@@ -317,9 +351,10 @@ impl pb::halo_server::Halo for HaloService {
         let req = req.into_inner();
         let model = model_name(&req.model)?;
         match &req.prompt {
+            None if !req.messages.is_empty() => {}
             None => {
                 return Err(Status::invalid_argument(
-                    "no prompt: give text or token ids",
+                    "no prompt: give text, token ids or chat messages",
                 ))
             }
             Some(pb::generate_request::Prompt::Tokens(t)) if t.ids.is_empty() => {
@@ -327,31 +362,104 @@ impl pb::halo_server::Halo for HaloService {
             }
             _ => {}
         }
+        for m in &req.messages {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+                return Err(Status::invalid_argument(format!(
+                    "unknown chat role {:?}: use system, user or assistant",
+                    m.role
+                )));
+            }
+        }
         check_range("temperature", req.temperature, 0.0, 100.0)?;
         check_range("top_p", req.top_p, 0.0, 1.0)?;
         check_range("min_p", req.min_p, 0.0, 1.0)?;
         if req.max_tokens == Some(0) {
             return Err(Status::invalid_argument("max_tokens must be at least 1"));
         }
+        let params = crate::executor::GenerateParams {
+            prompt: match req.prompt.clone() {
+                Some(pb::generate_request::Prompt::Text(t)) => crate::executor::Prompt::Text(t),
+                Some(pb::generate_request::Prompt::Tokens(t)) => {
+                    crate::executor::Prompt::Tokens(t.ids)
+                }
+                None => crate::executor::Prompt::Chat(
+                    req.messages
+                        .iter()
+                        .map(|m| crate::llm::chat::Message::new(m.role.clone(), m.content.clone()))
+                        .collect(),
+                ),
+            },
+            chat: req.chat,
+            max_tokens: req.max_tokens,
+            sampler: sampler_config(&req),
+            stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            logprobs: req.logprobs.min(20),
+            ignore_eos: req.ignore_eos,
+        };
         let (id, events) = self
             .core
             .call(|reply| crate::core::Command::Submit {
                 model,
                 kind: JobKind::Generate,
+                params: Some(params),
                 reply,
             })
             .await?;
+        let mut trailing = String::new();
+        let token = |e| pb::GenerateEvent { event: Some(e) };
         Ok(Response::new(job_stream(
             id,
             events,
             |s| pb::GenerateEvent {
                 event: Some(pb::generate_event::Event::Started(s)),
             },
-            || pb::GenerateEvent {
-                event: Some(pb::generate_event::Event::Done(pb::GenerateDone {
-                    finish_reason: "cancelled".into(),
-                    ..Default::default()
-                })),
+            move |ev| match ev {
+                JobEvent::Token(t) => (
+                    Some(Ok(token(pb::generate_event::Event::Token(pb::Token {
+                        token: t.token,
+                        text: t.text,
+                        logprob: t.logprob,
+                        top_logprobs: t
+                            .top_logprobs
+                            .into_iter()
+                            .map(|(token, logprob)| pb::TokenLogprob { token, logprob })
+                            .collect(),
+                    })))),
+                    false,
+                ),
+                JobEvent::Text(t) => {
+                    trailing.push_str(&t);
+                    (None, false)
+                }
+                JobEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    prompt_ms,
+                    generation_ms,
+                } => (
+                    Some(Ok(token(pb::generate_event::Event::Done(
+                        pb::GenerateDone {
+                            finish_reason,
+                            prompt_tokens,
+                            completion_tokens,
+                            prompt_ms,
+                            generation_ms,
+                            trailing_text: std::mem::take(&mut trailing),
+                        },
+                    )))),
+                    true,
+                ),
+                JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
+                JobEvent::Cancelled => (
+                    Some(Ok(token(pb::generate_event::Event::Done(
+                        pb::GenerateDone {
+                            finish_reason: "cancelled".into(),
+                            ..Default::default()
+                        },
+                    )))),
+                    true,
+                ),
             },
         )))
     }
@@ -360,7 +468,8 @@ impl pb::halo_server::Halo for HaloService {
         &self,
         req: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let model = model_name(&req.into_inner().model)?;
+        let req = req.into_inner();
+        let model = model_name(&req.model)?;
         let rows = self.core.ask(crate::core::Command::Models).await?;
         let row = rows
             .iter()
@@ -376,9 +485,26 @@ impl pb::halo_server::Halo for HaloService {
                 row.config.kind.as_str()
             )));
         }
-        Err(Status::unimplemented(
-            "the GGUF tokenizer is not built yet; it arrives with the LLM engine",
-        ))
+        // Like a generate request, tokenizing loads the model if it is not resident.
+        let m = model.clone();
+        self.core
+            .call(|reply| crate::core::Command::Load {
+                model: m,
+                pin: false,
+                reply,
+            })
+            .await?;
+        let engine = self
+            .core
+            .call(|reply| crate::core::Command::Engine { model, reply })
+            .await?;
+        let text = req.text;
+        let tokens =
+            tokio::task::spawn_blocking(move || engine.tokenizer.encode(&text, true, true))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::invalid_argument(format!("cannot tokenize: {e}")))?;
+        Ok(Response::new(pb::TokenizeResponse { tokens }))
     }
 
     type GenerateImageStream = EventStream<pb::ImageEvent>;
@@ -404,6 +530,7 @@ impl pb::halo_server::Halo for HaloService {
             .call(|reply| crate::core::Command::Submit {
                 model,
                 kind: JobKind::Image,
+                params: None,
                 reply,
             })
             .await?;
@@ -413,7 +540,14 @@ impl pb::halo_server::Halo for HaloService {
             |s| pb::ImageEvent {
                 event: Some(pb::image_event::Event::Started(s)),
             },
-            || pb::ImageEvent { event: None },
+            // No diffusion engine yet: its jobs end with an error or a cancellation.
+            |ev| match ev {
+                JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
+                JobEvent::Cancelled => {
+                    (Some(Err(Status::cancelled("the job was cancelled"))), true)
+                }
+                _ => (None, false),
+            },
         )))
     }
 

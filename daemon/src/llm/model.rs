@@ -201,35 +201,32 @@ impl LlmModel {
     /// A new sequence with room for `capacity` tokens; its KV cache (f16) and scratch are
     /// charged to `owner`.
     pub fn new_sequence(&self, capacity: u64, owner: OwnerId) -> Result<Sequence, LlmError> {
-        let hp = &self.hp;
         let dev = &self.device;
-        let kv_bytes = hp.n_head_kv * capacity * hp.head_dim * 2;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for _ in 0..hp.n_layer {
-            k.push(dev.alloc(MemoryKind::Device, kv_bytes, owner)?);
-            v.push(dev.alloc(MemoryKind::Device, kv_bytes, owner)?);
+        let mut bufs = Vec::new();
+        for (kind, bytes) in sequence_buffers(&self.hp, capacity) {
+            bufs.push(dev.alloc(kind, bytes, owner)?);
         }
-        let b = MAX_BATCH.min(capacity.max(1));
-        let f = |n: u64| dev.alloc(MemoryKind::Device, n.max(1) * 4, owner);
-        let q_dim = hp.n_head * hp.head_dim;
-        let kv_dim = hp.n_head_kv * hp.head_dim;
+        let n_layer = self.hp.n_layer as usize;
+        let mut it = bufs.into_iter();
+        let mut next = || it.next().expect("sequence_buffers lists every buffer");
+        let k = (0..n_layer).map(|_| next()).collect();
+        let v = (0..n_layer).map(|_| next()).collect();
         Ok(Sequence {
             capacity,
             pos: 0,
             k,
             v,
-            ids: f(b)?,
-            positions: f(b)?,
-            x: f(b * hp.n_embd)?,
-            h: f(b * hp.n_embd)?,
-            q: f(b * q_dim)?,
-            kk: f(b * kv_dim)?,
-            vv: f(b * kv_dim)?,
-            attn: f(b * q_dim)?,
-            gate: f(b * hp.n_ff)?,
-            up: f(b * hp.n_ff)?,
-            logits: dev.alloc(MemoryKind::Readback, hp.n_vocab * 4, owner)?,
+            ids: next(),
+            positions: next(),
+            x: next(),
+            h: next(),
+            q: next(),
+            kk: next(),
+            vv: next(),
+            attn: next(),
+            gate: next(),
+            up: next(),
+            logits: next(),
         })
     }
 
@@ -493,6 +490,31 @@ impl LlmModel {
     }
 }
 
+/// Every buffer a sequence of `capacity` tokens allocates, in the order `new_sequence` takes them:
+/// K and V caches per layer, then the scratch. The estimate uses the same list.
+pub fn sequence_buffers(hp: &HParams, capacity: u64) -> Vec<(MemoryKind, u64)> {
+    let kv = hp.n_head_kv * capacity * hp.head_dim * 2;
+    let b = MAX_BATCH.min(capacity.max(1));
+    let q_dim = hp.n_head * hp.head_dim;
+    let kv_dim = hp.n_head_kv * hp.head_dim;
+    let dev = |elems: u64| (MemoryKind::Device, elems.max(1) * 4);
+    let mut out = vec![(MemoryKind::Device, kv); 2 * hp.n_layer as usize];
+    out.extend([
+        dev(b),
+        dev(b),
+        dev(b * hp.n_embd),
+        dev(b * hp.n_embd),
+        dev(b * q_dim),
+        dev(b * kv_dim),
+        dev(b * kv_dim),
+        dev(b * q_dim),
+        dev(b * hp.n_ff),
+        dev(b * hp.n_ff),
+        (MemoryKind::Readback, hp.n_vocab * 4),
+    ]);
+    out
+}
+
 /// One sequence's state: its KV cache and scratch. Dropping it frees them.
 pub struct Sequence {
     capacity: u64,
@@ -524,5 +546,10 @@ impl Sequence {
 
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// Forgets the tokens so the sequence can serve a new request (the cache is overwritten).
+    pub fn reset(&mut self) {
+        self.pos = 0;
     }
 }

@@ -65,6 +65,12 @@ impl Ledger {
 const ALIGN: u64 = 256;
 const DEFAULT_CHUNK: u64 = 256 << 20;
 
+/// What the ledger charges for an allocation of `len` bytes (lengths are rounded up to the
+/// sub-allocation alignment), so estimates can match allocations exactly.
+pub fn charged_bytes(len: u64) -> u64 {
+    len.max(1).div_ceil(ALIGN) * ALIGN
+}
+
 struct Chunk {
     memory: vk::DeviceMemory,
     buffer: vk::Buffer,
@@ -164,7 +170,7 @@ impl Allocator {
         owner: OwnerId,
         what: &str,
     ) -> Result<(Placement, u64, Option<NonNull<u8>>), VulkanError> {
-        let size = size.max(1).div_ceil(ALIGN) * ALIGN;
+        let size = charged_bytes(size);
         if size > self.max_allocation {
             return Err(VulkanError::TooLarge {
                 what: what.to_string(),

@@ -27,6 +27,16 @@ pub enum LoadStrategy {
     Import,
 }
 
+impl LoadStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadStrategy::Auto => "auto",
+            LoadStrategy::Copy => "copy",
+            LoadStrategy::Import => "import",
+        }
+    }
+}
+
 impl std::str::FromStr for LoadStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -1,0 +1,150 @@
+//! The test harness shared by the end-to-end suites: a real daemon (`halod::run`) on a temporary
+//! socket and config, driven by the real `halo` binary.
+#![allow(dead_code)] // each suite uses a different part
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use halo_proto::Addr;
+use halod::core::DeviceFacts;
+use halod::memory::MemorySources;
+use halod::{Config, Control};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+pub const MB: u64 = 1_000_000;
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    ctl: mpsc::Sender<Control>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub enum Gpu {
+    Probe,
+    None,
+}
+
+impl TestDaemon {
+    /// Writes `files` (name, size) and `config` into a temp folder and starts the daemon on it.
+    pub fn start(config: &str, files: &[(&str, u64)]) -> Self {
+        Self::start_with(config, files, Gpu::Probe)
+    }
+
+    pub fn start_with(config: &str, files: &[(&str, u64)], gpu: Gpu) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, size) in files {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.set_len(*size).unwrap();
+        }
+        let cfg_path = dir.path().join("halod.toml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let config = Config::load(&cfg_path).unwrap();
+        let sock = dir.path().join("halod.sock");
+        let (ctl, rx) = mpsc::channel(4);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let addr = Addr::Unix(sock.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = halod::bind(&addr).await.unwrap();
+                let facts = match gpu {
+                    Gpu::Probe => halod::probe_device(None).await,
+                    Gpu::None => Arc::new(DeviceFacts {
+                        discovery: Err("the Vulkan loader found no devices".into()),
+                        runtime: Err("the Vulkan loader found no devices".into()),
+                        memory: MemorySources {
+                            physical_ram: 16 << 30,
+                            ..Default::default()
+                        },
+                    }),
+                };
+                ready_tx.send(()).unwrap();
+                halod::run(vec![listener], config, facts, rx).await.unwrap();
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        TestDaemon {
+            dir,
+            sock,
+            ctl,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn halo(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_halo"))
+            .args(args)
+            .env("HALO_ADDR", format!("unix:{}", self.sock.display()))
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `halo ARGS`, requires success, and parses stdout as JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.halo(args);
+        assert!(
+            out.status.success(),
+            "halo {args:?} failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("halo {args:?}: bad JSON ({e}): {}", text(&out.stdout)))
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.halo(args);
+        assert!(
+            out.status.success(),
+            "halo {args:?} failed: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Runs `halo ARGS`, requires exit code `code`, returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.halo(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "halo {args:?}: stdout {} stderr {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stderr)
+    }
+
+    pub fn resident(&self) -> Vec<String> {
+        let ps = self.json(&["ps", "--json"]);
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.ctl.try_send(Control::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

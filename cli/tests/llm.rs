@@ -1,0 +1,386 @@
+//! End-to-end LLM serving on the real models (scripts/fetch-models.sh), through the real daemon
+//! and the real `halo` binary: streamed generation, the JSON contract, seeds, stop strings, the
+//! chat template, tokenize, concurrent requests, cancellation, eviction of one LLM by another,
+//! and a corrupt GGUF answered with a clear error while the daemon keeps serving.
+//!
+//! Skips when the models or a Vulkan device are missing, unless HALO_REQUIRE_MODELS=1 /
+//! HALO_REQUIRE_VULKAN=1. Generation lengths are short: lavapipe runs these on the CPU.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{text, TestDaemon};
+use serde_json::Value;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+fn model(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
+    }
+    eprintln!("skipping: {} is missing", p.display());
+    None
+}
+
+fn gpu_required() -> bool {
+    std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1")
+}
+
+/// A daemon serving SmolLM2 (two parallel sequences of 256 tokens), or None to skip.
+fn smol_daemon(extra: &str) -> Option<TestDaemon> {
+    let path = model(SMOL)?;
+    let cfg = format!(
+        "[[models]]\nname = \"smol\"\nkind = \"llm\"\npath = {:?}\ncontext = 256\nparallel = 2\n{extra}",
+        path.display().to_string()
+    );
+    let d = TestDaemon::start(&cfg, &[]);
+    let s = d.json(&["status", "--json"]);
+    if s["device"].is_null() || !s["runtime_error"].is_null() {
+        assert!(!gpu_required(), "no GPU runtime: {s}");
+        eprintln!("skipping: no Vulkan runtime");
+        return None;
+    }
+    Some(d)
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn generate_streams_tokens_and_follows_the_contract() {
+    let Some(d) = smol_daemon("") else { return };
+    let out = d.ok(&["tokenize", "smol", "The capital of France is", "--json"]);
+    let toks: Value = serde_json::from_str(&out).unwrap();
+    // llama.cpp's tokenization of the same text (SmolLM2 adds no BOS).
+    assert_eq!(
+        toks["tokens"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+
+    let out = d.ok(&[
+        "generate",
+        "smol",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--logprobs",
+        "3",
+        "--json",
+    ]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 5, "{out}");
+    for l in &lines[..4] {
+        assert!(l["token"].is_u64() && l["text"].is_string(), "{l}");
+        let lp = l["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = l["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], l["token"]);
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+    }
+    let done = &lines[4];
+    assert_eq!(done["done"], true);
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(done["prompt_tokens"], 5);
+    assert_eq!(done["completion_tokens"], 4);
+    assert!(done["prompt_ms"].is_u64() && done["generation_ms"].is_u64());
+    let text: String = lines[..4]
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert!(text.starts_with(" Paris"), "{text:?}");
+
+    // Plain output streams the same text.
+    let plain = d.ok(&[
+        "generate",
+        "smol",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+    ]);
+    assert_eq!(plain, format!("{text}\n"));
+
+    // A stop string ends generation before it and is not printed.
+    let out = d.ok(&[
+        "generate",
+        "smol",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--stop",
+        ".",
+        "--json",
+    ]);
+    let lines = json_lines(&out);
+    let done = lines.last().unwrap();
+    assert_eq!(done["finish_reason"], "stop", "{out}");
+    let text: String = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(text, " Paris", "{out}");
+
+    // Token ids as the prompt give the same answer as the text.
+    let by_ids = d.ok(&[
+        "generate",
+        "smol",
+        "--tokens",
+        "504,3575,282,4649,314",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+    ]);
+    assert_eq!(by_ids, plain);
+}
+
+#[test]
+fn seeds_chat_and_concurrency() {
+    let Some(d) = smol_daemon("") else { return };
+    let sample = |seed: &str| {
+        d.ok(&[
+            "generate",
+            "smol",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "6",
+        ])
+    };
+    assert_eq!(sample("42"), sample("42"), "same seed, same output");
+
+    // The chat template turns the prompt into a conversation the instruct model answers.
+    let out = d.ok(&[
+        "generate",
+        "smol",
+        "What is the capital of France?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(out.contains("Paris"), "{out:?}");
+
+    // `halo chat` keeps the conversation and answers each line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_halo"))
+        .args(["chat", "smol", "--temperature", "0", "--max-tokens", "10"])
+        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"What is the capital of France?\nAnd of Italy?\n/bye\n",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let replies = text(&out.stdout);
+    assert!(replies.contains("Paris"), "{replies:?}");
+    assert!(
+        replies.contains("Rome"),
+        "the second answer uses the history: {replies:?}"
+    );
+
+    // Two requests at once each get their own sequence and both finish.
+    let spawn = |prompt: &str| {
+        Command::new(env!("CARGO_BIN_EXE_halo"))
+            .args([
+                "generate",
+                "smol",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "5",
+                "--json",
+            ])
+            .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn("The capital of France is");
+    let b = spawn("1, 2, 3, 4,");
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    for out in [&a, &b] {
+        let lines = json_lines(&text(&out.stdout));
+        assert_eq!(lines.last().unwrap()["completion_tokens"], 5);
+    }
+    let alone = d.ok(&[
+        "generate",
+        "smol",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]);
+    let tokens = |out: &str| -> Vec<Value> {
+        json_lines(out)
+            .into_iter()
+            .filter(|l| l["done"].is_null())
+            .collect()
+    };
+    assert_eq!(
+        tokens(&text(&a.stdout)),
+        tokens(&alone),
+        "running beside another request changes nothing"
+    );
+}
+
+#[test]
+fn cancelling_stops_the_job_and_returns_its_sequence() {
+    let Some(d) = smol_daemon("") else { return };
+    d.ok(&["load", "smol"]);
+    let held = d.json(&["ps", "--json"])[0]["bytes"].as_u64().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_halo"))
+        .args([
+            "generate",
+            "smol",
+            "Tell me a long story.",
+            "--max-tokens",
+            "200",
+            "--json",
+        ])
+        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let jobs = d.json(&["jobs", "--json"]);
+        if let Some(j) = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["state"] == "running")
+        {
+            break j["id"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    d.ok(&["cancel", &id.to_string()]);
+    let out = child.wait_with_output().unwrap();
+    let lines = json_lines(&text(&out.stdout));
+    assert_eq!(lines.last().unwrap()["finish_reason"], "cancelled");
+    assert!(lines.len() < 200);
+    let jobs = d.json(&["jobs", "--json"]);
+    let j = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap();
+    assert_eq!(j["state"], "cancelled");
+    // The model holds exactly what it held before: the sequence went back to its pool.
+    assert_eq!(
+        d.json(&["ps", "--json"])[0]["bytes"].as_u64().unwrap(),
+        held
+    );
+    assert_eq!(d.json(&["ps", "--json"])[0]["running_jobs"], 0);
+    // And it serves the next request.
+    d.ok(&["generate", "smol", "Hi", "--max-tokens", "1"]);
+}
+
+#[test]
+fn estimates_eviction_and_a_corrupt_file() {
+    let (Some(smol), Some(gemma)) = (model(SMOL), model(GEMMA)) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    let bytes = std::fs::read(&smol).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let cfg = format!(
+        "[memory]\nbudget = \"300MiB\"\n\
+         [[models]]\nname = \"smol\"\nkind = \"llm\"\npath = {:?}\ncontext = 256\nparallel = 1\n\
+         [[models]]\nname = \"gemma\"\nkind = \"llm\"\npath = {:?}\ncontext = 256\nparallel = 1\n\
+         [[models]]\nname = \"bad\"\nkind = \"llm\"\npath = {:?}\n",
+        smol.display().to_string(),
+        gemma.display().to_string(),
+        bad.display().to_string()
+    );
+    let d = TestDaemon::start(&cfg, &[]);
+    let s = d.json(&["status", "--json"]);
+    if !s["runtime_error"].is_null() {
+        assert!(!gpu_required(), "{s}");
+        return;
+    }
+    let models = d.json(&["models", "--json"]);
+    let find = |n: &str| {
+        models
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(find("bad")["state"], "invalid");
+    assert!(
+        find("bad")["error"]
+            .as_str()
+            .unwrap()
+            .contains("past the end"),
+        "{}",
+        find("bad")
+    );
+
+    // The estimate is what the load really allocates (within 2%).
+    for name in ["smol", "gemma"] {
+        let est = find(name)["estimated_bytes"].as_u64().unwrap();
+        let r = d.json(&["load", name, "--json"]);
+        let actual = r["model"]["bytes"].as_u64().unwrap();
+        let err = (actual as f64 - est as f64).abs() / est as f64;
+        assert!(err <= 0.02, "{name}: estimate {est}, actual {actual}");
+        if name == "gemma" {
+            // 300 MiB holds one of them: loading gemma evicted smol.
+            assert_eq!(r["evicted"], serde_json::json!(["smol"]));
+        }
+    }
+    assert_eq!(d.resident(), ["gemma"]);
+
+    let err = d.fails(&["generate", "bad", "hi"], 3);
+    assert!(
+        err.contains("bad.gguf") && err.contains("past the end"),
+        "{err}"
+    );
+    // The daemon keeps serving: generating with smol evicts gemma and works.
+    let out = d.ok(&[
+        "generate",
+        "smol",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(out.starts_with(" Paris"), "{out:?}");
+    assert_eq!(d.resident(), ["smol"]);
+}

@@ -1,0 +1,355 @@
+//! The GPU executor: one thread that runs every job's GPU work, one step at a time, round-robin
+//! across the jobs it holds (a prompt chunk or one decode token per step). Jobs are state
+//! machines: tokenize → prefill in chunks → decode steps → done. Cancellation (or a client that
+//! went away) is checked between steps, so a job stops within one decode step, and its sequence
+//! goes back to the model's pool when it ends.
+//!
+//! Architecture invariant: no request thread submits GPU work; everything goes through this
+//! thread. It talks to async code through channels only and never blocks the tokio runtime.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::core::{CoreError, JobEvent, TokenEvent};
+use crate::llm::chat::Message;
+use crate::llm::engine::LlmEngine;
+use crate::llm::model::{Sequence, MAX_BATCH};
+use crate::sampler::{logprobs, Sampler, SamplerConfig};
+use crate::scheduler::JobId;
+
+/// What a generate request asks for.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub prompt: Prompt,
+    /// Render the text as one user message with the model's chat template.
+    pub chat: bool,
+    pub max_tokens: Option<u32>,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub logprobs: u32,
+    /// Keep going past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    /// A conversation for the chat template.
+    Chat(Vec<Message>),
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum Ended {
+    Done,
+    Cancelled,
+    Failed(CoreError),
+}
+
+/// A job handed to the executor.
+pub struct ExecJob {
+    pub id: JobId,
+    pub engine: Arc<LlmEngine>,
+    pub params: GenerateParams,
+    pub events: UnboundedSender<JobEvent>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Handle to the executor thread.
+pub struct Executor {
+    tx: std::sync::mpsc::Sender<ExecJob>,
+}
+
+impl Executor {
+    /// Starts the thread; `ended` receives (job, outcome) for every job it finishes.
+    pub fn spawn(ended: UnboundedSender<(JobId, Ended)>) -> Executor {
+        let (tx, rx) = std::sync::mpsc::channel::<ExecJob>();
+        std::thread::Builder::new()
+            .name("halo-gpu".into())
+            .spawn(move || run(rx, ended))
+            .expect("spawning the executor thread");
+        Executor { tx }
+    }
+
+    /// Hands a job to the thread; false if the thread has stopped.
+    pub fn submit(&self, job: ExecJob) -> bool {
+        self.tx.send(job).is_ok()
+    }
+}
+
+fn run(rx: std::sync::mpsc::Receiver<ExecJob>, ended: UnboundedSender<(JobId, Ended)>) {
+    let mut active: Vec<Running> = Vec::new();
+    loop {
+        if active.is_empty() {
+            match rx.recv() {
+                Ok(job) => active.push(Running::new(job)),
+                Err(_) => return, // the daemon is gone
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            active.push(Running::new(job));
+        }
+        let mut i = 0;
+        while i < active.len() {
+            // A bug in one job must not take the others (or the daemon) down with it.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| active[i].step()))
+                .unwrap_or_else(|_| {
+                    Some(Ended::Failed(CoreError::FailedPrecondition(
+                        "internal error while running the job (see the daemon's log)".into(),
+                    )))
+                });
+            match step {
+                None => i += 1,
+                Some(outcome) => {
+                    let mut job = active.swap_remove(i);
+                    if let Some(seq) = job.seq.take() {
+                        job.job.engine.return_sequence(seq);
+                    }
+                    let _ = ended.send((job.job.id, outcome));
+                }
+            }
+        }
+    }
+}
+
+/// A sampled token: id, its log-probability, and the top alternatives.
+type Chosen = (u32, f32, Vec<(u32, f32)>);
+
+/// One job in progress.
+struct Running {
+    job: ExecJob,
+    seq: Option<Sequence>,
+    sampler: Sampler,
+    prompt: Vec<u32>,
+    fed: usize,
+    history: Vec<u32>,
+    /// The sampled token waiting to be emitted, with its log-probabilities.
+    next: Option<Chosen>,
+    generated: u32,
+    /// Bytes of an incomplete UTF-8 sequence carried to the next token.
+    partial: Vec<u8>,
+    /// Text held back because it could be the start of a stop string.
+    held: String,
+    started: Instant,
+    prompt_ms: u64,
+    decode_started: Option<Instant>,
+    ready: bool,
+}
+
+impl Running {
+    fn new(job: ExecJob) -> Running {
+        let sampler = Sampler::new(job.params.sampler.clone());
+        Running {
+            job,
+            seq: None,
+            sampler,
+            prompt: Vec::new(),
+            fed: 0,
+            history: Vec::new(),
+            next: None,
+            generated: 0,
+            partial: Vec::new(),
+            held: String::new(),
+            started: Instant::now(),
+            prompt_ms: 0,
+            decode_started: None,
+            ready: false,
+        }
+    }
+
+    /// Does one step of work; `Some` when the job has ended.
+    fn step(&mut self) -> Option<Ended> {
+        if self.job.cancel.load(Ordering::SeqCst) || self.job.events.is_closed() {
+            return Some(Ended::Cancelled);
+        }
+        let r = if !self.ready {
+            self.prepare()
+        } else if self.fed < self.prompt.len() {
+            self.prefill()
+        } else {
+            self.decode()
+        };
+        match r {
+            Ok(None) => None,
+            Ok(Some(e)) => Some(e),
+            Err(e) => Some(Ended::Failed(e)),
+        }
+    }
+
+    fn prepare(&mut self) -> Result<Option<Ended>, CoreError> {
+        let engine = &self.job.engine;
+        let tok = &engine.tokenizer;
+        let p = &self.job.params;
+        let messages = match (&p.prompt, p.chat) {
+            (Prompt::Chat(m), _) => Some(m.clone()),
+            (Prompt::Text(text), true) => Some(vec![Message::new("user", text.clone())]),
+            _ => None,
+        };
+        let ids = match (&p.prompt, messages) {
+            (Prompt::Tokens(ids), _) => ids.clone(),
+            (_, Some(messages)) => {
+                let tmpl = engine.chat.as_ref().ok_or_else(|| {
+                    CoreError::InvalidArgument(
+                        "this model has no chat template; drop --chat".into(),
+                    )
+                })?;
+                let rendered = tmpl
+                    .render(&messages, true)
+                    .map_err(|e| CoreError::InvalidArgument(format!("chat template: {e}")))?;
+                // Templates usually write the BOS token themselves; add it only if they do not.
+                let has_bos = tok
+                    .bos()
+                    .and_then(|b| tok.token_text(b))
+                    .is_some_and(|b| rendered.starts_with(b));
+                tok.encode(&rendered, !has_bos, true).map_err(|e| {
+                    CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
+                })?
+            }
+            (Prompt::Text(text), None) => tok.encode(text, true, true).map_err(|e| {
+                CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
+            })?,
+            (Prompt::Chat(_), None) => unreachable!("a chat prompt always has messages"),
+        };
+        if ids.is_empty() {
+            return Err(CoreError::InvalidArgument(
+                "the prompt is empty after tokenization".into(),
+            ));
+        }
+        let vocab = engine.model.hp.n_vocab;
+        if let Some(bad) = ids.iter().find(|t| **t as u64 >= vocab) {
+            return Err(CoreError::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if ids.len() as u64 >= engine.context {
+            return Err(CoreError::InvalidArgument(format!(
+                "the prompt has {} tokens but the model's context is {}; raise `context` in the config",
+                ids.len(),
+                engine.context
+            )));
+        }
+        self.seq = Some(engine.take_sequence().ok_or_else(|| {
+            CoreError::ResourceExhausted("no free sequence for this model; try again".into())
+        })?);
+        self.history = ids.clone();
+        self.prompt = ids;
+        self.ready = true;
+        Ok(None)
+    }
+
+    fn gpu(e: impl std::fmt::Display) -> CoreError {
+        CoreError::FailedPrecondition(format!("GPU work failed: {e}"))
+    }
+
+    fn prefill(&mut self) -> Result<Option<Ended>, CoreError> {
+        let end = (self.fed + MAX_BATCH as usize).min(self.prompt.len());
+        let seq = self.seq.as_mut().expect("prepared");
+        let logits = self
+            .job
+            .engine
+            .model
+            .forward(seq, &self.prompt[self.fed..end])
+            .map_err(Self::gpu)?;
+        self.fed = end;
+        if self.fed == self.prompt.len() {
+            self.prompt_ms = self.started.elapsed().as_millis() as u64;
+            self.decode_started = Some(Instant::now());
+            self.choose(&logits);
+        }
+        Ok(None)
+    }
+
+    fn choose(&mut self, logits: &[f32]) {
+        let t = self.sampler.sample(logits, &self.history);
+        let (lp, top) = logprobs(logits, t, self.job.params.logprobs as usize);
+        self.next = Some((t, lp, top));
+    }
+
+    fn decode(&mut self) -> Result<Option<Ended>, CoreError> {
+        let (t, lp, top) = self.next.take().expect("a token is chosen after prefill");
+        let engine = self.job.engine.clone();
+        let p = &self.job.params;
+        if !p.ignore_eos && engine.tokenizer.is_eog(t) {
+            return Ok(Some(self.done("eos")));
+        }
+        self.generated += 1;
+        self.history.push(t);
+        // Text of this token: complete UTF-8 only, held back while it may start a stop string.
+        self.partial
+            .extend(engine.tokenizer.token_bytes(t).unwrap_or_default());
+        let valid = match std::str::from_utf8(&self.partial) {
+            Ok(s) => s.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.partial.len(),
+        };
+        let piece: Vec<u8> = self.partial.drain(..valid).collect();
+        self.held.push_str(&String::from_utf8_lossy(&piece));
+        let mut release = self.held.len();
+        let mut stopped = false;
+        if let Some(at) = p
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            release = at;
+            stopped = true;
+        } else {
+            // Keep back the longest tail that is a prefix of some stop string.
+            for s in &p.stop {
+                for k in (1..s.len().min(self.held.len() + 1)).rev() {
+                    if self.held.is_char_boundary(self.held.len() - k)
+                        && s.starts_with(&self.held[self.held.len() - k..])
+                    {
+                        release = release.min(self.held.len() - k);
+                        break;
+                    }
+                }
+            }
+        }
+        let text: String = self.held.drain(..release).collect();
+        let _ = self.job.events.send(JobEvent::Token(TokenEvent {
+            token: t,
+            text,
+            logprob: lp,
+            top_logprobs: top,
+        }));
+        if stopped {
+            self.held.clear();
+            return Ok(Some(self.done("stop")));
+        }
+        let seq = self.seq.as_mut().expect("prepared");
+        let max = p.max_tokens.map(|m| m as u64).unwrap_or(u64::MAX);
+        if self.generated as u64 >= max || seq.len() + 1 >= seq.capacity() {
+            return Ok(Some(self.done("length")));
+        }
+        let logits = engine.model.forward(seq, &[t]).map_err(Self::gpu)?;
+        self.choose(&logits);
+        Ok(None)
+    }
+
+    fn done(&mut self, reason: &str) -> Ended {
+        if !self.held.is_empty() || !self.partial.is_empty() {
+            let mut text = std::mem::take(&mut self.held);
+            text.push_str(&String::from_utf8_lossy(&std::mem::take(&mut self.partial)));
+            if reason != "stop" {
+                let _ = self.job.events.send(JobEvent::Text(text));
+            }
+        }
+        let _ = self.job.events.send(JobEvent::Done {
+            finish_reason: reason.to_string(),
+            prompt_tokens: self.prompt.len() as u32,
+            completion_tokens: self.generated,
+            prompt_ms: self.prompt_ms,
+            generation_ms: self
+                .decode_started
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+        });
+        Ended::Done
+    }
+}

@@ -1,0 +1,138 @@
+//! A loaded LLM ready to serve requests: weights on the device, tokenizer, chat template, and a
+//! pool of sequences (KV cache + scratch), one per request that may run at once. The whole pool
+//! is allocated at load time and charged to the model, so what `halo ps` shows is what the model
+//! holds, and [`estimate`] (a pure function of the GGUF header and the config) predicts it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use halo_kernels::{charged_bytes, Device, LoadStrategy, OwnerId};
+
+use super::chat::ChatTemplate;
+use super::hparams::HParams;
+use super::model::{sequence_buffers, LlmError, LlmModel, Sequence};
+use super::tokenizer::Tokenizer;
+use crate::gguf::{Gguf, GgufFile};
+
+/// Context used when the config gives none: the model's own, capped here.
+pub const DEFAULT_CONTEXT: u64 = 4096;
+
+/// How many tokens a sequence holds, from the config's `context` or the model's default.
+pub fn context_for(hp: &HParams, configured: Option<u32>) -> u64 {
+    match configured {
+        Some(c) => c as u64,
+        None => hp.context_train.clamp(1, DEFAULT_CONTEXT),
+    }
+}
+
+/// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens: the
+/// weights as the loader places them plus each sequence's buffers, rounded as the allocator
+/// rounds them.
+pub fn estimate(g: &Gguf, context: Option<u32>, parallel: u64) -> Result<u64, LlmError> {
+    let hp = HParams::from_gguf(g)?;
+    let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
+    let ctx = context_for(&hp, context);
+    let per_seq: u64 = sequence_buffers(&hp, ctx)
+        .iter()
+        .map(|(_, b)| charged_bytes(*b))
+        .sum();
+    Ok(weights + parallel * per_seq)
+}
+
+/// Gemma's turn format, for Gemma GGUFs that carry no template of their own. A system message
+/// becomes a user turn (Gemma has no system role).
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// A template halo knows for the architecture when the file has none.
+fn builtin_template(g: &Gguf, tok: &Tokenizer) -> Result<Option<ChatTemplate>, LlmError> {
+    if g.str("general.architecture").ok() != Some("gemma3") {
+        return Ok(None);
+    }
+    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+    ChatTemplate::new(GEMMA_TEMPLATE, &text(tok.bos()), &text(tok.eos()))
+        .map(Some)
+        .map_err(|e| LlmError::Unsupported(format!("built-in chat template: {e}")))
+}
+
+/// A model loaded for serving.
+pub struct LlmEngine {
+    pub model: LlmModel,
+    pub tokenizer: Tokenizer,
+    pub chat: Option<ChatTemplate>,
+    pub context: u64,
+    pub parallel: u64,
+    free: Mutex<Vec<Sequence>>,
+}
+
+impl LlmEngine {
+    /// Loads `path` onto `device` with `parallel` sequences of the configured context, all
+    /// charged to `owner`.
+    pub fn load(
+        device: &Device,
+        path: &Path,
+        context: Option<u32>,
+        parallel: u64,
+        strategy: LoadStrategy,
+        owner: OwnerId,
+    ) -> Result<LlmEngine, LlmError> {
+        let file = GgufFile::open(path).map_err(|e| LlmError::Unsupported(e.to_string()))?;
+        let tokenizer = Tokenizer::from_gguf(&file.header)
+            .map_err(|e| LlmError::Unsupported(format!("tokenizer: {e}")))?;
+        let chat = ChatTemplate::from_gguf(&file.header, &tokenizer)
+            .map_err(|e| LlmError::Unsupported(format!("chat template: {e}")))?;
+        let chat = match chat {
+            Some(c) => Some(c),
+            None => builtin_template(&file.header, &tokenizer)?,
+        };
+        let model = LlmModel::load(device, &file, strategy, owner)?;
+        let ctx = context_for(&model.hp, context);
+        let free = (0..parallel.max(1))
+            .map(|_| model.new_sequence(ctx, owner))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LlmEngine {
+            model,
+            tokenizer,
+            chat,
+            context: ctx,
+            parallel: parallel.max(1),
+            free: Mutex::new(free),
+        })
+    }
+
+    /// Takes a free sequence (the scheduler never runs more jobs than there are sequences).
+    pub fn take_sequence(&self) -> Option<Sequence> {
+        let mut s = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        s.reset();
+        Some(s)
+    }
+
+    pub fn return_sequence(&self, s: Sequence) {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::chat::Message;
+
+    #[test]
+    fn the_builtin_gemma_template_renders_gemma_turns() {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let out = t
+            .render(
+                &[
+                    Message::new("user", "Hi "),
+                    Message::new("assistant", "Hello."),
+                    Message::new("user", "Bye"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+}
