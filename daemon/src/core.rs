@@ -197,6 +197,11 @@ pub enum Command {
         reply: Reply<(JobId, mpsc::UnboundedReceiver<JobEvent>)>,
     },
     Jobs(oneshot::Sender<Vec<JobRow>>),
+    /// Bandwidth roofline of a resident LLM (measured on the executor thread).
+    Roofline {
+        model: String,
+        reply: Reply<(u64, oneshot::Receiver<Result<f64, String>>, String)>,
+    },
     /// The engine of a resident LLM (for tokenizing outside a job).
     Engine {
         model: String,
@@ -460,6 +465,21 @@ impl Core {
             }
             Command::Jobs(reply) => {
                 let _ = reply.send(self.job_rows());
+            }
+            Command::Roofline { model, reply } => {
+                let r = match self.loaded.get(&model) {
+                    Some(Loaded::Llm(e)) => {
+                        let (tx, rx) = oneshot::channel();
+                        let device = e.model.device().clone();
+                        let name = device.info().name.clone();
+                        self.executor.measure_bandwidth(device, tx);
+                        Ok((e.model.weight_bytes_per_token(), rx, name))
+                    }
+                    _ => Err(CoreError::FailedPrecondition(format!(
+                        "model {model:?} is not loaded on the GPU"
+                    ))),
+                };
+                let _ = reply.send(r);
             }
             Command::Engine { model, reply } => {
                 let r = match self.loaded.get(&model) {

@@ -59,15 +59,25 @@ pub struct ExecJob {
     pub cancel: Arc<AtomicBool>,
 }
 
+/// What the executor thread is asked to do.
+enum Msg {
+    Job(ExecJob),
+    /// Measure the device's memory bandwidth (bytes/s) between job steps.
+    Bandwidth(
+        halo_kernels::Device,
+        tokio::sync::oneshot::Sender<Result<f64, String>>,
+    ),
+}
+
 /// Handle to the executor thread.
 pub struct Executor {
-    tx: std::sync::mpsc::Sender<ExecJob>,
+    tx: std::sync::mpsc::Sender<Msg>,
 }
 
 impl Executor {
     /// Starts the thread; `ended` receives (job, outcome) for every job it finishes.
     pub fn spawn(ended: UnboundedSender<(JobId, Ended)>) -> Executor {
-        let (tx, rx) = std::sync::mpsc::channel::<ExecJob>();
+        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("halo-gpu".into())
             .spawn(move || run(rx, ended))
@@ -77,21 +87,40 @@ impl Executor {
 
     /// Hands a job to the thread; false if the thread has stopped.
     pub fn submit(&self, job: ExecJob) -> bool {
-        self.tx.send(job).is_ok()
+        self.tx.send(Msg::Job(job)).is_ok()
+    }
+
+    /// Measures `device`'s bandwidth on the executor thread; the answer comes on `reply`.
+    pub fn measure_bandwidth(
+        &self,
+        device: halo_kernels::Device,
+        reply: tokio::sync::oneshot::Sender<Result<f64, String>>,
+    ) {
+        if let Err(std::sync::mpsc::SendError(Msg::Bandwidth(_, reply))) =
+            self.tx.send(Msg::Bandwidth(device, reply))
+        {
+            let _ = reply.send(Err("the GPU executor stopped".into()));
+        }
     }
 }
 
-fn run(rx: std::sync::mpsc::Receiver<ExecJob>, ended: UnboundedSender<(JobId, Ended)>) {
+fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)>) {
     let mut active: Vec<Running> = Vec::new();
+    let handle = |m: Msg, active: &mut Vec<Running>| match m {
+        Msg::Job(job) => active.push(Running::new(job)),
+        Msg::Bandwidth(device, reply) => {
+            let _ = reply.send(bandwidth(&device).map_err(|e| e.to_string()));
+        }
+    };
     loop {
         if active.is_empty() {
             match rx.recv() {
-                Ok(job) => active.push(Running::new(job)),
+                Ok(m) => handle(m, &mut active),
                 Err(_) => return, // the daemon is gone
             }
         }
-        while let Ok(job) = rx.try_recv() {
-            active.push(Running::new(job));
+        while let Ok(m) = rx.try_recv() {
+            handle(m, &mut active);
         }
         let mut i = 0;
         while i < active.len() {
@@ -114,6 +143,24 @@ fn run(rx: std::sync::mpsc::Receiver<ExecJob>, ended: UnboundedSender<(JobId, En
             }
         }
     }
+}
+
+/// Device memory bandwidth in bytes/s: the best of a few copies of a 128 MiB buffer (each copy
+/// reads and writes every byte).
+fn bandwidth(device: &halo_kernels::Device) -> Result<f64, halo_kernels::VulkanError> {
+    use halo_kernels::{MemoryKind, OwnerId};
+    let bytes: u64 = 128 << 20;
+    let src = device.alloc(MemoryKind::Device, bytes, OwnerId::SHARED)?;
+    let dst = device.alloc(MemoryKind::Device, bytes, OwnerId::SHARED)?;
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let mut s = device.stream()?;
+        let t = Instant::now();
+        s.copy(&src, 0, &dst, 0, bytes)?;
+        s.finish()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * bytes as f64 / best)
 }
 
 /// A sampled token: id, its log-probability, and the top alternatives.

@@ -581,6 +581,34 @@ impl pb::halo_server::Halo for HaloService {
         }))
     }
 
+    async fn roofline(
+        &self,
+        req: Request<pb::RooflineRequest>,
+    ) -> Result<Response<pb::RooflineResponse>, Status> {
+        let model = model_name(&req.into_inner().model)?;
+        let m = model.clone();
+        self.core
+            .call(|reply| crate::core::Command::Load {
+                model: m,
+                pin: false,
+                reply,
+            })
+            .await?;
+        let (bytes, rx, device) = self
+            .core
+            .call(|reply| crate::core::Command::Roofline { model, reply })
+            .await?;
+        let bw = rx
+            .await
+            .map_err(|_| Status::unavailable("halod is shutting down"))?
+            .map_err(|e| Status::failed_precondition(format!("measuring bandwidth: {e}")))?;
+        Ok(Response::new(pb::RooflineResponse {
+            weight_bytes_per_token: bytes,
+            bandwidth_bytes_per_s: bw,
+            device,
+        }))
+    }
+
     async fn reload_config(
         &self,
         _req: Request<pb::ReloadConfigRequest>,

@@ -106,6 +106,17 @@ fn missing_config_file_exits_2() {
 }
 
 #[test]
+fn the_demo_config_is_valid() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo.toml");
+    let out = Command::new(HALOD)
+        .args(["check-config", demo])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("SmolLM2-135M-Instruct.Q4_1.gguf"));
+}
+
+#[test]
 fn the_documented_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/halod.toml");
     let out = Command::new(HALOD)

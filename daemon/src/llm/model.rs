@@ -159,6 +159,26 @@ impl LlmModel {
         &self.weights
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights one generated token reads: every matrix once, but of the embedding
+    /// table only one row (unless it doubles as the output projection).
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        let tied = !self.tensors.contains_key("output.weight");
+        self.tensors
+            .values()
+            .map(|(_, t)| {
+                if t.name == "token_embd.weight" && !tied {
+                    t.size / t.dims.get(1).copied().unwrap_or(1).max(1)
+                } else {
+                    t.size
+                }
+            })
+            .sum()
+    }
+
     fn info(&self, name: &str) -> Result<&(usize, TensorInfo), LlmError> {
         self.tensors
             .get(name)
