@@ -168,6 +168,9 @@ pub struct ReloadDone {
 
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
+/// Weight bytes per token, the pending bandwidth measurement, and the device's name.
+pub type RooflineParts = (u64, oneshot::Receiver<Result<f64, String>>, String);
+
 /// A request to the core driver.
 pub enum Command {
     Status(oneshot::Sender<StatusSnapshot>),
@@ -200,7 +203,7 @@ pub enum Command {
     /// Bandwidth roofline of a resident LLM (measured on the executor thread).
     Roofline {
         model: String,
-        reply: Reply<(u64, oneshot::Receiver<Result<f64, String>>, String)>,
+        reply: Reply<RooflineParts>,
     },
     /// The engine of a resident LLM (for tokenizing outside a job).
     Engine {
