@@ -1,5 +1,6 @@
 //! The LLM forward pass on the real models (lavapipe in CI): batch prefill and one-token decode
-//! agree, and greedy continuations match llama.cpp's (recorded in tests/fixtures/llm/).
+//! agree, and greedy continuations match the recorded references (tests/fixtures/llm/): exact
+//! arithmetic (transformers on the dequantized weights) and llama.cpp.
 
 use std::path::PathBuf;
 
@@ -95,4 +96,101 @@ fn smollm2_prefill_matches_decode() {
 #[test]
 fn gemma3_prefill_matches_decode() {
     prefill_matches_decode("gemma-3-270m-q4_k_m.gguf", &[2, 818, 5279, 529, 7001, 563]);
+}
+
+/// Greedy continuations against the recorded references (tests/fixtures/llm/greedy.json, made by
+/// gen_llm_refs.py): transformers in f32 on the dequantized weights (exact arithmetic) and
+/// llama.cpp (which rounds activations to 8 bits inside its quantized matmuls).
+fn greedy_matches_references(name: &str) {
+    let (Some(path), Some(dev)) = (model(name), device()) else {
+        return;
+    };
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/llm/greedy.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let m = LlmModel::load(&dev, &file, LoadStrategy::Auto, OwnerId(10)).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for case in refs["models"][name].as_array().unwrap() {
+        let prompt = ids(&case["prompt_tokens"]);
+        let (llama, llama_margin) = (ids(&case["tokens"]), floats(&case["margins"]));
+        let (exact, exact_margin) = (ids(&case["exact_tokens"]), floats(&case["exact_margins"]));
+        let mut seq = m.new_sequence(64, OwnerId(11)).unwrap();
+        let mut logits = m.forward(&mut seq, &prompt).unwrap();
+        let mut ours = Vec::new();
+        for i in 0..exact.len() {
+            ours.push(argmax(&logits));
+            if i + 1 < exact.len() {
+                logits = m.forward(&mut seq, &[ours[i]]).unwrap();
+            }
+        }
+        let first_difference = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(x, y)| x != y);
+        let label = format!("{name} {}", case["prompt"]);
+        // Against exact arithmetic: the same tokens, except past a near-tie (our KV cache is f16).
+        if let Some(i) = first_difference(&ours, &exact) {
+            assert!(
+                exact_margin[i] < 0.05,
+                "{label}: step {i} gave {}, the exact reference {} with a margin of {:.3}",
+                ours[i],
+                exact[i],
+                exact_margin[i]
+            );
+            eprintln!(
+                "{label}: parts from the exact reference at a near-tie, step {i} (margin {:.4})",
+                exact_margin[i]
+            );
+        }
+        // Against llama.cpp: the same tokens, except where llama.cpp's own top two are within 0.1,
+        // or where llama.cpp itself parts from the exact reference at that step.
+        if let Some(i) = first_difference(&ours, &llama) {
+            let llama_left_exact =
+                first_difference(&llama, &exact) == Some(i) && ours[..=i] == exact[..=i];
+            assert!(
+                llama_margin[i] < 0.1 || llama_left_exact,
+                "{label}: step {i} gave {}, llama.cpp {} with a clear margin of {:.3}",
+                ours[i],
+                llama[i],
+                llama_margin[i]
+            );
+            eprintln!(
+                "{label}: parts from llama.cpp at step {i} (llama.cpp margin {:.3}; {})",
+                llama_margin[i],
+                if llama_left_exact {
+                    "llama.cpp also parts from exact arithmetic there"
+                } else {
+                    "a near-tie"
+                }
+            );
+        } else {
+            eprintln!("{label}: all {} tokens equal llama.cpp's", llama.len());
+        }
+    }
+}
+
+#[test]
+fn smollm2_greedy_matches_the_references() {
+    greedy_matches_references("SmolLM2-135M-Instruct.Q4_1.gguf");
+}
+
+#[test]
+fn gemma3_greedy_matches_the_references() {
+    greedy_matches_references("gemma-3-270m-q4_k_m.gguf");
 }
