@@ -368,6 +368,9 @@ fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Addr>, D::Error> {
 impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Model paths are relative to the config's folder: anchor them at its real location.
+        let canonical = std::fs::canonicalize(path);
+        let path = canonical.as_deref().unwrap_or(path);
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: None,
