@@ -304,6 +304,54 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
         held
     );
     assert_eq!(d.json(&["ps", "--json"])[0]["running_jobs"], 0);
+    // A client that goes away is the same as a cancel: its job stops and frees its sequence.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_halo"))
+        .args([
+            "generate",
+            "smol",
+            "Tell me another long story.",
+            "--max-tokens",
+            "200",
+        ])
+        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let jobs = d.json(&["jobs", "--json"]);
+        if let Some(j) = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["state"] == "running")
+        {
+            break j["id"].clone();
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = d.json(&["jobs", "--json"]);
+        let j = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone();
+        if j["state"] == "cancelled" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job kept running without its client: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // And it serves the next request.
     d.ok(&["generate", "smol", "Hi", "--max-tokens", "1"]);
 }
