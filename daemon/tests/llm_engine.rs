@@ -2,39 +2,13 @@
 //! agree, and greedy continuations match the recorded references (tests/fixtures/llm/): exact
 //! arithmetic (transformers on the dequantized weights) and llama.cpp.
 
-use std::path::PathBuf;
+mod common;
 
-use halo_kernels::{Device, DeviceOptions, LoadStrategy, OwnerId};
+use common::{device, model};
+
+use halo_kernels::{LoadStrategy, OwnerId};
 use halod::gguf::GgufFile;
 use halod::llm::model::LlmModel;
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
-    } else {
-        eprintln!(
-            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
-            p.display()
-        );
-        None
-    }
-}
-
-fn device() -> Option<Device> {
-    match Device::open(&DeviceOptions::default()) {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var("HALO_REQUIRE_VULKAN").as_deref() != Ok("1") => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;

@@ -1,26 +1,11 @@
 //! The real models from PyPI (scripts/fetch-models.sh puts them in models/): halo's readers on
 //! real files. Skips when the files are absent, unless HALO_REQUIRE_MODELS=1 (CI sets it).
 
-use std::path::PathBuf;
+mod common;
+
+use common::model;
 
 use halod::gguf::GgufFile;
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
-    } else {
-        eprintln!(
-            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
-            p.display()
-        );
-        None
-    }
-}
 
 #[test]
 fn smollm2_header() {

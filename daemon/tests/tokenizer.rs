@@ -2,29 +2,16 @@
 //! in tests/fixtures/tokenizer/ by tests/fixtures/gen_tokenizer_refs.py. Skips when the model files
 //! are absent, unless HALO_REQUIRE_MODELS=1 (CI sets it).
 
+mod common;
+
+use common::model;
+
 use std::path::PathBuf;
 
 use halod::gguf::GgufFile;
 use halod::llm::chat::{ChatTemplate, Message};
 use halod::llm::tokenizer::{StreamDecoder, Tokenizer};
 use serde_json::Value;
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
-    } else {
-        eprintln!(
-            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
-            p.display()
-        );
-        None
-    }
-}
 
 fn fixture(name: &str) -> Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
