@@ -83,14 +83,12 @@ enum Verb {
     Image(ImageArgs),
 }
 
-#[derive(Args)]
-struct GenerateArgs {
-    model: String,
-    /// The prompt (omit with --tokens)
-    #[arg(required_unless_present = "tokens")]
-    prompt: Option<String>,
+/// Sampling options shared by `generate` and `chat` (unset: llama.cpp's defaults).
+#[derive(Args, Clone)]
+struct SamplingArgs {
     #[arg(long)]
     max_tokens: Option<u32>,
+    /// 0 is greedy
     #[arg(long)]
     temperature: Option<f32>,
     #[arg(long)]
@@ -99,8 +97,35 @@ struct GenerateArgs {
     top_p: Option<f32>,
     #[arg(long)]
     min_p: Option<f32>,
+    /// Same seed, same output
     #[arg(long)]
     seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// A request with these options filled in.
+    fn request(&self, model: &str) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            model: model.to_string(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    model: String,
+    /// The prompt (omit with --tokens)
+    #[arg(required_unless_present = "tokens")]
+    prompt: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Stop when this text is generated (repeatable)
     #[arg(long)]
     stop: Vec<String>,
@@ -124,18 +149,8 @@ struct ChatArgs {
     /// A system message to start the conversation with
     #[arg(long)]
     system: Option<String>,
-    #[arg(long)]
-    max_tokens: Option<u32>,
-    #[arg(long)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    top_k: Option<u32>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long)]
-    min_p: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -537,15 +552,8 @@ async fn chat(c: &mut HaloClient<Channel>, a: ChatArgs, out: &mut Out) -> Result
             content: line,
         });
         let req = pb::GenerateRequest {
-            model: a.model.clone(),
             messages: system.iter().chain(&history).cloned().collect(),
-            max_tokens: a.max_tokens,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            seed: a.seed,
-            ..Default::default()
+            ..a.sampling.request(&a.model)
         };
         let mut stream = c.generate(req).await?.into_inner();
         let mut reply = String::new();
@@ -842,18 +850,11 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
         (None, None) => return Err(Failure::Local("give a prompt or --tokens".into())),
     };
     let req = pb::GenerateRequest {
-        model: a.model,
         prompt: Some(prompt),
         chat: a.chat,
-        max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        seed: a.seed,
         stop: a.stop,
         logprobs: a.logprobs,
-        ..Default::default()
+        ..a.sampling.request(&a.model)
     };
     let mut stream = c.generate(req).await?.into_inner();
     let mut job = None;

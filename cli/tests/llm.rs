@@ -253,6 +253,24 @@ fn seeds_chat_and_concurrency() {
     );
 }
 
+/// Waits until a job is running and returns its id.
+fn running_job(d: &TestDaemon) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = d.json(&["jobs", "--json"]);
+        if let Some(j) = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["state"] == "running")
+        {
+            return j["id"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn cancelling_stops_the_job_and_returns_its_sequence() {
     let Some(d) = smol_daemon("") else { return };
@@ -271,20 +289,7 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id = loop {
-        let jobs = d.json(&["jobs", "--json"]);
-        if let Some(j) = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["state"] == "running")
-        {
-            break j["id"].as_u64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = running_job(&d);
     d.ok(&["cancel", &id.to_string()]);
     let out = child.wait_with_output().unwrap();
     let lines = json_lines(&text(&out.stdout));
@@ -317,20 +322,7 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id = loop {
-        let jobs = d.json(&["jobs", "--json"]);
-        if let Some(j) = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["state"] == "running")
-        {
-            break j["id"].clone();
-        }
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = running_job(&d);
     child.kill().unwrap();
     child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
