@@ -100,6 +100,15 @@ struct SamplingArgs {
     /// Same seed, same output
     #[arg(long)]
     seed: Option<u64>,
+    /// Divide positive (multiply negative) logits of the last 64 tokens by this (1 is off)
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    /// Subtract this times a token's count in the last 64 tokens
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    /// Subtract this from tokens present in the last 64 tokens
+    #[arg(long)]
+    presence_penalty: Option<f32>,
 }
 
 impl SamplingArgs {
@@ -113,6 +122,9 @@ impl SamplingArgs {
             top_p: self.top_p,
             min_p: self.min_p,
             seed: self.seed,
+            repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
             ..Default::default()
         }
     }

@@ -373,6 +373,9 @@ impl pb::halo_server::Halo for HaloService {
         check_range("temperature", req.temperature, 0.0, 100.0)?;
         check_range("top_p", req.top_p, 0.0, 1.0)?;
         check_range("min_p", req.min_p, 0.0, 1.0)?;
+        check_range("repeat_penalty", req.repeat_penalty, 0.0, 10.0)?;
+        check_range("frequency_penalty", req.frequency_penalty, -10.0, 10.0)?;
+        check_range("presence_penalty", req.presence_penalty, -10.0, 10.0)?;
         if req.max_tokens == Some(0) {
             return Err(Status::invalid_argument("max_tokens must be at least 1"));
         }
