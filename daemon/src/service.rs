@@ -27,6 +27,19 @@ pub struct HaloService {
 }
 
 impl HaloService {
+    /// Loads `model` if it is not resident (as a generate request would).
+    async fn ensure_loaded(&self, model: &str) -> Result<(), Status> {
+        let model = model.to_string();
+        self.core
+            .call(|reply| crate::core::Command::Load {
+                model,
+                pin: false,
+                reply,
+            })
+            .await?;
+        Ok(())
+    }
+
     pub fn new(
         core: CoreHandle,
         facts: Arc<DeviceFacts>,
@@ -489,14 +502,7 @@ impl pb::halo_server::Halo for HaloService {
             )));
         }
         // Like a generate request, tokenizing loads the model if it is not resident.
-        let m = model.clone();
-        self.core
-            .call(|reply| crate::core::Command::Load {
-                model: m,
-                pin: false,
-                reply,
-            })
-            .await?;
+        self.ensure_loaded(&model).await?;
         let engine = self
             .core
             .call(|reply| crate::core::Command::Engine { model, reply })
@@ -589,14 +595,7 @@ impl pb::halo_server::Halo for HaloService {
         req: Request<pb::RooflineRequest>,
     ) -> Result<Response<pb::RooflineResponse>, Status> {
         let model = model_name(&req.into_inner().model)?;
-        let m = model.clone();
-        self.core
-            .call(|reply| crate::core::Command::Load {
-                model: m,
-                pin: false,
-                reply,
-            })
-            .await?;
+        self.ensure_loaded(&model).await?;
         let (bytes, rx, device) = self
             .core
             .call(|reply| crate::core::Command::Roofline { model, reply })

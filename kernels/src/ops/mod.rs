@@ -14,83 +14,59 @@ use crate::error::VulkanError;
 use crate::runtime::{Access, Buffer, Dispatch, Stream};
 use crate::KernelId;
 
-/// A run of `len` f32 elements starting at element `start` of a buffer.
-#[derive(Clone, Copy, Debug)]
-pub struct F32s<'a> {
-    pub buffer: &'a Buffer,
-    pub start: u64,
-    pub len: u64,
+/// Defines a typed view of `len` 4-byte elements starting at element `start` of a buffer.
+macro_rules! view {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name<'a> {
+            pub buffer: &'a Buffer,
+            pub start: u64,
+            pub len: u64,
+        }
+
+        impl<'a> $name<'a> {
+            /// All of `buffer`.
+            pub fn all(buffer: &'a Buffer) -> Self {
+                $name {
+                    buffer,
+                    start: 0,
+                    len: buffer.len() / 4,
+                }
+            }
+
+            /// Elements `start..start + len` of this run.
+            pub fn sub(&self, start: u64, len: u64) -> Self {
+                $name {
+                    buffer: self.buffer,
+                    start: self.start + start,
+                    len,
+                }
+            }
+
+            pub(crate) fn access(&self) -> Access<'a> {
+                Access {
+                    buffer: self.buffer,
+                    offset: self.start * 4,
+                    len: self.len * 4,
+                }
+            }
+
+            pub(crate) fn address(&self) -> u64 {
+                self.buffer.address(self.start * 4)
+            }
+        }
+    };
 }
 
-impl<'a> F32s<'a> {
-    /// All of `buffer`, as f32.
-    pub fn all(buffer: &'a Buffer) -> Self {
-        F32s {
-            buffer,
-            start: 0,
-            len: buffer.len() / 4,
-        }
-    }
-
-    /// Elements `start..start + len` of this run.
-    pub fn sub(&self, start: u64, len: u64) -> Self {
-        F32s {
-            buffer: self.buffer,
-            start: self.start + start,
-            len,
-        }
-    }
-
-    pub(crate) fn access(&self) -> Access<'a> {
-        Access {
-            buffer: self.buffer,
-            offset: self.start * 4,
-            len: self.len * 4,
-        }
-    }
-
-    pub(crate) fn address(&self) -> u64 {
-        self.buffer.address(self.start * 4)
-    }
-}
-
-/// A run of `len` u32 elements (token ids, expert ids, indices) starting at element `start`.
-#[derive(Clone, Copy, Debug)]
-pub struct U32s<'a> {
-    pub buffer: &'a Buffer,
-    pub start: u64,
-    pub len: u64,
-}
-
-impl<'a> U32s<'a> {
-    pub fn all(buffer: &'a Buffer) -> Self {
-        U32s {
-            buffer,
-            start: 0,
-            len: buffer.len() / 4,
-        }
-    }
-
-    pub fn sub(&self, start: u64, len: u64) -> Self {
-        U32s {
-            buffer: self.buffer,
-            start: self.start + start,
-            len,
-        }
-    }
-
-    pub(crate) fn access(&self) -> Access<'a> {
-        Access {
-            buffer: self.buffer,
-            offset: self.start * 4,
-            len: self.len * 4,
-        }
-    }
-
-    pub(crate) fn address(&self) -> u64 {
-        self.buffer.address(self.start * 4)
-    }
-}
+view!(
+    /// A run of f32 elements (activations, norm weights, logits).
+    F32s
+);
+view!(
+    /// A run of u32 elements (token ids, positions, expert ids).
+    U32s
+);
 
 /// Push-constant bytes laid out as GLSL does for a push-constant block (scalars 4-aligned,
 /// buffer references 8-aligned).
