@@ -1,4 +1,4 @@
-//! The LLM forward pass on tiny random-weight llama, qwen3 and gemma3 models
+//! The LLM forward pass on tiny random-weight llama, qwen3, gemma3 and qwen3moe models
 //! (tests/fixtures/tiny/, made by gen_tiny_models.py) against transformers' float32 logits.
 //!
 //! Each file's reference was computed by transformers on the weights dequantized from that same
@@ -215,4 +215,14 @@ fn gemma3_q8_0() {
 #[test]
 fn gemma3_q4_0() {
     check("gemma3", "Q4_0");
+}
+
+#[test]
+fn qwen3moe_f32() {
+    check("qwen3moe", "F32");
+}
+
+#[test]
+fn qwen3moe_q8_0() {
+    check("qwen3moe", "Q8_0");
 }

@@ -1,4 +1,5 @@
-//! The nn ops (norms, activations, softmax, rope, attention, KV-cache stores, top-k) against
+//! The nn ops (norms, activations, softmax, rope, attention, KV-cache stores, top-k, the MoE
+//! combine) against
 //! their references in `reference::nn`, over sweeps of shapes. Skips (with a message) when no
 //! Vulkan device exists, unless HALO_REQUIRE_VULKAN=1.
 
@@ -500,6 +501,43 @@ fn top_k_and_the_router_match_the_reference() {
     }
 }
 
+#[test]
+fn moe_combine_matches_the_reference() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(30);
+    // Fixed edge cases (one expert, one value, more than one workgroup), then random sizes.
+    let mut shapes = vec![(1usize, 1usize), (1, 300), (8, 1), (2, 70_000)];
+    for _ in 0..6 {
+        let k = 1 + (rng.next_u64() % 8) as usize;
+        let n = 1 + (rng.next_u64() % 5000) as usize;
+        shapes.push((k, n));
+    }
+    for (k, n) in shapes {
+        let rows = rng.f32s(k * n, 3.0);
+        // Router weights: positive, as softmax probabilities are.
+        let w: Vec<f32> = rng.f32s(k, 0.5).iter().map(|v| v + 0.5).collect();
+        let gr = dev.upload_f32(&rows, OWNER).unwrap();
+        let gw = dev.upload_f32(&w, OWNER).unwrap();
+        let out = zeros(&dev, n);
+        let mut s = dev.stream().unwrap();
+        ops::moe_combine(
+            &mut s,
+            F32s::all(&gr),
+            F32s::all(&gw),
+            F32s::all(&out),
+            n as u64,
+        )
+        .unwrap();
+        s.finish().unwrap();
+        check(
+            &format!("moe_combine k={k} n={n}"),
+            &read(&dev, &out, n),
+            &r::moe_combine(&rows, &w),
+            1e-5,
+        );
+    }
+}
+
 fn is_bad(r: Result<(), VulkanError>, needle: &str) {
     match r {
         Err(e @ VulkanError::BadArgument { .. }) => {
@@ -661,6 +699,18 @@ fn bad_arguments_are_errors() {
     is_bad(
         ops::top_k(&mut s, fa, 16, 2, out_ids, fa.sub(0, 7)),
         "out_vals",
+    );
+    is_bad(
+        ops::moe_combine(&mut s, fa, fb.sub(0, 4), fb.sub(0, 8), 8),
+        "rows",
+    );
+    is_bad(
+        ops::moe_combine(&mut s, fa, fb.sub(0, 4), fa.sub(0, 15), 16),
+        "out",
+    );
+    is_bad(
+        ops::moe_combine(&mut s, fa, fb.sub(0, 0), fa.sub(0, 16), 16),
+        "empty",
     );
     s.finish().unwrap();
 }

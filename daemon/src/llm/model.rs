@@ -80,7 +80,7 @@ impl LlmModel {
     ) -> Result<LlmModel, LlmError> {
         let g = &file.header;
         let hp = HParams::from_gguf(g)?;
-        if matches!(hp.arch, Arch::Qwen3Moe | Arch::Glm4) {
+        if hp.arch == Arch::Glm4 {
             return Err(LlmError::Unsupported(format!(
                 "the {} architecture is not supported by the engine yet",
                 hp.arch.name()
@@ -91,6 +91,19 @@ impl LlmModel {
                 "head dimension {} is above the attention kernel's {}",
                 hp.head_dim,
                 ops::MAX_HEAD_DIM
+            )));
+        }
+        let moe = hp.arch == Arch::Qwen3Moe;
+        if moe
+            && (hp.n_expert == 0
+                || hp.n_expert_used == 0
+                || hp.n_expert_used > hp.n_expert
+                || hp.n_ff_expert == 0)
+        {
+            return Err(LlmError::Unsupported(format!(
+                "a mixture-of-experts model needs 1 to {} experts used per token of {} experts \
+                 with a positive expert FFN length ({}); found {} used",
+                hp.n_expert, hp.n_expert, hp.n_ff_expert, hp.n_expert_used
             )));
         }
         // Check the shapes the forward pass relies on before spending time loading.
@@ -106,10 +119,18 @@ impl LlmModel {
             g.tensor_shaped(&layer(l, "attn_v"), &[d, kv_dim])?;
             g.tensor_shaped(&layer(l, "attn_output"), &[q_dim, d])?;
             g.tensor_shaped(&layer(l, "ffn_norm"), &[d])?;
-            g.tensor_shaped(&layer(l, "ffn_gate"), &[d, hp.n_ff])?;
-            g.tensor_shaped(&layer(l, "ffn_up"), &[d, hp.n_ff])?;
-            g.tensor_shaped(&layer(l, "ffn_down"), &[hp.n_ff, d])?;
-            if matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3) {
+            if moe {
+                let (e, ff) = (hp.n_expert, hp.n_ff_expert);
+                g.tensor_shaped(&layer(l, "ffn_gate_inp"), &[d, e])?;
+                g.tensor_shaped(&layer(l, "ffn_gate_exps"), &[d, ff, e])?;
+                g.tensor_shaped(&layer(l, "ffn_up_exps"), &[d, ff, e])?;
+                g.tensor_shaped(&layer(l, "ffn_down_exps"), &[ff, d, e])?;
+            } else {
+                g.tensor_shaped(&layer(l, "ffn_gate"), &[d, hp.n_ff])?;
+                g.tensor_shaped(&layer(l, "ffn_up"), &[d, hp.n_ff])?;
+                g.tensor_shaped(&layer(l, "ffn_down"), &[hp.n_ff, d])?;
+            }
+            if matches!(hp.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) {
                 g.tensor_shaped(&layer(l, "attn_q_norm"), &[hp.head_dim])?;
                 g.tensor_shaped(&layer(l, "attn_k_norm"), &[hp.head_dim])?;
             }
@@ -198,6 +219,24 @@ impl LlmModel {
         })
     }
 
+    /// A layer's experts stacked in one 3-D tensor (GGUF dims [cols, rows_per_expert, experts]),
+    /// as one matrix of experts × rows_per_expert rows, and rows_per_expert.
+    fn w_experts(&self, name: &str) -> Result<(Weights<'_>, u64), LlmError> {
+        let (i, t) = self.info(name)?;
+        let (buffer, offset) = self.weights.tensor(*i).expect("every tensor was loaded");
+        let per_expert = t.dims.get(1).copied().unwrap_or(1);
+        Ok((
+            Weights {
+                buffer,
+                offset,
+                ty: t.ty,
+                rows: per_expert * t.dims.get(2).copied().unwrap_or(1),
+                cols: t.dims[0],
+            },
+            per_expert,
+        ))
+    }
+
     /// An f32 vector (norm weights).
     fn v(&self, name: &str) -> Result<F32s<'_>, LlmError> {
         let (i, t) = self.info(name)?;
@@ -247,6 +286,14 @@ impl LlmModel {
             gate: next(),
             up: next(),
             logits: next(),
+            moe: (self.hp.arch == Arch::Qwen3Moe).then(|| MoeScratch {
+                router: next(),
+                ids: next(),
+                weights: next(),
+                gate: next(),
+                up: next(),
+                out: next(),
+            }),
         })
     }
 
@@ -319,7 +366,7 @@ impl LlmModel {
                 }
             };
         let gemma = hp.arch == Arch::Gemma3;
-        let qk_norm = matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3);
+        let qk_norm = matches!(hp.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3);
 
         ops::get_rows(
             s,
@@ -467,14 +514,18 @@ impl LlmModel {
                 hp.eps,
                 0.0,
             )?;
-            proj(s, self.w(&layer(l, "ffn_gate"))?, h, gate)?;
-            proj(s, self.w(&layer(l, "ffn_up"))?, h, up)?;
-            if gemma {
-                ops::geglu(s, gate, up, gate)?;
+            if let Some(moe) = &seq.moe {
+                self.record_moe(s, moe, l, h, n)?;
             } else {
-                ops::swiglu(s, gate, up, gate)?;
+                proj(s, self.w(&layer(l, "ffn_gate"))?, h, gate)?;
+                proj(s, self.w(&layer(l, "ffn_up"))?, h, up)?;
+                if gemma {
+                    ops::geglu(s, gate, up, gate)?;
+                } else {
+                    ops::swiglu(s, gate, up, gate)?;
+                }
+                proj(s, self.w(&layer(l, "ffn_down"))?, gate, h)?;
             }
-            proj(s, self.w(&layer(l, "ffn_down"))?, gate, h)?;
             if gemma {
                 ops::rms_norm(
                     s,
@@ -508,6 +559,54 @@ impl LlmModel {
         ops::matvec(s, self.output()?, hl, logits)?;
         Ok(())
     }
+
+    /// Layer `l`'s mixture-of-experts FFN over the n normed tokens in `h`, replacing each with its
+    /// FFN output, one token at a time: the router's logits, softmax and the top k experts (their
+    /// probabilities renormalized to sum to 1), each chosen expert's gated FFN, and their sum
+    /// weighted by those probabilities. The choice stays on the device throughout.
+    fn record_moe(
+        &self,
+        s: &mut Stream,
+        moe: &MoeScratch,
+        l: u64,
+        h: F32s<'_>,
+        n: u64,
+    ) -> Result<(), LlmError> {
+        let hp = &self.hp;
+        let d = hp.n_embd;
+        let k = hp.n_expert_used;
+        let ff = hp.n_ff_expert;
+        let f32s = |buffer, len| F32s {
+            buffer,
+            start: 0,
+            len,
+        };
+        let router = f32s(&moe.router, hp.n_expert);
+        let ids = U32s {
+            buffer: &moe.ids,
+            start: 0,
+            len: k,
+        };
+        let weights = f32s(&moe.weights, k);
+        let gate = f32s(&moe.gate, k * ff);
+        let up = f32s(&moe.up, k * ff);
+        let out = f32s(&moe.out, k * d);
+        let w_router = self.w(&layer(l, "ffn_gate_inp"))?;
+        let (w_gate, ff_gate) = self.w_experts(&layer(l, "ffn_gate_exps"))?;
+        let (w_up, ff_up) = self.w_experts(&layer(l, "ffn_up_exps"))?;
+        let (w_down, d_down) = self.w_experts(&layer(l, "ffn_down_exps"))?;
+        for t in 0..n {
+            let ht = h.sub(t * d, d);
+            ops::matvec(s, w_router, ht, router)?;
+            ops::softmax_top_k(s, router, hp.n_expert, k, true, ids, weights)?;
+            ops::matvec_indexed(s, w_gate, ff_gate, ids, ht, false, gate)?;
+            ops::matvec_indexed(s, w_up, ff_up, ids, ht, false, up)?;
+            ops::swiglu(s, gate, up, gate)?;
+            ops::matvec_indexed(s, w_down, d_down, ids, gate, true, out)?;
+            ops::moe_combine(s, out, weights, ht, d)?;
+        }
+        Ok(())
+    }
 }
 
 /// Every buffer a sequence of `capacity` tokens allocates, in the order `new_sequence` takes them:
@@ -532,7 +631,30 @@ pub fn sequence_buffers(hp: &HParams, capacity: u64) -> Vec<(MemoryKind, u64)> {
         dev(b * hp.n_ff),
         (MemoryKind::Readback, hp.n_vocab * 4),
     ]);
+    if hp.arch == Arch::Qwen3Moe {
+        // The mixture-of-experts scratch, for one token at a time: router logits, the chosen
+        // experts' ids and weights, their gate and up activations and their outputs.
+        let k = hp.n_expert_used;
+        out.extend([
+            dev(hp.n_expert),
+            dev(k),
+            dev(k),
+            dev(k * hp.n_ff_expert),
+            dev(k * hp.n_ff_expert),
+            dev(k * hp.n_embd),
+        ]);
+    }
     out
+}
+
+/// A mixture-of-experts model's per-token FFN scratch.
+struct MoeScratch {
+    router: Buffer,
+    ids: Buffer,
+    weights: Buffer,
+    gate: Buffer,
+    up: Buffer,
+    out: Buffer,
 }
 
 /// One sequence's state: its KV cache and scratch. Dropping it frees them.
@@ -552,6 +674,7 @@ pub struct Sequence {
     gate: Buffer,
     up: Buffer,
     logits: Buffer,
+    moe: Option<MoeScratch>,
 }
 
 impl Sequence {

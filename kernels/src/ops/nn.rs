@@ -1,5 +1,5 @@
 //! Neural-network ops on f32 activations: norms, activations, softmax, rotary embedding,
-//! attention over a KV cache, KV-cache stores and top-k. Row-wise ops run one workgroup per
+//! attention over a KV cache, KV-cache stores, top-k and the MoE combine. Row-wise ops run one workgroup per
 //! row; every op checks its arguments and returns [`VulkanError::BadArgument`] when they do not
 //! fit together.
 
@@ -636,4 +636,43 @@ pub fn softmax_top_k(
 ) -> Result<(), VulkanError> {
     let mode = if renormalize { 2 } else { 1 };
     top_k_inner(stream, logits, row_len, k, mode, out_ids, out_vals)
+}
+
+/// The MoE combine: `out[j] = Σ_k weights[k] · rows[k·n + j]` for j < n, where `rows` holds one
+/// expert output of `n` values per chosen expert and `weights` (on the device, as the router
+/// wrote them) one weight each. `out` must not overlap `rows`.
+pub fn moe_combine(
+    stream: &mut Stream,
+    rows: F32s<'_>,
+    weights: F32s<'_>,
+    out: F32s<'_>,
+    n: u64,
+) -> Result<(), VulkanError> {
+    let op = "moe_combine_f32";
+    if weights.len == 0 {
+        return Err(bad(
+            op,
+            "weights is empty: there are no experts to combine".into(),
+        ));
+    }
+    same_len(op, "out", out.len, n)?;
+    same_len(op, "rows", rows.len, weights.len * n)?;
+    to_u32(op, "rows length", rows.len)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(rows.address())
+        .addr(weights.address())
+        .addr(out.address())
+        .u32(to_u32(op, "n", n)?)
+        .u32(to_u32(op, "k", weights.len)?);
+    elementwise(
+        stream,
+        KernelId::MoeCombineF32,
+        n,
+        &push,
+        &[rows.access(), weights.access()],
+        &[out.access()],
+    )
 }

@@ -303,3 +303,16 @@ pub fn softmax_top_k(
     }
     (ids, vals)
 }
+
+/// out[j] = Σ_k w[k] · rows[k·n + j], for j < n = rows.len() / w.len().
+pub fn moe_combine(rows: &[f32], w: &[f32]) -> Vec<f32> {
+    let n = rows.len() / w.len();
+    (0..n)
+        .map(|j| {
+            w.iter()
+                .enumerate()
+                .map(|(k, wk)| *wk as f64 * rows[k * n + j] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
