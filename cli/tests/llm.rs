@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{text, TestDaemon};
@@ -183,9 +183,8 @@ fn seeds_chat_and_concurrency() {
     assert!(out.contains("Paris"), "{out:?}");
 
     // `halo chat` keeps the conversation and answers each line.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_halo"))
-        .args(["chat", "smol", "--temperature", "0", "--max-tokens", "10"])
-        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
+    let mut child = d
+        .command(&["chat", "smol", "--temperature", "0", "--max-tokens", "10"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -206,21 +205,19 @@ fn seeds_chat_and_concurrency() {
 
     // Two requests at once each get their own sequence and both finish.
     let spawn = |prompt: &str| {
-        Command::new(env!("CARGO_BIN_EXE_halo"))
-            .args([
-                "generate",
-                "smol",
-                prompt,
-                "--temperature",
-                "0",
-                "--max-tokens",
-                "5",
-                "--json",
-            ])
-            .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
+        d.command(&[
+            "generate",
+            "smol",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "5",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
     };
     let a = spawn("The capital of France is");
     let b = spawn("1, 2, 3, 4,");
@@ -276,8 +273,8 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
     let Some(d) = smol_daemon("") else { return };
     d.ok(&["load", "smol"]);
     let held = d.json(&["ps", "--json"])[0]["bytes"].as_u64().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_halo"))
-        .args([
+    let child = d
+        .command(&[
             "generate",
             "smol",
             "Tell me a long story.",
@@ -285,7 +282,6 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
             "200",
             "--json",
         ])
-        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -310,15 +306,14 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
     );
     assert_eq!(d.json(&["ps", "--json"])[0]["running_jobs"], 0);
     // A client that goes away is the same as a cancel: its job stops and frees its sequence.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_halo"))
-        .args([
+    let mut child = d
+        .command(&[
             "generate",
             "smol",
             "Tell me another long story.",
             "--max-tokens",
             "200",
         ])
-        .env("HALO_ADDR", format!("unix:{}", d.sock.display()))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

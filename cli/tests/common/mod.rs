@@ -79,12 +79,16 @@ impl TestDaemon {
         }
     }
 
+    /// `halo ARGS` pointed at this daemon, for tests that spawn it themselves.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_halo"));
+        c.args(args)
+            .env("HALO_ADDR", format!("unix:{}", self.sock.display()));
+        c
+    }
+
     pub fn halo(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_halo"))
-            .args(args)
-            .env("HALO_ADDR", format!("unix:{}", self.sock.display()))
-            .output()
-            .unwrap()
+        self.command(args).output().unwrap()
     }
 
     /// Runs `halo ARGS`, requires success, and parses stdout as JSON.
