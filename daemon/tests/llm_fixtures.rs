@@ -1,4 +1,4 @@
-//! The LLM forward pass on tiny random-weight llama, qwen3, gemma3 and qwen3moe models
+//! The LLM forward pass on tiny random-weight llama, qwen3, gemma3, qwen3moe and glm4 models
 //! (tests/fixtures/tiny/, made by gen_tiny_models.py) against transformers' float32 logits.
 //!
 //! Each file's reference was computed by transformers on the weights dequantized from that same
@@ -225,4 +225,24 @@ fn qwen3moe_f32() {
 #[test]
 fn qwen3moe_q8_0() {
     check("qwen3moe", "Q8_0");
+}
+
+#[test]
+fn glm4_f32() {
+    check("glm4", "F32");
+}
+
+#[test]
+fn glm4_f16() {
+    check("glm4", "F16");
+}
+
+#[test]
+fn glm4_q8_0() {
+    check("glm4", "Q8_0");
+}
+
+#[test]
+fn glm4_q4_0() {
+    check("glm4", "Q4_0");
 }

@@ -134,7 +134,8 @@ impl HParams {
                 f_or("rope.freq_base", 10_000.0) as f32
             },
             rope_dims: u_or("rope.dimension_count", head_dim),
-            neox: !matches!(arch, Arch::Llama),
+            // llama and glm4 rotate adjacent pairs; the others pairs half a head apart.
+            neox: !matches!(arch, Arch::Llama | Arch::Glm4),
             context_train: u_or("context_length", 4096),
             n_expert: u_or("expert_count", 0),
             n_expert_used: u_or("expert_used_count", 0),
@@ -144,6 +145,12 @@ impl HParams {
             embd_scale: if gemma { (n_embd as f32).sqrt() } else { 1.0 },
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
         })
+    }
+
+    /// Whether each layer also normalizes the attention and FFN outputs before adding them to the
+    /// residual stream (gemma3, glm4).
+    pub fn post_norms(&self) -> bool {
+        matches!(self.arch, Arch::Gemma3 | Arch::Glm4)
     }
 
     /// Whether layer `l` attends only within the sliding window.

@@ -80,12 +80,6 @@ impl LlmModel {
     ) -> Result<LlmModel, LlmError> {
         let g = &file.header;
         let hp = HParams::from_gguf(g)?;
-        if hp.arch == Arch::Glm4 {
-            return Err(LlmError::Unsupported(format!(
-                "the {} architecture is not supported by the engine yet",
-                hp.arch.name()
-            )));
-        }
         if hp.head_dim > ops::MAX_HEAD_DIM as u64 {
             return Err(LlmError::Unsupported(format!(
                 "head dimension {} is above the attention kernel's {}",
@@ -119,7 +113,18 @@ impl LlmModel {
             g.tensor_shaped(&layer(l, "attn_v"), &[d, kv_dim])?;
             g.tensor_shaped(&layer(l, "attn_output"), &[q_dim, d])?;
             g.tensor_shaped(&layer(l, "ffn_norm"), &[d])?;
-            if moe {
+            // Projection biases are optional (glm4 has them on q, k and v).
+            for (what, len) in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
+                let name = format!("blk.{l}.{what}.bias");
+                if g.tensor(&name).is_ok() {
+                    g.tensor_shaped(&name, &[len])?;
+                }
+            }
+            if hp.arch == Arch::Glm4 {
+                // One fused matrix: the gate's rows, then the up projection's.
+                g.tensor_shaped(&layer(l, "ffn_up"), &[d, 2 * hp.n_ff])?;
+                g.tensor_shaped(&layer(l, "ffn_down"), &[hp.n_ff, d])?;
+            } else if moe {
                 let (e, ff) = (hp.n_expert, hp.n_ff_expert);
                 g.tensor_shaped(&layer(l, "ffn_gate_inp"), &[d, e])?;
                 g.tensor_shaped(&layer(l, "ffn_gate_exps"), &[d, ff, e])?;
@@ -134,7 +139,7 @@ impl LlmModel {
                 g.tensor_shaped(&layer(l, "attn_q_norm"), &[hp.head_dim])?;
                 g.tensor_shaped(&layer(l, "attn_k_norm"), &[hp.head_dim])?;
             }
-            if hp.arch == Arch::Gemma3 {
+            if hp.post_norms() {
                 g.tensor_shaped(&layer(l, "post_attention_norm"), &[d])?;
                 g.tensor_shaped(&layer(l, "post_ffw_norm"), &[d])?;
             }
@@ -235,6 +240,41 @@ impl LlmModel {
             },
             per_expert,
         ))
+    }
+
+    /// The gate and up halves of glm4's fused `ffn_up` (the gate's rows first): two views of
+    /// one matrix, since each row is stored whole.
+    fn w_gate_up(&self, l: u64) -> Result<(Weights<'_>, Weights<'_>), LlmError> {
+        let fused = self.w(&layer(l, "ffn_up"))?;
+        let half = fused.rows / 2;
+        let row_bytes = usize::try_from(fused.cols)
+            .ok()
+            .and_then(|c| fused.ty.row_bytes(c))
+            .ok_or_else(|| {
+                LlmError::Unsupported(format!(
+                    "layer {l}'s ffn_up rows of {} are not whole {} blocks",
+                    fused.cols, fused.ty
+                ))
+            })? as u64;
+        let gate = Weights {
+            rows: half,
+            ..fused
+        };
+        let up = Weights {
+            offset: fused.offset + half * row_bytes,
+            rows: half,
+            ..fused
+        };
+        Ok((gate, up))
+    }
+
+    /// An optional f32 vector (a projection's bias).
+    fn bias(&self, name: &str) -> Result<Option<F32s<'_>>, LlmError> {
+        if self.tensors.contains_key(name) {
+            self.v(name).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// An f32 vector (norm weights).
@@ -366,6 +406,7 @@ impl LlmModel {
                 }
             };
         let gemma = hp.arch == Arch::Gemma3;
+        let post_norms = hp.post_norms();
         let qk_norm = matches!(hp.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3);
 
         ops::get_rows(
@@ -395,6 +436,11 @@ impl LlmModel {
             proj(s, self.w(&layer(l, "attn_q"))?, h, q)?;
             proj(s, self.w(&layer(l, "attn_k"))?, h, kk)?;
             proj(s, self.w(&layer(l, "attn_v"))?, h, vv)?;
+            for (what, out) in [("attn_q", q), ("attn_k", kk), ("attn_v", vv)] {
+                if let Some(b) = self.bias(&format!("blk.{l}.{what}.bias"))? {
+                    ops::add(s, out, b, out)?;
+                }
+            }
             if qk_norm {
                 let hd = hp.head_dim;
                 ops::rms_norm(
@@ -492,7 +538,7 @@ impl LlmModel {
                 },
             )?;
             proj(s, self.w(&layer(l, "attn_output"))?, attn, h)?;
-            if gemma {
+            if post_norms {
                 ops::rms_norm(
                     s,
                     h,
@@ -517,8 +563,13 @@ impl LlmModel {
             if let Some(moe) = &seq.moe {
                 self.record_moe(s, moe, l, h, n)?;
             } else {
-                proj(s, self.w(&layer(l, "ffn_gate"))?, h, gate)?;
-                proj(s, self.w(&layer(l, "ffn_up"))?, h, up)?;
+                let (w_gate, w_up) = if hp.arch == Arch::Glm4 {
+                    self.w_gate_up(l)?
+                } else {
+                    (self.w(&layer(l, "ffn_gate"))?, self.w(&layer(l, "ffn_up"))?)
+                };
+                proj(s, w_gate, h, gate)?;
+                proj(s, w_up, h, up)?;
                 if gemma {
                     ops::geglu(s, gate, up, gate)?;
                 } else {
@@ -526,7 +577,7 @@ impl LlmModel {
                 }
                 proj(s, self.w(&layer(l, "ffn_down"))?, gate, h)?;
             }
-            if gemma {
+            if post_norms {
                 ops::rms_norm(
                     s,
                     h,
