@@ -1,5 +1,6 @@
-//! The LLM forward pass on tiny random-weight llama, qwen3, gemma3, qwen3moe and glm4 models
-//! (tests/fixtures/tiny/, made by gen_tiny_models.py) against transformers' float32 logits.
+//! The LLM forward pass on tiny random-weight llama, qwen3, gemma3, qwen3moe and glm4 models, and a
+//! wider llama in the K-quants (tests/fixtures/tiny/, made by gen_tiny_models.py), against
+//! transformers' float32 logits.
 //!
 //! Each file's reference was computed by transformers on the weights dequantized from that same
 //! file, so even the quantized files should agree closely: what remains is the engine's own
@@ -245,4 +246,19 @@ fn glm4_q8_0() {
 #[test]
 fn glm4_q4_0() {
     check("glm4", "Q4_0");
+}
+
+#[test]
+fn llama256_q4_k() {
+    check("llama256", "Q4_K");
+}
+
+#[test]
+fn llama256_q5_k() {
+    check("llama256", "Q5_K");
+}
+
+#[test]
+fn llama256_q6_k() {
+    check("llama256", "Q6_K");
 }
