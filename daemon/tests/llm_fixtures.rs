@@ -262,3 +262,26 @@ fn llama256_q5_k() {
 fn llama256_q6_k() {
     check("llama256", "Q6_K");
 }
+
+#[test]
+fn llama3_rope_factors_f32() {
+    check("llama3rope", "F32");
+}
+
+#[test]
+fn gemma3_linear_rope_scaling_f32() {
+    check("gemma3linear", "F32");
+}
+
+/// A generated token reads one row of the (untied) embeddings and 2 of the 8 experts of each
+/// layer, not every expert: 268 032 of the file's 628 224 tensor bytes (counted with gguf-py).
+#[test]
+fn moe_tokens_read_only_the_experts_they_use() {
+    let Some(dev) = device() else {
+        return;
+    };
+    let path = format!("{DIR}/tiny-qwen3moe-F32.gguf");
+    let file = GgufFile::open(std::path::Path::new(&path)).unwrap();
+    let m = LlmModel::load(&dev, &file, LoadStrategy::Copy, OwnerId(1)).unwrap();
+    assert_eq!(m.weight_bytes_per_token(), 268_032);
+}

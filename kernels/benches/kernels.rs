@@ -5,17 +5,20 @@
 //!   bytes written per second), which is the roofline the other figures are compared with;
 //! - for every weight type, matvec (token generation) and matmul (prompt processing) as GB/s of
 //!   weights read and as a percentage of that bandwidth, next to the CPU reference's figure;
+//! - for every weight type, the mixture-of-experts matmul (matmul_indexed) over the same weights
+//!   taken as HALO_BENCH_EXPERTS stacked experts, each token routed to 2 of them at random;
 //! - loading weights from a memory-mapped file by copy and by zero-copy import.
 //!
-//! Sizes: HALO_BENCH_ROWS (default 2048), HALO_BENCH_COLS (4096), HALO_BENCH_TOKENS (64).
+//! Sizes: HALO_BENCH_ROWS (default 2048), HALO_BENCH_COLS (4096), HALO_BENCH_TOKENS (64),
+//! HALO_BENCH_EXPERTS (8; must divide the rows).
 //! HALO_VULKAN_DEVICE picks the device.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halo_kernels::ops::{self, F32s, Weights};
+use halo_kernels::ops::{self, F32s, U32s, Weights};
 use halo_kernels::quant::{self, WeightType};
-use halo_kernels::reference::Rng;
+use halo_kernels::reference::{self, Rng};
 use halo_kernels::{Device, DeviceOptions, HostMemory, LoadStrategy, MemoryKind, OwnerId};
 
 const OWNER: OwnerId = OwnerId(1);
@@ -65,6 +68,12 @@ fn main() {
     let cols = env("HALO_BENCH_COLS", 4096);
     let tokens = env("HALO_BENCH_TOKENS", 64);
     let min = Duration::from_millis(env("HALO_BENCH_MS", 1500));
+    let experts = env("HALO_BENCH_EXPERTS", 8).max(1);
+    let moe_k: u64 = 2.min(experts);
+    if !rows.is_multiple_of(experts) {
+        eprintln!("HALO_BENCH_EXPERTS = {experts} does not divide HALO_BENCH_ROWS = {rows}");
+        return;
+    }
 
     // Roofline: a large device-to-device copy.
     let copy_bytes: u64 = (256u64 << 20).min(info.limits.max_memory_allocation_size / 2);
@@ -88,11 +97,13 @@ fn main() {
 
     println!();
     println!(
-        "{rows}x{cols} weights; matmul with {tokens} tokens; best of >= {} ms each",
+        "{rows}x{cols} weights; matmul with {tokens} tokens; MoE as {experts} experts of {} rows, \
+         {tokens} tokens of k = {moe_k}; best of >= {} ms each",
+        rows / experts,
         min.as_millis()
     );
     println!(
-        "{:<6} {:>10} {:>12} {:>8} {:>12} {:>12} {:>12} {:>8} {:>12}",
+        "{:<6} {:>10} {:>12} {:>8} {:>12} {:>12} {:>12} {:>8} {:>12} {:>12} {:>12}",
         "type",
         "weights",
         "matvec GB/s",
@@ -101,10 +112,36 @@ fn main() {
         "GPU/CPU",
         "matmul GB/s",
         "% bw",
-        "GFLOP/s"
+        "GFLOP/s",
+        "moe GB/s",
+        "moe GFLOP/s"
     );
     let mut rng = Rng::new(5);
     let x = rng.f32s((cols * tokens) as usize, 1.0);
+    // Each token picks moe_k distinct experts at random; the lists are routed once, on the CPU.
+    let mut ids = Vec::new();
+    for _ in 0..tokens {
+        let mut pool: Vec<u32> = (0..experts as u32).collect();
+        for _ in 0..moe_k {
+            let i = (rng.next_u64() % pool.len() as u64) as usize;
+            ids.push(pool.swap_remove(i));
+        }
+    }
+    let (counts, pairs) = reference::nn::moe_route(&ids, experts as usize, tokens as usize);
+    let to_bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut counts_b = dev.alloc(MemoryKind::Device, experts * 4, OWNER).unwrap();
+    dev.write(&mut counts_b, 0, &to_bytes(&counts)).unwrap();
+    let mut pairs_b = dev
+        .alloc(MemoryKind::Device, (experts * tokens).max(1) * 4, OWNER)
+        .unwrap();
+    dev.write(&mut pairs_b, 0, &to_bytes(&pairs)).unwrap();
+    let moe_y = dev
+        .alloc(
+            MemoryKind::Device,
+            (rows / experts * tokens * moe_k).max(1) * 4,
+            OWNER,
+        )
+        .unwrap();
     for ty in WeightType::ALL {
         let w_bytes = quant::random_weights(ty, (rows * cols) as usize, 7);
         let size = w_bytes.len() as u64;
@@ -158,9 +195,29 @@ fn main() {
             );
             t0.elapsed()
         });
+        let te = best_of(min, || {
+            let mut s = dev.stream().unwrap();
+            let t0 = Instant::now();
+            ops::matmul_indexed(
+                &mut s,
+                w,
+                rows / experts,
+                U32s::all(&counts_b),
+                U32s::all(&pairs_b).sub(0, experts * tokens),
+                tokens,
+                moe_k,
+                F32s::all(&xb),
+                false,
+                F32s::all(&moe_y).sub(0, rows / experts * tokens * moe_k),
+            )
+            .unwrap();
+            s.finish().unwrap();
+            t0.elapsed()
+        });
         let flops = 2.0 * (rows * cols * tokens) as f64;
+        let moe_flops = flops * moe_k as f64 / experts as f64;
         println!(
-            "{:<6} {:>7.1} MB {:>12.2} {:>7.1}% {:>12.2} {:>11.1}x {:>12.2} {:>7.1}% {:>12.1}",
+            "{:<6} {:>7.1} MB {:>12.2} {:>7.1}% {:>12.2} {:>11.1}x {:>12.2} {:>7.1}% {:>12.1} {:>12.2} {:>12.1}",
             ty.name(),
             size as f64 / 1e6,
             gbs(size, tv),
@@ -170,6 +227,8 @@ fn main() {
             gbs(size, tm),
             100.0 * gbs(size, tm) / bandwidth,
             flops / tm.as_secs_f64() / 1e9,
+            gbs(size, te),
+            moe_flops / te.as_secs_f64() / 1e9,
         );
     }
 

@@ -1,13 +1,12 @@
 //! The nn ops (norms, activations, softmax, rope, attention, KV-cache stores, top-k, the MoE
-//! combine) against
-//! their references in `reference::nn`, over sweeps of shapes. Skips (with a message) when no
-//! Vulkan device exists, unless HALO_REQUIRE_VULKAN=1.
+//! routing and combine) against their references in `reference::nn`, over sweeps of shapes.
+//! Skips (with a message) when no Vulkan device exists, unless HALO_REQUIRE_VULKAN=1.
 
 mod common;
 
 use common::device;
 
-use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, U32s};
+use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, RopeParams, U32s};
 use halo_kernels::reference::nn as r;
 use halo_kernels::reference::{max_rel_diff, Rng};
 use halo_kernels::{Buffer, Device, MemoryKind, OwnerId, VulkanError};
@@ -228,17 +227,21 @@ fn softmax_matches_the_reference() {
 fn rope_matches_the_reference() {
     let Some(dev) = device() else { return };
     let mut rng = Rng::new(26);
-    // (tokens, heads, head_dim, rotary_dims, base, neox, largest position)
+    // (tokens, heads, head_dim, rotary_dims, base, neox, largest position, freq_scale, factors)
     let cases = [
-        (5, 4, 64, 64, 10_000.0, false, 200),
-        (5, 4, 64, 64, 10_000.0, true, 200),
-        (3, 3, 80, 32, 1e6, false, 300),
-        (3, 3, 80, 32, 1e6, true, 300),
-        (2, 2, 7, 4, 10_000.0, true, 50),
-        (4, 8, 128, 128, 1e6, true, 4096),
-        (4, 2, 256, 64, 10_000.0, false, 100_000),
+        (5, 4, 64, 64, 10_000.0, false, 200, 1.0, false),
+        (5, 4, 64, 64, 10_000.0, true, 200, 1.0, false),
+        (3, 3, 80, 32, 1e6, false, 300, 1.0, false),
+        (3, 3, 80, 32, 1e6, true, 300, 1.0, false),
+        (2, 2, 7, 4, 10_000.0, true, 50, 1.0, false),
+        (4, 8, 128, 128, 1e6, true, 4096, 1.0, false),
+        (4, 2, 256, 64, 10_000.0, false, 100_000, 1.0, false),
+        // Linear scaling (gemma3's global layers: 1/8) and per-pair factors (Llama 3.1).
+        (4, 2, 64, 64, 1e6, true, 5000, 0.125, false),
+        (4, 4, 64, 64, 500_000.0, false, 5000, 1.0, true),
+        (3, 2, 32, 16, 10_000.0, true, 700, 0.5, true),
     ];
-    for (tokens, heads, dim, rot, base, neox, max_pos) in cases {
+    for (tokens, heads, dim, rot, base, neox, max_pos, freq_scale, with_factors) in cases {
         let x = rng.f32s(tokens * heads * dim, 1.0);
         let pos: Vec<u32> = (0..tokens)
             .map(|t| {
@@ -249,41 +252,46 @@ fn rope_matches_the_reference() {
                 }
             })
             .collect();
+        // Factors between 1 and 8, as Llama 3.1's are.
+        let factors: Vec<f32> = (0..rot / 2)
+            .map(|_| 1.0 + 7.0 * rng.next_f32().abs().min(1.0))
+            .collect();
         let gx = dev.upload_f32(&x, OWNER).unwrap();
         let gp = upload_u32(&dev, &pos);
+        let gf = dev.upload_f32(&factors, OWNER).unwrap();
         let out = zeros(&dev, x.len());
         let mut s = dev.stream().unwrap();
-        let args = (heads as u64, dim as u64, rot as u64);
-        ops::rope(
-            &mut s,
-            F32s::all(&gx),
-            U32s::all(&gp).sub(0, tokens as u64),
-            F32s::all(&out),
-            args.0,
-            args.1,
-            args.2,
-            base,
+        let params = RopeParams {
+            n_heads: heads as u64,
+            head_dim: dim as u64,
+            rotary_dims: rot as u64,
+            freq_base: base,
+            freq_scale,
+            freq_factors: with_factors.then(|| F32s::all(&gf)),
             neox,
-        )
-        .unwrap();
+        };
+        let positions = U32s::all(&gp).sub(0, tokens as u64);
+        ops::rope(&mut s, F32s::all(&gx), positions, F32s::all(&out), params).unwrap();
         // And in place.
-        ops::rope(
-            &mut s,
-            F32s::all(&gx),
-            U32s::all(&gp).sub(0, tokens as u64),
-            F32s::all(&gx),
-            args.0,
-            args.1,
-            args.2,
-            base,
-            neox,
-        )
-        .unwrap();
+        ops::rope(&mut s, F32s::all(&gx), positions, F32s::all(&gx), params).unwrap();
         s.finish().unwrap();
-        let want = r::rope(&x, &pos, heads, dim, rot, base, neox);
+        let want = r::rope(
+            &x,
+            &pos,
+            heads,
+            dim,
+            rot,
+            base,
+            freq_scale,
+            with_factors.then_some(&factors[..]),
+            neox,
+        );
         // theta = pos · freq is an f32 on the GPU: its rounding grows with the position.
         let tol = 2e-6 + 2.5e-7 * max_pos as f32;
-        let what = format!("rope {tokens}x{heads}x{dim} rot {rot} base {base} neox {neox}");
+        let what = format!(
+            "rope {tokens}x{heads}x{dim} rot {rot} base {base} neox {neox} scale {freq_scale} \
+             factors {with_factors}"
+        );
         check(&what, &read(&dev, &out, x.len()), &want, tol);
         check(&what, &read(&dev, &gx, x.len()), &want, tol);
     }
@@ -501,24 +509,110 @@ fn top_k_and_the_router_match_the_reference() {
     }
 }
 
+/// `n_tokens` rows of `k` distinct expert ids below `n_experts`, as a router writes them.
+fn router_ids(rng: &mut Rng, n_tokens: usize, k: usize, n_experts: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(n_tokens * k);
+    for _ in 0..n_tokens {
+        let mut pool: Vec<u32> = (0..n_experts as u32).collect();
+        for _ in 0..k {
+            let i = (rng.next_u64() % pool.len() as u64) as usize;
+            ids.push(pool.swap_remove(i));
+        }
+    }
+    ids
+}
+
+#[test]
+fn moe_route_lists_each_experts_pairs_in_order() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(31);
+    // (tokens, k, experts): one token; a few; the largest batch the model code routes
+    // (256 · 8 = 2048 ids) over 64 and 256 experts; more ids than that; every token on one
+    // expert; no ids at all.
+    let mut cases: Vec<(usize, usize, usize, Vec<u32>)> = [
+        (1usize, 2usize, 8usize),
+        (7, 2, 8),
+        (256, 8, 64),
+        (256, 8, 256),
+        (300, 8, 128),
+        (64, 1, 1),
+        (4, 0, 8),
+    ]
+    .into_iter()
+    .map(|(n, k, e)| (n, k, e, router_ids(&mut rng, n, k, e)))
+    .collect();
+    // Ids past the last expert belong to no list.
+    let mut ids = router_ids(&mut rng, 5, 4, 16);
+    ids[2] = 16;
+    ids[9] = u32::MAX;
+    ids[19] = 100;
+    cases.push((5, 4, 16, ids));
+    // An expert repeated within a token (no router does this): its list stops at n_tokens.
+    cases.push((4, 3, 2, vec![0; 12]));
+    for (n_tokens, k, experts, ids) in cases {
+        let what = format!("moe_route n_tokens={n_tokens} k={k} experts={experts}");
+        let gids = upload_u32(&dev, &ids);
+        // Filled with a marker, so counts that were not written show up.
+        let gcounts = upload_u32(&dev, &vec![0xdead_beef; experts]);
+        let gpairs = upload_u32(&dev, &vec![0xdead_beef; experts * n_tokens]);
+        let mut s = dev.stream().unwrap();
+        ops::moe_route(
+            &mut s,
+            U32s::all(&gids).sub(0, ids.len() as u64),
+            experts as u64,
+            U32s::all(&gcounts).sub(0, experts as u64),
+            U32s::all(&gpairs).sub(0, (experts * n_tokens) as u64),
+            n_tokens as u64,
+        )
+        .unwrap();
+        s.finish().unwrap();
+        let (counts, pairs) = r::moe_route(&ids, experts, n_tokens);
+        assert_eq!(read_u32(&dev, &gcounts, experts), counts, "{what}: counts");
+        let got = read_u32(&dev, &gpairs, experts * n_tokens);
+        for (e, &c) in counts.iter().enumerate() {
+            let list = e * n_tokens..e * n_tokens + c as usize;
+            assert_eq!(got[list.clone()], pairs[list], "{what}: expert {e}'s list");
+        }
+        // Without repeats within a token, every pair with a valid id is in exactly one list.
+        let repeats = k > 0
+            && ids
+                .chunks(k)
+                .any(|c| (1..c.len()).any(|i| c[..i].contains(&c[i])));
+        if !repeats {
+            let routed: u32 = counts.iter().sum();
+            let valid = ids.iter().filter(|&&e| (e as usize) < experts).count() as u32;
+            assert_eq!(routed, valid, "{what}: every valid pair is listed");
+        }
+    }
+}
+
 #[test]
 fn moe_combine_matches_the_reference() {
     let Some(dev) = device() else { return };
     let mut rng = Rng::new(30);
-    // Fixed edge cases (one expert, one value, more than one workgroup), then random sizes.
-    let mut shapes = vec![(1usize, 1usize), (1, 300), (8, 1), (2, 70_000)];
+    // (tokens, k, n): fixed edge cases (one expert, one value, more than one workgroup, a
+    // batch), then random sizes.
+    let mut shapes = vec![
+        (1usize, 1usize, 1usize),
+        (1, 1, 300),
+        (1, 8, 1),
+        (1, 2, 70_000),
+        (70, 2, 1000),
+        (256, 8, 64),
+    ];
     for _ in 0..6 {
+        let t = 1 + (rng.next_u64() % 40) as usize;
         let k = 1 + (rng.next_u64() % 8) as usize;
-        let n = 1 + (rng.next_u64() % 5000) as usize;
-        shapes.push((k, n));
+        let n = 1 + (rng.next_u64() % 2000) as usize;
+        shapes.push((t, k, n));
     }
-    for (k, n) in shapes {
-        let rows = rng.f32s(k * n, 3.0);
+    for (t, k, n) in shapes {
+        let rows = rng.f32s(t * k * n, 3.0);
         // Router weights: positive, as softmax probabilities are.
-        let w: Vec<f32> = rng.f32s(k, 0.5).iter().map(|v| v + 0.5).collect();
+        let w: Vec<f32> = rng.f32s(t * k, 0.5).iter().map(|v| v + 0.5).collect();
         let gr = dev.upload_f32(&rows, OWNER).unwrap();
         let gw = dev.upload_f32(&w, OWNER).unwrap();
-        let out = zeros(&dev, n);
+        let out = zeros(&dev, t * n);
         let mut s = dev.stream().unwrap();
         ops::moe_combine(
             &mut s,
@@ -526,13 +620,14 @@ fn moe_combine_matches_the_reference() {
             F32s::all(&gw),
             F32s::all(&out),
             n as u64,
+            k as u64,
         )
         .unwrap();
         s.finish().unwrap();
         check(
-            &format!("moe_combine k={k} n={n}"),
-            &read(&dev, &out, n),
-            &r::moe_combine(&rows, &w),
+            &format!("moe_combine tokens={t} k={k} n={n}"),
+            &read(&dev, &out, t * n),
+            &r::moe_combine(&rows, &w, k),
             1e-5,
         );
     }
@@ -572,21 +667,42 @@ fn bad_arguments_are_errors() {
     is_bad(ops::swiglu(&mut s, fa, fb, fa), "up");
     is_bad(ops::softmax(&mut s, fa, fa, 0, 1.0), "rows");
     let pos = U32s::all(&ids).sub(0, 2);
+    let rope = |n_heads, rotary_dims| RopeParams {
+        rotary_dims,
+        ..RopeParams::plain(n_heads, 16, 1e4, false)
+    };
+    is_bad(ops::rope(&mut s, fa, pos, fa, rope(2, 5)), "rotary_dims");
+    is_bad(ops::rope(&mut s, fa, pos, fa, rope(2, 32)), "rotary_dims");
+    is_bad(ops::rope(&mut s, fa, pos, fa, rope(3, 16)), "heads");
     is_bad(
-        ops::rope(&mut s, fa, pos, fa, 2, 16, 5, 1e4, false),
-        "rotary_dims",
-    );
-    is_bad(
-        ops::rope(&mut s, fa, pos, fa, 2, 16, 32, 1e4, false),
-        "rotary_dims",
-    );
-    is_bad(
-        ops::rope(&mut s, fa, pos, fa, 3, 16, 16, 1e4, false),
-        "heads",
-    );
-    is_bad(
-        ops::rope(&mut s, fa, U32s::all(&ids), fa, 2, 16, 16, 1e4, false),
+        ops::rope(&mut s, fa, U32s::all(&ids), fa, rope(2, 16)),
         "positions",
+    );
+    is_bad(
+        ops::rope(
+            &mut s,
+            fa,
+            pos,
+            fa,
+            RopeParams {
+                freq_scale: 0.0,
+                ..rope(2, 16)
+            },
+        ),
+        "freq_scale",
+    );
+    is_bad(
+        ops::rope(
+            &mut s,
+            fa,
+            pos,
+            fa,
+            RopeParams {
+                freq_factors: Some(fb.sub(0, 3)),
+                ..rope(2, 16)
+            },
+        ),
+        "freq_factors",
     );
     let cache = KvCache {
         buffer: &a,
@@ -700,17 +816,62 @@ fn bad_arguments_are_errors() {
         ops::top_k(&mut s, fa, 16, 2, out_ids, fa.sub(0, 7)),
         "out_vals",
     );
+    // moe_combine: rows, weights and out that do not agree on n_tokens, and k = 0.
     is_bad(
-        ops::moe_combine(&mut s, fa, fb.sub(0, 4), fb.sub(0, 8), 8),
+        ops::moe_combine(&mut s, fa, fb.sub(0, 8), fb.sub(0, 0), 0, 4),
         "rows",
     );
     is_bad(
-        ops::moe_combine(&mut s, fa, fb.sub(0, 4), fa.sub(0, 15), 16),
+        ops::moe_combine(&mut s, fa, fb.sub(0, 4), fb.sub(0, 8), 8, 4),
+        "rows",
+    );
+    is_bad(
+        ops::moe_combine(&mut s, fa, fb.sub(0, 8), fb.sub(0, 10), 8, 4),
         "out",
     );
     is_bad(
-        ops::moe_combine(&mut s, fa, fb.sub(0, 0), fa.sub(0, 16), 16),
-        "empty",
+        ops::moe_combine(&mut s, fa, fb.sub(0, 7), fb.sub(0, 8), 4, 4),
+        "weights",
     );
+    is_bad(
+        ops::moe_combine(&mut s, fa, fb.sub(0, 8), fb.sub(0, 8), 4, 0),
+        "k = 0",
+    );
+    // moe_route: ids not a whole number per token, counts not one per expert, pairs not
+    // n_tokens per expert.
+    let ids5 = U32s::all(&ids).sub(0, 5);
+    let idv = U32s::all(&ids);
+    is_bad(
+        ops::moe_route(&mut s, ids5, 4, idv.sub(0, 4), idv.sub(0, 8), 2),
+        "ids",
+    );
+    is_bad(
+        ops::moe_route(&mut s, ids5, 4, idv.sub(0, 4), idv.sub(0, 0), 0),
+        "ids",
+    );
+    is_bad(
+        ops::moe_route(&mut s, idv.sub(0, 4), 4, idv.sub(0, 3), idv.sub(0, 8), 2),
+        "counts",
+    );
+    is_bad(
+        ops::moe_route(&mut s, idv.sub(0, 4), 4, idv.sub(0, 4), idv.sub(0, 7), 2),
+        "pairs",
+    );
+    // Lists past 32-bit offsets (only the lengths are checked before anything is recorded).
+    let counts = U32s {
+        len: 1 << 20,
+        ..idv
+    };
+    let lists = U32s {
+        len: 1 << 32,
+        ..idv
+    };
+    is_bad(
+        ops::moe_route(&mut s, idv.sub(0, 0), 1 << 20, counts, lists, 1 << 12),
+        "32 bits",
+    );
+    // Valid calls still work afterwards.
+    ops::moe_combine(&mut s, fa.sub(0, 16), fa.sub(16, 4), fb.sub(0, 8), 4, 2).unwrap();
+    ops::moe_route(&mut s, idv.sub(0, 4), 4, idv.sub(8, 4), idv.sub(16, 8), 2).unwrap();
     s.finish().unwrap();
 }

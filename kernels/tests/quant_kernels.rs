@@ -1,6 +1,6 @@
-//! The quantized-weight kernels (matvec, matmul, get_rows, matvec_indexed) for every weight type
-//! on a real Vulkan device (lavapipe in CI), against the CPU reference in `halo_kernels::quant`
-//! and the gguf-py fixtures. Skips (with a message) when no device exists, unless
+//! The quantized-weight kernels (matvec, matmul, get_rows, matvec_indexed, matmul_indexed) for
+//! every weight type on a real Vulkan device (lavapipe in CI), against the CPU references in
+//! `halo_kernels::quant` and `halo_kernels::reference` and the gguf-py fixtures. Skips (with a message) when no device exists, unless
 //! HALO_REQUIRE_VULKAN=1.
 
 mod common;
@@ -11,7 +11,7 @@ use common::device;
 
 use halo_kernels::ops::{self, F32s, U32s, Weights};
 use halo_kernels::quant::{self, WeightType};
-use halo_kernels::reference::Rng;
+use halo_kernels::reference::{self, Rng};
 use halo_kernels::{Buffer, Device, MemoryKind, OwnerId, VulkanError};
 
 const OWNER: OwnerId = OwnerId(11);
@@ -380,6 +380,271 @@ fn matvec_indexed_picks_each_slots_expert() {
     }
 }
 
+/// Router output for `n_tokens` tokens: each picks `k` distinct experts from `from` (in random
+/// order, as a router ranks them), always including `forced` when given.
+fn route_ids(
+    rng: &mut Rng,
+    n_tokens: usize,
+    k: usize,
+    from: &[u32],
+    forced: Option<u32>,
+) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(n_tokens * k);
+    for _ in 0..n_tokens {
+        let mut pool: Vec<u32> = from
+            .iter()
+            .copied()
+            .filter(|e| Some(*e) != forced)
+            .collect();
+        let mut chosen: Vec<u32> = forced.into_iter().collect();
+        while chosen.len() < k {
+            let i = (rng.next_u64() % pool.len() as u64) as usize;
+            chosen.push(pool.swap_remove(i));
+        }
+        // Shuffle, so the forced expert is not always the first slot.
+        for i in (1..k).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            chosen.swap(i, j);
+        }
+        ids.extend(chosen);
+    }
+    ids
+}
+
+/// What the output rows of pairs routed to no expert must still hold afterwards.
+const UNWRITTEN: f32 = -12345.0;
+
+#[test]
+fn matmul_indexed_matches_the_reference_for_every_type() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(9);
+    let (experts, k, rows) = (8usize, 2usize, 67usize);
+    let all: Vec<u32> = (0..experts as u32).collect();
+    // (tokens, experts the router picks from, an expert every token picks). Token counts 1, 7,
+    // 40, 70 and 100; few or all experts used, so that some lists are empty and others run over
+    // several tiles with a partial last one (40 entries with 16-wide tiles, 100 with 64-wide).
+    let cases: Vec<(usize, Vec<u32>, Option<u32>)> = vec![
+        (1, all.clone(), None),
+        (7, vec![1, 4, 6], None),
+        (40, vec![2, 3], None),
+        (70, all.clone(), None),
+        (100, all.clone(), Some(5)),
+    ];
+    for ty in WeightType::ALL {
+        let cols = match ty.block_elems() {
+            1 => 37,
+            32 => 7 * 32,
+            b => 2 * b,
+        };
+        let m = Matrix::new(&dev, ty, experts * rows, cols, 31, true);
+        let dense: Vec<Vec<f32>> = (0..m.rows).map(|r| m.row(r)).collect();
+        for (ci, (n_tokens, from, forced)) in cases.iter().enumerate() {
+            let n_tokens = *n_tokens;
+            let n_pairs = n_tokens * k;
+            let mut ids = route_ids(&mut rng, n_tokens, k, from, *forced);
+            if ci == cases.len() - 1 {
+                // Ids past the last expert route their pair nowhere: its rows stay unwritten.
+                ids[3] = experts as u32;
+                ids[n_pairs - 2] = u32::MAX;
+            }
+            let (counts, pairs) = reference::nn::moe_route(&ids, experts, n_tokens);
+            let gcounts = upload_u32(&dev, &counts);
+            let gpairs = upload_u32(&dev, &pairs);
+            for x_per_pair in [false, true] {
+                let what =
+                    format!("matmul_indexed {ty} n_tokens={n_tokens} x_per_pair={x_per_pair}");
+                let x_rows = if x_per_pair { n_pairs } else { n_tokens };
+                let x = rng.f32s(x_rows * cols, 1.0);
+                let gx = dev.upload_f32(&x, OWNER).unwrap();
+                let mut want = vec![UNWRITTEN; n_pairs * rows];
+                let gy = dev.upload_f32(&want, OWNER).unwrap();
+                let mut s = dev.stream().unwrap();
+                ops::matmul_indexed(
+                    &mut s,
+                    m.weights(),
+                    rows as u64,
+                    U32s::all(&gcounts),
+                    U32s::all(&gpairs),
+                    n_tokens as u64,
+                    k as u64,
+                    F32s::all(&gx),
+                    x_per_pair,
+                    F32s::all(&gy),
+                )
+                .unwrap();
+                s.finish().unwrap();
+                let got = dev.read_f32(&gy, 0, (n_pairs * rows) as u64).unwrap();
+                reference::quant::matmul_indexed(
+                    ty, &m.bytes, rows, cols, &counts, &pairs, n_tokens, k, &x, x_per_pair,
+                    &mut want,
+                );
+                for (p, &id) in ids.iter().enumerate() {
+                    let got = &got[p * rows..(p + 1) * rows];
+                    let want = &want[p * rows..(p + 1) * rows];
+                    let what = format!("{what} pair {p} expert {id}");
+                    if id as usize >= experts {
+                        assert!(got.iter().all(|&v| v == UNWRITTEN), "{what}: {got:?}");
+                        continue;
+                    }
+                    let xr = if x_per_pair { p } else { p / k };
+                    let xs = &x[xr * cols..(xr + 1) * cols];
+                    let scale: Vec<f64> = (0..rows)
+                        .map(|r| {
+                            dense[id as usize * rows + r]
+                                .iter()
+                                .zip(xs)
+                                .map(|(&w, &v)| (f64::from(w) * f64::from(v)).abs())
+                                .sum()
+                        })
+                        .collect();
+                    assert_close(&what, got, want, &scale);
+                }
+            }
+        }
+    }
+}
+
+/// A whole mixture-of-experts feed-forward block for a batch, as the model code records it:
+/// router, routing, gate and up over each token's input, SwiGLU, down over each pair's own
+/// input, combine; against the same chain of CPU references.
+#[test]
+fn moe_batch_chain_matches_the_references() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(10);
+    let (experts, k, n_tokens, d, ff) = (8usize, 2usize, 37usize, 64usize, 96usize);
+    let ty = WeightType::Q8_0;
+    let gate = Matrix::new(&dev, ty, experts * ff, d, 41, false);
+    let up = Matrix::new(&dev, ty, experts * ff, d, 42, true);
+    let down = Matrix::new(&dev, ty, experts * d, ff, 43, false);
+    let logits = rng.f32s(n_tokens * experts, 2.0);
+    let h = rng.f32s(n_tokens * d, 1.0);
+    let n_pairs = n_tokens * k;
+
+    let g_logits = dev.upload_f32(&logits, OWNER).unwrap();
+    let g_h = dev.upload_f32(&h, OWNER).unwrap();
+    let g_ids = out_buffer(&dev, n_pairs);
+    let g_w = out_buffer(&dev, n_pairs);
+    let g_counts = out_buffer(&dev, experts);
+    let g_pairs = out_buffer(&dev, experts * n_tokens);
+    let g_gate = out_buffer(&dev, n_pairs * ff);
+    let g_up = out_buffer(&dev, n_pairs * ff);
+    let g_down = out_buffer(&dev, n_pairs * d);
+    let g_out = out_buffer(&dev, n_tokens * d);
+    let (counts, pairs) = (U32s::all(&g_counts), U32s::all(&g_pairs));
+    let (nt, kk) = (n_tokens as u64, k as u64);
+    let mut s = dev.stream().unwrap();
+    ops::softmax_top_k(
+        &mut s,
+        F32s::all(&g_logits),
+        experts as u64,
+        kk,
+        true,
+        U32s::all(&g_ids),
+        F32s::all(&g_w),
+    )
+    .unwrap();
+    ops::moe_route(&mut s, U32s::all(&g_ids), experts as u64, counts, pairs, nt).unwrap();
+    let (xh, xg, xu) = (F32s::all(&g_h), F32s::all(&g_gate), F32s::all(&g_up));
+    let xd = F32s::all(&g_down);
+    let (fg, fu) = (ff as u64, ff as u64);
+    ops::matmul_indexed(
+        &mut s,
+        gate.weights(),
+        fg,
+        counts,
+        pairs,
+        nt,
+        kk,
+        xh,
+        false,
+        xg,
+    )
+    .unwrap();
+    ops::matmul_indexed(
+        &mut s,
+        up.weights(),
+        fu,
+        counts,
+        pairs,
+        nt,
+        kk,
+        xh,
+        false,
+        xu,
+    )
+    .unwrap();
+    ops::swiglu(&mut s, xg, xu, xg).unwrap();
+    let dd = d as u64;
+    ops::matmul_indexed(
+        &mut s,
+        down.weights(),
+        dd,
+        counts,
+        pairs,
+        nt,
+        kk,
+        xg,
+        true,
+        xd,
+    )
+    .unwrap();
+    ops::moe_combine(&mut s, xd, F32s::all(&g_w), F32s::all(&g_out), dd, kk).unwrap();
+    s.finish().unwrap();
+    let got = dev.read_f32(&g_out, 0, (n_tokens * d) as u64).unwrap();
+
+    let (ids, w) = reference::nn::softmax_top_k(&logits, experts, k, true);
+    let (c, p) = reference::nn::moe_route(&ids, experts, n_tokens);
+    let mut yg = vec![0.0; n_pairs * ff];
+    let mut yu = vec![0.0; n_pairs * ff];
+    let mut yd = vec![0.0; n_pairs * d];
+    let r = reference::quant::matmul_indexed;
+    r(
+        ty,
+        &gate.bytes,
+        ff,
+        d,
+        &c,
+        &p,
+        n_tokens,
+        k,
+        &h,
+        false,
+        &mut yg,
+    );
+    r(
+        ty, &up.bytes, ff, d, &c, &p, n_tokens, k, &h, false, &mut yu,
+    );
+    let act = reference::nn::swiglu(&yg, &yu);
+    r(
+        ty,
+        &down.bytes,
+        d,
+        ff,
+        &c,
+        &p,
+        n_tokens,
+        k,
+        &act,
+        true,
+        &mut yd,
+    );
+    let want = reference::nn::moe_combine(&yd, &w, k);
+    // Each step rounds to f32 where the references keep f64 sums, and random weights make the
+    // sums cancel, so single elements can be far smaller than their rounding error. We allow
+    // 1e-4 of the largest value of the token's output row: well above the rounding of a chain of
+    // sums this short, well below what a routing or indexing slip changes (the row's scale).
+    for t in 0..n_tokens {
+        let (g, w) = (&got[t * d..(t + 1) * d], &want[t * d..(t + 1) * d]);
+        let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (j, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "MoE chain: token {t} element {j}: gpu {a} vs reference {b} (row scale {scale})"
+            );
+        }
+    }
+}
+
 fn is_bad_argument<T: std::fmt::Debug>(r: Result<T, VulkanError>) -> bool {
     matches!(r, Err(VulkanError::BadArgument { .. }))
 }
@@ -389,7 +654,7 @@ fn bad_arguments_are_errors() {
     let Some(dev) = device() else { return };
     let ty = WeightType::Q4_K;
     let m = Matrix::new(&dev, ty, 4, 512, 1, false);
-    let x = dev.upload_f32(&vec![0.0; 1024], OWNER).unwrap();
+    let x = dev.upload_f32(&vec![0.0; 3072], OWNER).unwrap();
     let y = out_buffer(&dev, 64);
     let ids = upload_u32(&dev, &[0, 1]);
     let mut s = dev.stream().unwrap();
@@ -538,7 +803,85 @@ fn bad_arguments_are_errors() {
         ys.sub(0, 5)
     )));
 
+    // matmul_indexed: two experts of two rows, three tokens of k = 2 (six pairs).
+    let counts = upload_u32(&dev, &[0, 0]);
+    let pairs = upload_u32(&dev, &[0; 6]);
+    let (cv, pv) = (U32s::all(&counts), U32s::all(&pairs));
+    let mi = |s: &mut halo_kernels::Stream,
+              rows_per_expert: u64,
+              counts: U32s<'_>,
+              pairs: U32s<'_>,
+              x_len: u64,
+              x_per_pair: bool,
+              y_len: u64| {
+        ops::matmul_indexed(
+            s,
+            w,
+            rows_per_expert,
+            counts,
+            pairs,
+            3,
+            2,
+            xs.sub(0, x_len),
+            x_per_pair,
+            ys.sub(0, y_len),
+        )
+    };
+    // Rows not a whole number of experts, or zero rows per expert.
+    assert!(is_bad_argument(mi(&mut s, 3, cv, pv, 1536, false, 18)));
+    assert!(is_bad_argument(mi(&mut s, 0, cv, pv, 1536, false, 0)));
+    // counts not one per expert, pairs not n_tokens per expert.
+    assert!(is_bad_argument(mi(
+        &mut s,
+        2,
+        cv.sub(0, 1),
+        pv,
+        1536,
+        false,
+        12
+    )));
+    assert!(is_bad_argument(mi(
+        &mut s,
+        2,
+        cv,
+        pv.sub(0, 5),
+        1536,
+        false,
+        12
+    )));
+    // x not a row per token (or per pair), y not a row per pair.
+    assert!(is_bad_argument(mi(&mut s, 2, cv, pv, 1024, false, 12)));
+    assert!(is_bad_argument(mi(&mut s, 2, cv, pv, 1536, true, 12)));
+    assert!(is_bad_argument(mi(&mut s, 2, cv, pv, 1536, false, 6)));
+    // Weights whose columns are not whole blocks.
+    assert!(is_bad_argument(ops::matmul_indexed(
+        &mut s,
+        ragged,
+        1,
+        cv,
+        pv,
+        3,
+        2,
+        xs.sub(0, 3 * 384),
+        false,
+        ys.sub(0, 6)
+    )));
+    // tokens × k past 32 bits.
+    assert!(is_bad_argument(ops::matmul_indexed(
+        &mut s,
+        w,
+        2,
+        cv,
+        pv,
+        3,
+        1 << 31,
+        xs.sub(0, 1536),
+        false,
+        ys.sub(0, 12)
+    )));
+
     // Nothing was recorded by the failures; valid calls still work afterwards.
     ops::matvec_indexed(&mut s, w, 2, idv, xs.sub(0, 1024), true, ys.sub(0, 4)).unwrap();
+    mi(&mut s, 2, cv, pv, 1536, false, 12).unwrap();
     s.finish().unwrap();
 }

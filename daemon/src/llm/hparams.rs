@@ -50,6 +50,9 @@ pub struct HParams {
     /// RoPE base on sliding-window layers, where it differs (gemma3).
     pub rope_base_local: f32,
     pub rope_dims: u64,
+    /// Positions are multiplied by this on layers that are not sliding-window ones: 1, or
+    /// 1 / factor under linear RoPE scaling (gemma3 4B and up: 1/8).
+    pub rope_freq_scale: f32,
     /// NEOX-style pairs (i, i + d/2) instead of adjacent pairs.
     pub neox: bool,
     pub context_train: u64,
@@ -62,6 +65,38 @@ pub struct HParams {
     /// Multiply the embeddings by this (gemma: √n_embd).
     pub embd_scale: f32,
     pub attn_scale: f32,
+}
+
+/// The position scale for RoPE scaling as the GGUF declares it: `{arch}.rope.scaling.type`
+/// `linear` (or the older `{arch}.rope.scale_linear`) with a factor f gives 1/f; none gives 1.
+/// Other kinds (YaRN, LongRoPE) change the frequencies in ways the engine does not implement, so
+/// such a file is refused rather than run subtly wrong.
+fn rope_scaling(g: &Gguf, arch: &str) -> Result<f32, GgufError> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let factor = |k: &str| {
+        g.metadata
+            .get(&key(k))
+            .and_then(|v| v.as_f64())
+            .filter(|f| *f > 0.0 && f.is_finite())
+    };
+    let kind = g
+        .metadata
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("none");
+    match kind {
+        "none" => Ok(factor("rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32)),
+        "linear" => Ok(factor("rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
+        other => Err(GgufError::WrongType {
+            key: key("rope.scaling.type"),
+            expected: "none or linear (the RoPE scalings halo implements)",
+            found: if other == "yarn" {
+                "yarn"
+            } else {
+                "an unsupported RoPE scaling"
+            },
+        }),
+    }
 }
 
 impl HParams {
@@ -112,6 +147,8 @@ impl HParams {
                 .unwrap_or(0),
         };
         let gemma = arch == Arch::Gemma3;
+        let n_layer = u("block_count")?;
+        let rope_freq_scale = rope_scaling(g, arch_name)?;
         let sliding_window = g
             .metadata
             .get(&key("attention.sliding_window"))
@@ -121,7 +158,7 @@ impl HParams {
             arch,
             n_vocab,
             n_embd,
-            n_layer: u("block_count")?,
+            n_layer,
             n_head,
             n_head_kv,
             head_dim,
@@ -134,6 +171,7 @@ impl HParams {
                 f_or("rope.freq_base", 10_000.0) as f32
             },
             rope_dims: u_or("rope.dimension_count", head_dim),
+            rope_freq_scale,
             // llama and glm4 rotate adjacent pairs; the others pairs half a head apart.
             neox: !matches!(arch, Arch::Llama | Arch::Glm4),
             context_train: u_or("context_length", 4096),
@@ -143,7 +181,14 @@ impl HParams {
             sliding_window: if gemma { sliding_window } else { None },
             sliding_pattern: if gemma { 6 } else { 0 },
             embd_scale: if gemma { (n_embd as f32).sqrt() } else { 1.0 },
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_scale: if gemma && n_layer == 62 {
+                // Gemma 3 27B (the one with 62 layers) scales queries by 1/√(n_embd / n_head)
+                // (its query_pre_attn_scalar, 168) rather than 1/√head_dim (128); the GGUF has no
+                // key for it, so the layer count identifies it, as llama.cpp does.
+                1.0 / ((n_embd / n_head) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
         })
     }
 
@@ -163,5 +208,88 @@ impl HParams {
     /// Bytes of one sequence's KV cache for `context` tokens with f16 entries.
     pub fn kv_cache_bytes(&self, context: u64) -> u64 {
         2 * self.n_layer * self.n_head_kv * context * self.head_dim * 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::write::{file, string};
+
+    fn s(v: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        string(&mut out, v);
+        out
+    }
+
+    fn u32v(v: u32) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    fn f32v(v: f32) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    /// A header with `arch`'s shape keys plus `extra`.
+    fn hparams(
+        arch: &str,
+        n_layer: u32,
+        extra: &[(&str, u32, Vec<u8>)],
+    ) -> Result<HParams, GgufError> {
+        let k = |key: &str| format!("{arch}.{key}");
+        let mut kv: Vec<(String, u32, Vec<u8>)> = vec![
+            ("general.architecture".into(), 8, s(arch)),
+            (k("embedding_length"), 4, u32v(5376)),
+            (k("block_count"), 4, u32v(n_layer)),
+            (k("attention.head_count"), 4, u32v(32)),
+            (k("attention.head_count_kv"), 4, u32v(16)),
+            (k("attention.key_length"), 4, u32v(128)),
+            (k("vocab_size"), 4, u32v(1000)),
+        ];
+        kv.extend(extra.iter().map(|(key, ty, v)| (k(key), *ty, v.clone())));
+        let kv: Vec<(&str, u32, Vec<u8>)> = kv
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), *b, c.clone()))
+            .collect();
+        HParams::from_gguf(&Gguf::parse(&file(&kv, &[])).unwrap())
+    }
+
+    #[test]
+    fn gemma3_27b_scales_queries_by_hidden_over_heads() {
+        let small = hparams("gemma3", 34, &[]).unwrap();
+        assert_eq!(small.attn_scale, 1.0 / 128f32.sqrt());
+        let big = hparams("gemma3", 62, &[]).unwrap();
+        assert_eq!(big.attn_scale, 1.0 / 168f32.sqrt());
+        // Only gemma3 has the exception.
+        assert_eq!(
+            hparams("llama", 62, &[]).unwrap().attn_scale,
+            1.0 / 128f32.sqrt()
+        );
+    }
+
+    #[test]
+    fn linear_rope_scaling_scales_positions_and_others_are_refused() {
+        assert_eq!(hparams("llama", 2, &[]).unwrap().rope_freq_scale, 1.0);
+        let linear = [
+            ("rope.scaling.type", 8, s("linear")),
+            ("rope.scaling.factor", 6, f32v(8.0)),
+        ];
+        assert_eq!(
+            hparams("gemma3", 34, &linear).unwrap().rope_freq_scale,
+            0.125
+        );
+        let old = [("rope.scale_linear", 6, f32v(4.0))];
+        assert_eq!(hparams("llama", 2, &old).unwrap().rope_freq_scale, 0.25);
+        let none = [("rope.scaling.type", 8, s("none"))];
+        assert_eq!(hparams("qwen3", 2, &none).unwrap().rope_freq_scale, 1.0);
+        let yarn = [
+            ("rope.scaling.type", 8, s("yarn")),
+            ("rope.scaling.factor", 6, f32v(4.0)),
+        ];
+        let err = hparams("qwen3", 2, &yarn).unwrap_err().to_string();
+        assert!(
+            err.contains("qwen3.rope.scaling.type") && err.contains("yarn"),
+            "{err}"
+        );
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, U32s, Weights};
+use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, RopeParams, U32s, Weights};
 use halo_kernels::quant::WeightType;
 use halo_kernels::{
     Buffer, Device, LoadStrategy, LoadedWeights, MemoryKind, OwnerId, Stream, VulkanError,
@@ -144,6 +144,15 @@ impl LlmModel {
                 g.tensor_shaped(&layer(l, "post_ffw_norm"), &[d])?;
             }
         }
+        if g.tensor("rope_freqs.weight").is_ok() {
+            if !hp.rope_dims.is_multiple_of(2) {
+                return Err(LlmError::Unsupported(format!(
+                    "rope.dimension_count {} is odd",
+                    hp.rope_dims
+                )));
+            }
+            g.tensor_shaped("rope_freqs.weight", &[hp.rope_dims / 2])?;
+        }
         if let Ok(t) = g.tensor("output.weight") {
             if t.dims != [d, hp.n_vocab] {
                 return Err(GgufError::ShapeMismatch {
@@ -190,14 +199,18 @@ impl LlmModel {
     }
 
     /// Bytes of weights one generated token reads: every matrix once, but of the embedding
-    /// table only one row (unless it doubles as the output projection).
+    /// table only one row (unless it doubles as the output projection), and of each layer's
+    /// stacked experts only the ones a token uses.
     pub fn weight_bytes_per_token(&self) -> u64 {
         let tied = !self.tensors.contains_key("output.weight");
+        let hp = &self.hp;
         self.tensors
             .values()
             .map(|(_, t)| {
                 if t.name == "token_embd.weight" && !tied {
                     t.size / t.dims.get(1).copied().unwrap_or(1).max(1)
+                } else if t.name.ends_with("_exps.weight") && hp.n_expert > 0 {
+                    t.size / hp.n_expert * hp.n_expert_used
                 } else {
                     t.size
                 }
@@ -268,8 +281,8 @@ impl LlmModel {
         Ok((gate, up))
     }
 
-    /// An optional f32 vector (a projection's bias).
-    fn bias(&self, name: &str) -> Result<Option<F32s<'_>>, LlmError> {
+    /// An optional f32 vector (a projection's bias, RoPE frequency factors).
+    fn optional_vector(&self, name: &str) -> Result<Option<F32s<'_>>, LlmError> {
         if self.tensors.contains_key(name) {
             self.v(name).map(Some)
         } else {
@@ -407,6 +420,8 @@ impl LlmModel {
             };
         let gemma = hp.arch == Arch::Gemma3;
         let post_norms = hp.post_norms();
+        // Llama 3.1's per-pair frequency divisors, when the file has them.
+        let freq_factors = self.optional_vector("rope_freqs.weight")?;
         let qk_norm = matches!(hp.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3);
 
         ops::get_rows(
@@ -437,7 +452,7 @@ impl LlmModel {
             proj(s, self.w(&layer(l, "attn_k"))?, h, kk)?;
             proj(s, self.w(&layer(l, "attn_v"))?, h, vv)?;
             for (what, out) in [("attn_q", q), ("attn_k", kk), ("attn_v", vv)] {
-                if let Some(b) = self.bias(&format!("blk.{l}.{what}.bias"))? {
+                if let Some(b) = self.optional_vector(&format!("blk.{l}.{what}.bias"))? {
                     ops::add(s, out, b, out)?;
                 }
             }
@@ -462,32 +477,30 @@ impl LlmModel {
                     0.0,
                 )?;
             }
-            let base = if sliding {
-                hp.rope_base_local
-            } else {
-                hp.rope_base
+            // gemma3's sliding layers keep their own base and no scaling.
+            let rope = RopeParams {
+                n_heads: hp.n_head,
+                head_dim: hp.head_dim,
+                rotary_dims: hp.rope_dims,
+                freq_base: if sliding {
+                    hp.rope_base_local
+                } else {
+                    hp.rope_base
+                },
+                freq_scale: if sliding { 1.0 } else { hp.rope_freq_scale },
+                freq_factors,
+                neox: hp.neox,
             };
-            ops::rope(
-                s,
-                q,
-                positions,
-                q,
-                hp.n_head,
-                hp.head_dim,
-                hp.rope_dims,
-                base,
-                hp.neox,
-            )?;
+            ops::rope(s, q, positions, q, rope)?;
             ops::rope(
                 s,
                 kk,
                 positions,
                 kk,
-                hp.n_head_kv,
-                hp.head_dim,
-                hp.rope_dims,
-                base,
-                hp.neox,
+                RopeParams {
+                    n_heads: hp.n_head_kv,
+                    ..rope
+                },
             )?;
             let kc = KvCache {
                 buffer: &seq.k[l as usize],
@@ -654,7 +667,7 @@ impl LlmModel {
             ops::matvec_indexed(s, w_up, ff_up, ids, ht, false, up)?;
             ops::swiglu(s, gate, up, gate)?;
             ops::matvec_indexed(s, w_down, d_down, ids, gate, true, out)?;
-            ops::moe_combine(s, out, weights, ht, d)?;
+            ops::moe_combine(s, out, weights, ht, d, k)?;
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 #version 460
-// Weighted sum of the chosen experts' outputs, one invocation per output element:
-// out[j] = sum over k of w[k] · rows[k·n + j]. The k weights are read from a buffer (the router
-// writes them on the device), so nothing goes back to the host between the router and here.
+// Weighted sum of the chosen experts' outputs for a batch of tokens, one invocation per output
+// element: out[t·n + j] = sum over s < k of w[t·k + s] · rows[(t·k + s)·n + j]. The rows are
+// pair-major (pair p = t·k + s), as the indexed matmul writes them. The weights are read from a
+// buffer (the router writes them on the device), so nothing goes back to the host between the
+// router and here.
 #include "common.glsl"
 #include "nn.glsl"
 
@@ -11,14 +13,18 @@ layout(push_constant) uniform Push {
     F32Buf out_;
     uint n;
     uint k;
+    uint total; // n_tokens · n
 } p;
 
 void main() {
-    uint j = flat_index();
-    if (j >= p.n) return;
+    uint i = flat_index();
+    if (i >= p.total) return;
+    uint t = i / p.n;
+    uint j = i - t * p.n;
+    uint pair = t * p.k;
     float acc = 0.0;
     for (uint s = 0; s < p.k; s++) {
-        acc += p.w.v[s] * p.rows.v[s * p.n + j];
+        acc += p.w.v[pair + s] * p.rows.v[(pair + s) * p.n + j];
     }
-    p.out_.v[j] = acc;
+    p.out_.v[i] = acc;
 }

@@ -2,8 +2,10 @@
 // Rotary position embedding. x is n_tokens × n_heads × head_dim; the first rotary_dims values of
 // each head are rotated in pairs, the rest copied. Pair i (i < rotary_dims / 2) is (2i, 2i + 1)
 // in normal mode and (i, i + rotary_dims / 2) in NEOX mode, and turns by
-// theta = pos · base^(-2i / rotary_dims). One invocation per pair slot of a head; each reads and
-// writes only its own two values, so in place is allowed.
+// theta = pos · freq_scale · base^(-2i / rotary_dims) / factor[i], where freq_scale is linear
+// position scaling (1 / factor of the context extension) and factor[i] optional per-pair
+// frequency divisors (Llama 3.1's rope_freqs; all 1 when there is no buffer). One invocation per
+// pair slot of a head; each reads and writes only its own two values, so in place is allowed.
 #include "common.glsl"
 #include "nn.glsl"
 
@@ -11,12 +13,14 @@ layout(push_constant) uniform Push {
     F32In x;
     U32In pos;
     F32Buf out_;
+    uint64_t factors; // rotary_dims / 2 floats, or 0
     uint total;       // n_tokens · n_heads · slots
     uint slots;       // ceil(head_dim / 2)
     uint n_heads;
     uint head_dim;
     uint rotary_dims;
     float log2_base;
+    float freq_scale;
     uint neox;
 } p;
 
@@ -45,7 +49,10 @@ void main() {
     if (slot < half_rot) {
         uint a = p.neox != 0 ? slot : 2 * slot;
         uint b = p.neox != 0 ? slot + half_rot : 2 * slot + 1;
-        float freq = exp2(-float(2 * slot) / float(p.rotary_dims) * p.log2_base);
+        float freq = exp2(-float(2 * slot) / float(p.rotary_dims) * p.log2_base) * p.freq_scale;
+        if (p.factors != 0ul) {
+            freq /= F32In(p.factors).v[slot];
+        }
         float theta = reduce_angle(float(p.pos.v[token]) * freq);
         float c = cos(theta);
         float s = sin(theta);

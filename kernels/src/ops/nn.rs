@@ -1,7 +1,7 @@
 //! Neural-network ops on f32 activations: norms, activations, softmax, rotary embedding,
-//! attention over a KV cache, KV-cache stores, top-k and the MoE combine. Row-wise ops run one workgroup per
-//! row; every op checks its arguments and returns [`VulkanError::BadArgument`] when they do not
-//! fit together.
+//! attention over a KV cache, KV-cache stores, top-k and the mixture-of-experts routing and
+//! combine. Row-wise ops run one workgroup per row; every op checks its arguments and returns
+//! [`VulkanError::BadArgument`] when they do not fit together.
 
 use super::{bad, elementwise, grid_1d, to_u32, F32s, Push, U32s};
 use crate::error::VulkanError;
@@ -305,23 +305,59 @@ pub fn softmax(
     )
 }
 
+/// How [`rope`] turns each pair of a head.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams<'a> {
+    pub n_heads: u64,
+    pub head_dim: u64,
+    /// The first `rotary_dims` (even, at most head_dim) values of each head are rotated, the
+    /// rest copied.
+    pub rotary_dims: u64,
+    pub freq_base: f32,
+    /// Positions are multiplied by this: 1, or 1 / factor for linear RoPE scaling.
+    pub freq_scale: f32,
+    /// Optional per-pair frequency divisors, rotary_dims / 2 of them (Llama 3.1's `rope_freqs`).
+    pub freq_factors: Option<F32s<'a>>,
+    /// Pair i is (i, i + rotary_dims / 2) instead of (2i, 2i + 1).
+    pub neox: bool,
+}
+
+impl RopeParams<'_> {
+    /// Plain RoPE over whole heads: no scaling, no frequency factors.
+    pub fn plain(n_heads: u64, head_dim: u64, freq_base: f32, neox: bool) -> Self {
+        RopeParams {
+            n_heads,
+            head_dim,
+            rotary_dims: head_dim,
+            freq_base,
+            freq_scale: 1.0,
+            freq_factors: None,
+            neox,
+        }
+    }
+}
+
 /// Rotary position embedding. `x` is n_tokens × n_heads × head_dim and `positions` holds one
-/// position per token. The first `rotary_dims` (even, at most head_dim) values of each head are
-/// rotated, the rest copied: pair i is (2i, 2i + 1), or (i, i + rotary_dims / 2) when `neox`,
-/// and turns by pos · freq_base^(-2i / rotary_dims). `out` may be `x`.
-#[allow(clippy::too_many_arguments)]
+/// position per token. Pair i of a head is (2i, 2i + 1), or (i, i + rotary_dims / 2) when
+/// `neox`, and turns by pos · freq_scale · freq_base^(-2i / rotary_dims) / freq_factors[i].
+/// `out` may be `x`.
 pub fn rope(
     stream: &mut Stream,
     x: F32s<'_>,
     positions: U32s<'_>,
     out: F32s<'_>,
-    n_heads: u64,
-    head_dim: u64,
-    rotary_dims: u64,
-    freq_base: f32,
-    neox: bool,
+    r: RopeParams<'_>,
 ) -> Result<(), VulkanError> {
     let op = "rope_f32";
+    let RopeParams {
+        n_heads,
+        head_dim,
+        rotary_dims,
+        freq_base,
+        freq_scale,
+        freq_factors,
+        neox,
+    } = r;
     if rotary_dims == 0 || !rotary_dims.is_multiple_of(2) || rotary_dims > head_dim {
         return Err(bad(
             op,
@@ -330,6 +366,15 @@ pub fn rope(
     }
     if !(freq_base > 0.0 && freq_base.is_finite()) {
         return Err(bad(op, format!("freq_base = {freq_base} must be positive")));
+    }
+    if !(freq_scale > 0.0 && freq_scale.is_finite()) {
+        return Err(bad(
+            op,
+            format!("freq_scale = {freq_scale} must be positive"),
+        ));
+    }
+    if let Some(f) = freq_factors {
+        same_len(op, "freq_factors", f.len, rotary_dims / 2)?;
     }
     let n_rows = rows(op, x.len, head_dim)?;
     if n_heads == 0 || !n_rows.is_multiple_of(n_heads) {
@@ -349,19 +394,25 @@ pub fn rope(
         .addr(x.address())
         .addr(positions.address())
         .addr(out.address())
+        .addr(freq_factors.map_or(0, |f| f.address()))
         .u32(to_u32(op, "threads", total)?)
         .u32(to_u32(op, "slots", slots)?)
         .u32(to_u32(op, "n_heads", n_heads)?)
         .u32(to_u32(op, "head_dim", head_dim)?)
         .u32(to_u32(op, "rotary_dims", rotary_dims)?)
         .f32((freq_base as f64).log2() as f32)
+        .f32(freq_scale)
         .u32(neox as u32);
+    let mut reads = vec![x.access(), positions.access()];
+    if let Some(f) = freq_factors {
+        reads.push(f.access());
+    }
     elementwise(
         stream,
         KernelId::RopeF32,
         total,
         &push,
-        &[x.access(), positions.access()],
+        &reads,
         &[out.access()],
     )
 }
@@ -638,27 +689,133 @@ pub fn softmax_top_k(
     top_k_inner(stream, logits, row_len, k, mode, out_ids, out_vals)
 }
 
-/// The MoE combine: `out[j] = Σ_k weights[k] · rows[k·n + j]` for j < n, where `rows` holds one
-/// expert output of `n` values per chosen expert and `weights` (on the device, as the router
-/// wrote them) one weight each. `out` must not overlap `rows`.
+/// Workgroup size of [`moe_route`] before clamping to the device's limit.
+const ROUTE_WG: u32 = 256;
+
+/// Mixture-of-experts routing for a batch: `ids` holds the router's choice for `n_tokens`
+/// tokens, k = `ids.len / n_tokens` expert ids each (as [`softmax_top_k`] writes them), and
+/// pair p = t·k + s is token t's s-th choice. For every expert e < `n_experts` this writes
+/// `counts[e]`, the number of pairs that chose e, and `pairs[e·n_tokens..][..counts[e]]`, those
+/// pair indices in increasing order (the same on every device and every run). Entries of a list
+/// past its count are left as they were.
+///
+/// A token names an expert at most once, so n_tokens entries per expert are enough; should the
+/// ids repeat an expert within a token anyway, that list is cut at n_tokens entries. Ids not
+/// below `n_experts` route their pair to no expert: [`matmul_indexed`](super::matmul_indexed)
+/// then leaves that pair's output rows unwritten.
+pub fn moe_route(
+    stream: &mut Stream,
+    ids: U32s<'_>,
+    n_experts: u64,
+    counts: U32s<'_>,
+    pairs: U32s<'_>,
+    n_tokens: u64,
+) -> Result<(), VulkanError> {
+    let op = "moe_route_u32";
+    if n_tokens == 0 {
+        if ids.len != 0 {
+            return Err(bad(
+                op,
+                format!("ids has {} elements but n_tokens is 0", ids.len),
+            ));
+        }
+    } else if !ids.len.is_multiple_of(n_tokens) {
+        return Err(bad(
+            op,
+            format!(
+                "ids has {} elements, not a whole number of ids per token for {n_tokens} tokens",
+                ids.len
+            ),
+        ));
+    }
+    same_len(op, "counts", counts.len, n_experts)?;
+    let list_len = n_experts
+        .checked_mul(n_tokens)
+        .ok_or_else(|| bad(op, "experts × tokens overflows".into()))?;
+    same_len(op, "pairs", pairs.len, list_len)?;
+    // The kernel indexes ids and pairs with 32-bit element offsets.
+    to_u32(op, "ids length", ids.len)?;
+    to_u32(op, "pairs length", list_len)?;
+    if n_experts == 0 {
+        return Ok(());
+    }
+    // One workgroup per expert; small batches get a smaller workgroup, since each invocation
+    // takes a run of ids.
+    let l = stream.limits();
+    let want = u32::try_from(ids.len.next_power_of_two()).unwrap_or(u32::MAX);
+    let wg = want
+        .max(l.subgroup_size)
+        .min(ROUTE_WG)
+        .min(l.max_compute_workgroup_invocations)
+        .max(1);
+    let push = Push::default()
+        .addr(ids.address())
+        .addr(counts.address())
+        .addr(pairs.address())
+        .u32(to_u32(op, "ids length", ids.len)?)
+        .u32(to_u32(op, "n_tokens", n_tokens)?)
+        .u32(to_u32(op, "n_experts", n_experts)?);
+    stream.dispatch(&Dispatch {
+        kernel: KernelId::MoeRouteU32,
+        spec: &[wg, l.subgroup_size],
+        push: push.bytes(),
+        groups: grid_1d(n_experts, 1)?,
+        reads: &[ids.access()],
+        writes: &[counts.access(), pairs.access()],
+    })
+}
+
+/// The MoE combine for a batch of tokens: `out` is n_tokens × n, `weights` n_tokens × k (on
+/// the device, as the router wrote them) and `rows` n_tokens·k × n, one expert output per pair
+/// p = t·k + s (the layout [`matmul_indexed`](super::matmul_indexed) writes):
+/// `out[t·n + j] = Σ_s weights[t·k + s] · rows[(t·k + s)·n + j]`. n_tokens is `out.len / n`.
+/// `out` must not overlap `rows`.
 pub fn moe_combine(
     stream: &mut Stream,
     rows: F32s<'_>,
     weights: F32s<'_>,
     out: F32s<'_>,
     n: u64,
+    k: u64,
 ) -> Result<(), VulkanError> {
     let op = "moe_combine_f32";
-    if weights.len == 0 {
-        return Err(bad(
-            op,
-            "weights is empty: there are no experts to combine".into(),
-        ));
+    if k == 0 {
+        return Err(bad(op, "k = 0: there are no experts to combine".into()));
     }
-    same_len(op, "out", out.len, n)?;
-    same_len(op, "rows", rows.len, weights.len * n)?;
-    to_u32(op, "rows length", rows.len)?;
-    if n == 0 {
+    let n_tokens = if n == 0 {
+        if !weights.len.is_multiple_of(k) {
+            return Err(bad(
+                op,
+                format!(
+                    "weights has {} elements, not a whole number of tokens of {k}",
+                    weights.len
+                ),
+            ));
+        }
+        weights.len / k
+    } else {
+        if !out.len.is_multiple_of(n) {
+            return Err(bad(
+                op,
+                format!(
+                    "out has {} elements, not a whole number of rows of {n}",
+                    out.len
+                ),
+            ));
+        }
+        out.len / n
+    };
+    let n_pairs = n_tokens
+        .checked_mul(k)
+        .ok_or_else(|| bad(op, "tokens × k overflows".into()))?;
+    same_len(op, "out", out.len, n_tokens * n)?;
+    same_len(op, "weights", weights.len, n_pairs)?;
+    let rows_len = n_pairs
+        .checked_mul(n)
+        .ok_or_else(|| bad(op, "pairs × n overflows".into()))?;
+    same_len(op, "rows", rows.len, rows_len)?;
+    to_u32(op, "rows length", rows_len)?;
+    if out.len == 0 {
         return Ok(());
     }
     let push = Push::default()
@@ -666,11 +823,12 @@ pub fn moe_combine(
         .addr(weights.address())
         .addr(out.address())
         .u32(to_u32(op, "n", n)?)
-        .u32(to_u32(op, "k", weights.len)?);
+        .u32(to_u32(op, "k", k)?)
+        .u32(to_u32(op, "out length", out.len)?);
     elementwise(
         stream,
         KernelId::MoeCombineF32,
-        n,
+        out.len,
         &push,
         &[rows.access(), weights.access()],
         &[out.access()],

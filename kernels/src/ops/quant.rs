@@ -31,6 +31,7 @@ const MATMUL_BK_STRIDE: u32 = 33;
 enum Op {
     Matvec,
     Matmul,
+    MatmulIndexed,
     GetRows,
 }
 
@@ -58,6 +59,16 @@ fn kernel(op: Op, ty: WeightType) -> KernelId {
         (Op::Matmul, T::Q4_K) => K::MatmulQ4K,
         (Op::Matmul, T::Q5_K) => K::MatmulQ5K,
         (Op::Matmul, T::Q6_K) => K::MatmulQ6K,
+        (Op::MatmulIndexed, T::F32) => K::MatmulIdF32,
+        (Op::MatmulIndexed, T::F16) => K::MatmulIdF16,
+        (Op::MatmulIndexed, T::BF16) => K::MatmulIdBf16,
+        (Op::MatmulIndexed, T::Q4_0) => K::MatmulIdQ40,
+        (Op::MatmulIndexed, T::Q4_1) => K::MatmulIdQ41,
+        (Op::MatmulIndexed, T::Q5_0) => K::MatmulIdQ50,
+        (Op::MatmulIndexed, T::Q8_0) => K::MatmulIdQ80,
+        (Op::MatmulIndexed, T::Q4_K) => K::MatmulIdQ4K,
+        (Op::MatmulIndexed, T::Q5_K) => K::MatmulIdQ5K,
+        (Op::MatmulIndexed, T::Q6_K) => K::MatmulIdQ6K,
         (Op::GetRows, T::F32) => K::GetRowsF32,
         (Op::GetRows, T::F16) => K::GetRowsF16,
         (Op::GetRows, T::BF16) => K::GetRowsBf16,
@@ -299,10 +310,7 @@ pub fn matmul(
     if n == 0 || w.rows == 0 {
         return Ok(());
     }
-    let (tm, tn) = matmul_tiles(stream, n).ok_or_else(|| VulkanError::Unsupported {
-        device: stream.device().info().name.clone(),
-        what: format!("{op}: the device's workgroup or shared-memory limits are too small"),
-    })?;
+    let (tm, tn) = matmul_tiles(stream, op, n, false)?;
     let wg = (tm / 4) * (tn / 4);
     let tiles_m = w.rows.div_ceil(u64::from(tm));
     let tiles = tiles_m * n.div_ceil(u64::from(tn));
@@ -327,17 +335,128 @@ pub fn matmul(
 
 /// The largest (TM, TN) output tile that fits the device: each thread computes 4 × 4 outputs,
 /// so the workgroup has TM·TN/16 threads, and shared memory holds (TM + TN) padded rows of the
-/// column step. Few input rows get a narrower TN so most of the tile is not wasted.
-fn matmul_tiles(stream: &Stream, n: u64) -> Option<(u32, u32)> {
+/// column step (plus, for the indexed form, the TN pair indices of the tile). Few input rows get
+/// a narrower TN so most of the tile is not wasted.
+fn matmul_tiles(
+    stream: &Stream,
+    op: &'static str,
+    n: u64,
+    indexed: bool,
+) -> Result<(u32, u32), VulkanError> {
     let limits = stream.limits();
     let fits = |tm: u32, tn: u32| {
+        let pair_ids = if indexed { tn * 4 } else { 0 };
         (tm / 4) * (tn / 4) <= limits.max_compute_workgroup_invocations
-            && (tm + tn) * MATMUL_BK_STRIDE * 4 <= limits.max_compute_shared_memory_size
+            && (tm + tn) * MATMUL_BK_STRIDE * 4 + pair_ids <= limits.max_compute_shared_memory_size
     };
     let tn_want = if n <= 16 { 16 } else { 64 };
     [(64, tn_want), (64, 16), (32, 32), (32, 16), (16, 16)]
         .into_iter()
         .find(|&(tm, tn)| fits(tm, tn))
+        .ok_or_else(|| VulkanError::Unsupported {
+            device: stream.device().info().name.clone(),
+            what: format!("{op}: the device's workgroup or shared-memory limits are too small"),
+        })
+}
+
+/// Mixture of experts over a batch of tokens (prompt processing). `w` holds `n_experts` stacked
+/// matrices of `rows_per_expert` rows each (`w.rows = n_experts · rows_per_expert`, as for
+/// [`matvec_indexed`]); `counts` (n_experts entries) and `pairs` (n_experts · n_tokens) are the
+/// per-expert lists [`moe_route`](super::moe_route) writes for `n_tokens` tokens that chose `k`
+/// experts each, pair p = t·k + s. For every expert e and every pair p in its list
+/// `pairs[e·n_tokens..][..counts[e]]`:
+/// `y[p·rows..(p+1)·rows] = W[e] · x_row`, where x_row is row p of `x` when `x_per_pair` (x is
+/// n_tokens·k × cols) and row p / k otherwise (x is n_tokens × cols: each token's own input).
+/// `y` is n_tokens·k × rows_per_expert.
+///
+/// The tiling is [`matmul`]'s, with the expert as a third grid dimension, so each expert's
+/// weights are dequantized once per tile for all the tokens routed to it. The lists live on the
+/// GPU, so they cannot be checked here: rows of pairs that are in no list (their id was not
+/// below n_experts) are left unwritten, a count above n_tokens is taken as n_tokens, and a list
+/// entry not below n_tokens·k is skipped, so nothing outside `w`, `x` and `y` is touched.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_indexed(
+    stream: &mut Stream,
+    w: Weights<'_>,
+    rows_per_expert: u64,
+    counts: U32s<'_>,
+    pairs: U32s<'_>,
+    n_tokens: u64,
+    k: u64,
+    x: F32s<'_>,
+    x_per_pair: bool,
+    y: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let op = kernel(Op::MatmulIndexed, w.ty).name();
+    let c = check_weights(stream, op, &w)?;
+    if rows_per_expert == 0 || !w.rows.is_multiple_of(rows_per_expert) {
+        return Err(bad(
+            op,
+            format!(
+                "{} rows is not a whole number of experts of {rows_per_expert} rows",
+                w.rows
+            ),
+        ));
+    }
+    let n_experts = w.rows / rows_per_expert;
+    // The experts are the grid's z dimension, which every device allows 65535 of.
+    if n_experts > 65535 {
+        return Err(bad(op, format!("{n_experts} experts (at most 65535)")));
+    }
+    expect_len(op, "counts", counts.len, n_experts)?;
+    let list_len = n_experts
+        .checked_mul(n_tokens)
+        .ok_or_else(|| bad(op, "experts × tokens overflows".into()))?;
+    expect_len(op, "pairs", pairs.len, list_len)?;
+    // The kernel indexes the lists, x and y with 32-bit element offsets.
+    to_u32(op, "pairs length", list_len)?;
+    let n_pairs = n_tokens
+        .checked_mul(k)
+        .ok_or_else(|| bad(op, "tokens × k overflows".into()))?;
+    to_u32(op, "tokens × k", n_pairs)?;
+    let x_rows = if x_per_pair { n_pairs } else { n_tokens };
+    let x_len = x_rows
+        .checked_mul(w.cols)
+        .ok_or_else(|| bad(op, "x rows × cols overflows".into()))?;
+    let y_len = n_pairs
+        .checked_mul(rows_per_expert)
+        .ok_or_else(|| bad(op, "pairs × rows overflows".into()))?;
+    expect_len(op, "x", x.len, x_len)?;
+    expect_len(op, "y", y.len, y_len)?;
+    to_u32(op, "x length", x_len)?;
+    to_u32(op, "y length", y_len)?;
+    if n_pairs == 0 || n_experts == 0 {
+        return Ok(());
+    }
+    // Tiles are sized for the average list; a longer one takes more tiles along the tokens.
+    let (tm, tn) = matmul_tiles(stream, op, n_pairs.div_ceil(n_experts), true)?;
+    let wg = (tm / 4) * (tn / 4);
+    let tiles_m = rows_per_expert.div_ceil(u64::from(tm));
+    let tiles = tiles_m * n_tokens.div_ceil(u64::from(tn));
+    let mut groups = grid_1d(tiles, 1)?;
+    groups[2] = to_u32(op, "experts", n_experts)?;
+    let push = Push::default()
+        .addr(c.address)
+        .addr(x.address())
+        .addr(y.address())
+        .addr(counts.address())
+        .addr(pairs.address())
+        .addr(rows_per_expert * u64::from(c.row_bytes))
+        .u32(c.row_bytes)
+        .u32(to_u32(op, "rows per expert", rows_per_expert)?)
+        .u32(to_u32(op, "cols", w.cols)?)
+        .u32(to_u32(op, "n_tokens", n_tokens)?)
+        .u32(to_u32(op, "tiles", tiles_m)?)
+        .u32(to_u32(op, "k", k)?)
+        .u32(x_per_pair as u32);
+    stream.dispatch(&Dispatch {
+        kernel: kernel(Op::MatmulIndexed, w.ty),
+        spec: &[wg, stream.limits().subgroup_size, tm, tn],
+        push: push.bytes(),
+        groups,
+        reads: &[c.access, x.access(), counts.access(), pairs.access()],
+        writes: &[y.access()],
+    })
 }
 
 /// `out[i, :]` = row `ids[i]` of `w`, dequantized (embedding lookup); `out.len` must be

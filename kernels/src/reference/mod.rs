@@ -2,6 +2,7 @@
 //! Written for clarity, not speed.
 
 pub mod nn;
+pub mod quant;
 
 /// out[i] = a[i] + b[i % b.len()].
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {

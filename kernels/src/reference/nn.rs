@@ -99,7 +99,8 @@ pub fn softmax(x: &[f32], row_len: usize, scale: f32) -> Vec<f32> {
 }
 
 /// Rotary embedding of x (n_tokens × n_heads × head_dim) at `positions` (one per token); see
-/// [`crate::ops::rope`].
+/// [`crate::ops::rope`] (`freq_factors`, when given, has rotary_dims / 2 entries).
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &[f32],
     positions: &[u32],
@@ -107,6 +108,8 @@ pub fn rope(
     head_dim: usize,
     rotary_dims: usize,
     freq_base: f32,
+    freq_scale: f32,
+    freq_factors: Option<&[f32]>,
     neox: bool,
 ) -> Vec<f32> {
     let mut out = x.to_vec();
@@ -115,7 +118,11 @@ pub fn rope(
         let pos = positions[row / n_heads] as f64;
         let src = &x[row * head_dim..(row + 1) * head_dim];
         for i in 0..half {
-            let theta = pos * (freq_base as f64).powf(-2.0 * i as f64 / rotary_dims as f64);
+            let factor = freq_factors.map_or(1.0, |f| f[i] as f64);
+            let theta = pos
+                * freq_scale as f64
+                * (freq_base as f64).powf(-2.0 * i as f64 / rotary_dims as f64)
+                / factor;
             let (s, c) = theta.sin_cos();
             let (a, b) = if neox {
                 (i, i + half)
@@ -304,15 +311,40 @@ pub fn softmax_top_k(
     (ids, vals)
 }
 
-/// out[j] = Σ_k w[k] · rows[k·n + j], for j < n = rows.len() / w.len().
-pub fn moe_combine(rows: &[f32], w: &[f32]) -> Vec<f32> {
+/// Mixture-of-experts routing of `ids` (n_tokens rows of k = ids.len() / n_tokens expert ids;
+/// pair p = t·k + s): for every expert e < `n_experts`, the pairs p with ids[p] == e in
+/// increasing order, cut at n_tokens entries; see [`crate::ops::moe_route`]. Returned as the op
+/// lays them out: (counts, pairs) with list e at pairs[e·n_tokens..]. Entries past a list's
+/// count, which the op leaves untouched, are u32::MAX here.
+pub fn moe_route(ids: &[u32], n_experts: usize, n_tokens: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut counts = vec![0u32; n_experts];
+    let mut pairs = vec![u32::MAX; n_experts * n_tokens];
+    for (p, &e) in ids.iter().enumerate() {
+        let e = e as usize;
+        if e < n_experts && (counts[e] as usize) < n_tokens {
+            pairs[e * n_tokens + counts[e] as usize] = p as u32;
+            counts[e] += 1;
+        }
+    }
+    (counts, pairs)
+}
+
+/// The MoE combine over n_tokens = w.len() / k tokens: out[t·n + j] = Σ_s w[t·k + s] ·
+/// rows[(t·k + s)·n + j], with n = rows.len() / w.len().
+pub fn moe_combine(rows: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+    let n_tokens = w.len() / k;
     let n = rows.len() / w.len();
-    (0..n)
-        .map(|j| {
-            w.iter()
-                .enumerate()
-                .map(|(k, wk)| *wk as f64 * rows[k * n + j] as f64)
-                .sum::<f64>() as f32
-        })
-        .collect()
+    let mut out = Vec::with_capacity(n_tokens * n);
+    for t in 0..n_tokens {
+        for j in 0..n {
+            let acc: f64 = (0..k)
+                .map(|s| {
+                    let p = t * k + s;
+                    w[p] as f64 * rows[p * n + j] as f64
+                })
+                .sum();
+            out.push(acc as f32);
+        }
+    }
+    out
 }
