@@ -33,6 +33,11 @@ use crate::scheduler::{
 const JOB_HISTORY: usize = 256;
 /// How often keep-alive expiry is checked.
 const TICK: Duration = Duration::from_secs(1);
+/// Each of the bandwidth probe's two buffers: at most this, and no more than half of what the
+/// budget has left (the probe's bytes count against the budget like any others).
+const BANDWIDTH_PROBE_BYTES: u64 = 128 << 20;
+/// Below this per buffer the copy is too short to time well.
+const MIN_BANDWIDTH_PROBE_BYTES: u64 = 8 << 20;
 
 /// A request the daemon cannot satisfy, with the gRPC code it maps to and a message a person can
 /// act on.
@@ -470,12 +475,26 @@ impl Core {
                 let _ = reply.send(self.job_rows());
             }
             Command::Roofline { model, reply } => {
+                // The probe's two buffers must fit in what the budget has left.
+                let free = self
+                    .residency
+                    .budget()
+                    .saturating_sub(self.residency.used());
+                let probe = (free / 2).min(BANDWIDTH_PROBE_BYTES) & !((1 << 20) - 1);
                 let r = match self.loaded.get(&model) {
+                    Some(Loaded::Llm(_)) if probe < MIN_BANDWIDTH_PROBE_BYTES => {
+                        Err(CoreError::ResourceExhausted(format!(
+                            "measuring the memory bandwidth needs {} free under the budget and \
+                             {} is left; unload a model or raise [memory] budget",
+                            format_bytes(2 * MIN_BANDWIDTH_PROBE_BYTES),
+                            format_bytes(free)
+                        )))
+                    }
                     Some(Loaded::Llm(e)) => {
                         let (tx, rx) = oneshot::channel();
                         let device = e.model.device().clone();
                         let name = device.info().name.clone();
-                        self.executor.measure_bandwidth(device, tx);
+                        self.executor.measure_bandwidth(device, probe, tx);
                         Ok((e.model.weight_bytes_per_token(), rx, name))
                     }
                     _ => Err(CoreError::FailedPrecondition(format!(

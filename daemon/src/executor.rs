@@ -62,9 +62,11 @@ pub struct ExecJob {
 /// What the executor thread is asked to do.
 enum Msg {
     Job(ExecJob),
-    /// Measure the device's memory bandwidth (bytes/s) between job steps.
+    /// Measure the device's memory bandwidth (bytes/s) between job steps, with two buffers of
+    /// the given size.
     Bandwidth(
         halo_kernels::Device,
+        u64,
         tokio::sync::oneshot::Sender<Result<f64, String>>,
     ),
 }
@@ -90,14 +92,16 @@ impl Executor {
         self.tx.send(Msg::Job(job)).is_ok()
     }
 
-    /// Measures `device`'s bandwidth on the executor thread; the answer comes on `reply`.
+    /// Measures `device`'s bandwidth on the executor thread by copying between two buffers of
+    /// `bytes` each; the answer comes on `reply`.
     pub fn measure_bandwidth(
         &self,
         device: halo_kernels::Device,
+        bytes: u64,
         reply: tokio::sync::oneshot::Sender<Result<f64, String>>,
     ) {
-        if let Err(std::sync::mpsc::SendError(Msg::Bandwidth(_, reply))) =
-            self.tx.send(Msg::Bandwidth(device, reply))
+        if let Err(std::sync::mpsc::SendError(Msg::Bandwidth(_, _, reply))) =
+            self.tx.send(Msg::Bandwidth(device, bytes, reply))
         {
             let _ = reply.send(Err("the GPU executor stopped".into()));
         }
@@ -108,8 +112,8 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
     let mut active: Vec<Running> = Vec::new();
     let handle = |m: Msg, active: &mut Vec<Running>| match m {
         Msg::Job(job) => active.push(Running::new(job)),
-        Msg::Bandwidth(device, reply) => {
-            let _ = reply.send(bandwidth(&device).map_err(|e| e.to_string()));
+        Msg::Bandwidth(device, bytes, reply) => {
+            let _ = reply.send(bandwidth(&device, bytes).map_err(|e| e.to_string()));
         }
     };
     loop {
@@ -145,11 +149,10 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
     }
 }
 
-/// Device memory bandwidth in bytes/s: the best of a few copies of a 128 MiB buffer (each copy
-/// reads and writes every byte).
-fn bandwidth(device: &halo_kernels::Device) -> Result<f64, halo_kernels::VulkanError> {
+/// Device memory bandwidth in bytes/s: the best of a few copies of a `bytes` buffer (each copy
+/// reads and writes every byte). The two buffers live only while it runs.
+fn bandwidth(device: &halo_kernels::Device, bytes: u64) -> Result<f64, halo_kernels::VulkanError> {
     use halo_kernels::{MemoryKind, OwnerId};
-    let bytes: u64 = 128 << 20;
     let src = device.alloc(MemoryKind::Device, bytes, OwnerId::SHARED)?;
     let dst = device.alloc(MemoryKind::Device, bytes, OwnerId::SHARED)?;
     let mut best = f64::MAX;
