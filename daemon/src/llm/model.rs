@@ -346,6 +346,8 @@ impl LlmModel {
                 gate: next(),
                 up: next(),
                 out: next(),
+                counts: next(),
+                pairs: next(),
             }),
         })
     }
@@ -625,9 +627,14 @@ impl LlmModel {
     }
 
     /// Layer `l`'s mixture-of-experts FFN over the n normed tokens in `h`, replacing each with its
-    /// FFN output, one token at a time: the router's logits, softmax and the top k experts (their
+    /// FFN output: the router's logits, softmax and the top k experts per token (their
     /// probabilities renormalized to sum to 1), each chosen expert's gated FFN, and their sum
     /// weighted by those probabilities. The choice stays on the device throughout.
+    ///
+    /// One token goes through the matrix-vector kernels, expert by chosen expert. A batch is
+    /// first sorted by expert (`moe_route`: for each expert, the token-choice pairs that chose
+    /// it), so that each expert's matrices are read once per tile for all of its tokens
+    /// (`matmul_indexed`), as the dense layers' matmul does.
     fn record_moe(
         &self,
         s: &mut Stream,
@@ -638,6 +645,7 @@ impl LlmModel {
     ) -> Result<(), LlmError> {
         let hp = &self.hp;
         let d = hp.n_embd;
+        let e = hp.n_expert;
         let k = hp.n_expert_used;
         let ff = hp.n_ff_expert;
         let f32s = |buffer, len| F32s {
@@ -645,30 +653,40 @@ impl LlmModel {
             start: 0,
             len,
         };
-        let router = f32s(&moe.router, hp.n_expert);
-        let ids = U32s {
-            buffer: &moe.ids,
+        let u32s = |buffer, len| U32s {
+            buffer,
             start: 0,
-            len: k,
+            len,
         };
-        let weights = f32s(&moe.weights, k);
-        let gate = f32s(&moe.gate, k * ff);
-        let up = f32s(&moe.up, k * ff);
-        let out = f32s(&moe.out, k * d);
+        let router = f32s(&moe.router, n * e);
+        let ids = u32s(&moe.ids, n * k);
+        let weights = f32s(&moe.weights, n * k);
+        let gate = f32s(&moe.gate, n * k * ff);
+        let up = f32s(&moe.up, n * k * ff);
+        let out = f32s(&moe.out, n * k * d);
         let w_router = self.w(&layer(l, "ffn_gate_inp"))?;
         let (w_gate, ff_gate) = self.w_experts(&layer(l, "ffn_gate_exps"))?;
         let (w_up, ff_up) = self.w_experts(&layer(l, "ffn_up_exps"))?;
         let (w_down, d_down) = self.w_experts(&layer(l, "ffn_down_exps"))?;
-        for t in 0..n {
-            let ht = h.sub(t * d, d);
-            ops::matvec(s, w_router, ht, router)?;
-            ops::softmax_top_k(s, router, hp.n_expert, k, true, ids, weights)?;
-            ops::matvec_indexed(s, w_gate, ff_gate, ids, ht, false, gate)?;
-            ops::matvec_indexed(s, w_up, ff_up, ids, ht, false, up)?;
+        if n == 1 {
+            ops::matvec(s, w_router, h, router)?;
+            ops::softmax_top_k(s, router, e, k, true, ids, weights)?;
+            ops::matvec_indexed(s, w_gate, ff_gate, ids, h, false, gate)?;
+            ops::matvec_indexed(s, w_up, ff_up, ids, h, false, up)?;
             ops::swiglu(s, gate, up, gate)?;
             ops::matvec_indexed(s, w_down, d_down, ids, gate, true, out)?;
-            ops::moe_combine(s, out, weights, ht, d, k)?;
+        } else {
+            let counts = u32s(&moe.counts, e);
+            let pairs = u32s(&moe.pairs, e * n);
+            ops::matmul(s, w_router, h, router, n)?;
+            ops::softmax_top_k(s, router, e, k, true, ids, weights)?;
+            ops::moe_route(s, ids, e, counts, pairs, n)?;
+            ops::matmul_indexed(s, w_gate, ff_gate, counts, pairs, n, k, h, false, gate)?;
+            ops::matmul_indexed(s, w_up, ff_up, counts, pairs, n, k, h, false, up)?;
+            ops::swiglu(s, gate, up, gate)?;
+            ops::matmul_indexed(s, w_down, d_down, counts, pairs, n, k, gate, true, out)?;
         }
+        ops::moe_combine(s, out, weights, h, d, k)?;
         Ok(())
     }
 }
@@ -696,22 +714,25 @@ pub fn sequence_buffers(hp: &HParams, capacity: u64) -> Vec<(MemoryKind, u64)> {
         (MemoryKind::Readback, hp.n_vocab * 4),
     ]);
     if hp.arch == Arch::Qwen3Moe {
-        // The mixture-of-experts scratch, for one token at a time: router logits, the chosen
-        // experts' ids and weights, their gate and up activations and their outputs.
+        // The mixture-of-experts scratch for a batch: router logits, the chosen experts' ids and
+        // weights, their gate and up activations and their outputs, then each expert's count
+        // and list of the token-choice pairs routed to it.
         let k = hp.n_expert_used;
         out.extend([
+            dev(b * hp.n_expert),
+            dev(b * k),
+            dev(b * k),
+            dev(b * k * hp.n_ff_expert),
+            dev(b * k * hp.n_ff_expert),
+            dev(b * k * hp.n_embd),
             dev(hp.n_expert),
-            dev(k),
-            dev(k),
-            dev(k * hp.n_ff_expert),
-            dev(k * hp.n_ff_expert),
-            dev(k * hp.n_embd),
+            dev(hp.n_expert * b),
         ]);
     }
     out
 }
 
-/// A mixture-of-experts model's per-token FFN scratch.
+/// A mixture-of-experts model's FFN scratch, for up to a batch of tokens.
 struct MoeScratch {
     router: Buffer,
     ids: Buffer,
@@ -719,6 +740,8 @@ struct MoeScratch {
     gate: Buffer,
     up: Buffer,
     out: Buffer,
+    counts: Buffer,
+    pairs: Buffer,
 }
 
 /// One sequence's state: its KV cache and scratch. Dropping it frees them.
