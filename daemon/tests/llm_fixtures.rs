@@ -224,8 +224,18 @@ fn qwen3moe_f32() {
 }
 
 #[test]
+fn qwen3moe_f16() {
+    check("qwen3moe", "F16");
+}
+
+#[test]
 fn qwen3moe_q8_0() {
     check("qwen3moe", "Q8_0");
+}
+
+#[test]
+fn qwen3moe_q4_0() {
+    check("qwen3moe", "Q4_0");
 }
 
 #[test]
