@@ -143,6 +143,31 @@ fn gemma3_tokenizer_matches_llama_cpp() {
     assert_eq!(t.encode("", true, true).unwrap(), [2]);
 }
 
+/// The byte-level pre-tokenizer families no fetched model uses, on SmolLM2's vocabulary and
+/// merges with `tokenizer.ggml.pre` swapped (llama.cpp tokenized the same swap; see
+/// gen_tokenizer_refs.py): each family's split regexes and its whole-word rule must give
+/// llama.cpp's ids on every case.
+#[test]
+fn pre_tokenizer_families_match_llama_cpp() {
+    use halod::gguf::Value as GgufValue;
+    for pre in ["llama-bpe", "qwen2", "glm4", "gpt-2"] {
+        let refs = fixture(&format!("pre-{pre}"));
+        assert_eq!(refs["pre"], pre);
+        let Some(path) = model(refs["model"].as_str().unwrap()) else {
+            return;
+        };
+        let mut gguf = GgufFile::open(&path).unwrap();
+        gguf.header.metadata.insert(
+            "tokenizer.ggml.pre".into(),
+            GgufValue::String(pre.to_string()),
+        );
+        let tok = Tokenizer::from_gguf(&gguf.header).unwrap();
+        let l = Loaded { gguf, tok, refs };
+        matches_llama_cpp(&l);
+        round_trips(&l);
+    }
+}
+
 /// Arbitrary text never fails to encode and always decodes back to itself.
 #[test]
 fn arbitrary_text_round_trips() {
