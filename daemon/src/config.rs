@@ -60,6 +60,47 @@ pub struct ModelConfig {
     pub keep_alive: KeepAlive,
     /// LLMs: how many requests may run at once (each gets its own KV cache, allocated at load).
     pub parallel: u32,
+    /// LLMs: the KV cache's element type.
+    pub kv_cache: KvCacheType,
+}
+
+/// The element type of an LLM's KV cache: f16 (the default: half the memory) or f32 (exact
+/// keys and values, twice the memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvCacheType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvCacheType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F16 => "f16",
+            KvCacheType::F32 => "f32",
+        }
+    }
+
+    /// Bytes per cached value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvCacheType::F16 => 2,
+            KvCacheType::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(KvCacheType::F16),
+            "f32" => Ok(KvCacheType::F32),
+            other => Err(format!(
+                "invalid kv_cache {other:?}: use \"f16\" or \"f32\""
+            )),
+        }
+    }
 }
 
 /// The resolved configuration.
@@ -185,6 +226,7 @@ struct RawModel {
     #[serde(default, deserialize_with = "de_keep_alive_opt")]
     keep_alive: Option<KeepAlive>,
     parallel: Option<Spanned<u32>>,
+    kv_cache: Option<Spanned<String>>,
 }
 
 // ---- value parsers (also used by tests and by the CLI-facing code) ---------------------------
@@ -480,6 +522,25 @@ impl Config {
                 None => None,
             };
             let model_parallel = check_parallel(m.parallel, format!("models[{i}].parallel"))?;
+            let kv_cache = match m.kv_cache {
+                Some(k) if m.kind != ModelKind::Llm => {
+                    return Err(err_at(
+                        k.span().start,
+                        format!("models[{i}].kv_cache"),
+                        format!(
+                            "kv_cache applies to llm models only, not {}",
+                            m.kind.as_str()
+                        ),
+                    ))
+                }
+                Some(k) => {
+                    let at = k.span().start;
+                    k.into_inner()
+                        .parse()
+                        .map_err(|e| err_at(at, format!("models[{i}].kv_cache"), e))?
+                }
+                None => KvCacheType::default(),
+            };
             models.push(ModelConfig {
                 name,
                 kind: m.kind,
@@ -488,6 +549,7 @@ impl Config {
                 pinned: m.pinned,
                 keep_alive: m.keep_alive.unwrap_or(keep_alive),
                 parallel: model_parallel.unwrap_or(parallel),
+                kv_cache,
             });
         }
 
@@ -571,6 +633,7 @@ impl Config {
             ));
             if m.kind == ModelKind::Llm {
                 out.push_str(&format!("parallel = {}\n", m.parallel));
+                out.push_str(&format!("kv_cache = {}\n", q(m.kv_cache.as_str())));
             }
         }
         out
@@ -680,6 +743,7 @@ name = "qwen3"
 kind = "llm"
 path = "models/qwen3.gguf"
 context = 8192
+kv_cache = "f32"
 [[models]]
 name = "sdxl"
 kind = "sdxl"
@@ -708,6 +772,8 @@ keep_alive = "-1"
             KeepAlive::For(Duration::from_secs(600))
         );
         assert_eq!(c.models[0].context, Some(8192));
+        assert_eq!(c.models[0].kv_cache, KvCacheType::F32);
+        assert_eq!(c.models[1].kv_cache, KvCacheType::F16);
         assert_eq!(c.models[1].keep_alive, KeepAlive::Forever);
         assert!(c.models[1].pinned);
         // The printed form parses back to the same config.
@@ -715,6 +781,25 @@ keep_alive = "-1"
         assert_eq!(again.models, c.models);
         assert_eq!(again.budget, c.budget);
         assert_eq!(again.keep_alive, c.keep_alive);
+    }
+
+    #[test]
+    fn kv_cache_is_f16_or_f32_and_for_llms_only() {
+        let llm = "[[models]]\nname = \"a\"\nkind = \"llm\"\npath = \"a.gguf\"\n";
+        let e = parse(&format!("{llm}kv_cache = \"q8\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("models[0].kv_cache"))
+        );
+        assert!(e.message.contains("\"f16\" or \"f32\""), "{e}");
+        let e =
+            parse("[[models]]\nname = \"s\"\nkind = \"sdxl\"\npath = \"s\"\nkv_cache = \"f32\"\n")
+                .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("models[0].kv_cache"))
+        );
+        assert!(e.message.contains("llm models only"), "{e}");
     }
 
     #[test]

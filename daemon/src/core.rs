@@ -1110,7 +1110,7 @@ fn estimate_model(m: &ModelConfig, gpu: bool) -> Result<u64, ModelFileError> {
             crate::gguf::GgufFileErrorKind::Io(io) => io.to_string(),
         },
     })?;
-    engine::estimate(&file.header, m.context, m.parallel as u64).map_err(|e| {
+    engine::estimate(&file.header, m.context, m.parallel as u64, m.kv_cache).map_err(|e| {
         ModelFileError::Invalid {
             path: m.path.clone(),
             message: e.to_string(),
@@ -1128,12 +1128,20 @@ fn load_model(
     match (m.kind, device) {
         (ModelKind::Llm, Some(dev)) => {
             models::estimate(m)?;
-            LlmEngine::load(dev, &m.path, m.context, m.parallel as u64, strategy, owner)
-                .map(|e| Loaded::Llm(Arc::new(e)))
-                .map_err(|e| ModelFileError::Invalid {
-                    path: m.path.clone(),
-                    message: e.to_string(),
-                })
+            LlmEngine::load(
+                dev,
+                &m.path,
+                m.context,
+                m.parallel as u64,
+                m.kv_cache,
+                strategy,
+                owner,
+            )
+            .map(|e| Loaded::Llm(Arc::new(e)))
+            .map_err(|e| ModelFileError::Invalid {
+                path: m.path.clone(),
+                message: e.to_string(),
+            })
         }
         _ => models::map(m).map(Loaded::Mapped),
     }

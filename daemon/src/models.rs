@@ -227,6 +227,7 @@ mod tests {
             pinned: false,
             keep_alive: KeepAlive::Forever,
             parallel: 1,
+            kv_cache: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@ mod common;
 use common::{device, model};
 
 use halo_kernels::{LoadStrategy, OwnerId};
+use halod::config::KvCacheType;
 use halod::gguf::GgufFile;
 use halod::llm::model::LlmModel;
 
@@ -29,9 +30,9 @@ fn prefill_matches_decode(name: &str, prompt: &[u32]) {
     let m = LlmModel::load(&dev, &file, LoadStrategy::Auto, owner).unwrap();
     assert!(dev.ledger().owner(owner) >= file.header.tensors.iter().map(|t| t.size).sum::<u64>());
 
-    let mut batch = m.new_sequence(64, OwnerId(2)).unwrap();
+    let mut batch = m.new_sequence(64, KvCacheType::F16, OwnerId(2)).unwrap();
     let a = m.forward(&mut batch, prompt).unwrap();
-    let mut step = m.new_sequence(64, OwnerId(3)).unwrap();
+    let mut step = m.new_sequence(64, KvCacheType::F16, OwnerId(3)).unwrap();
     let mut b = Vec::new();
     for t in prompt {
         b = m.forward(&mut step, &[*t]).unwrap();
@@ -107,7 +108,7 @@ fn greedy_matches_references(name: &str) {
         let prompt = ids(&case["prompt_tokens"]);
         let (llama, llama_margin) = (ids(&case["tokens"]), floats(&case["margins"]));
         let (exact, exact_margin) = (ids(&case["exact_tokens"]), floats(&case["exact_margins"]));
-        let mut seq = m.new_sequence(64, OwnerId(11)).unwrap();
+        let mut seq = m.new_sequence(64, KvCacheType::F16, OwnerId(11)).unwrap();
         let mut logits = m.forward(&mut seq, &prompt).unwrap();
         let mut ours = Vec::new();
         for i in 0..exact.len() {

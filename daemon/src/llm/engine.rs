@@ -12,6 +12,7 @@ use super::chat::ChatTemplate;
 use super::hparams::HParams;
 use super::model::{sequence_buffers, LlmError, LlmModel, Sequence};
 use super::tokenizer::Tokenizer;
+use crate::config::KvCacheType;
 use crate::gguf::{Gguf, GgufFile};
 
 /// Context used when the config gives none: the model's own, capped here.
@@ -25,14 +26,20 @@ pub fn context_for(hp: &HParams, configured: Option<u32>) -> u64 {
     }
 }
 
-/// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens: the
+/// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens (KV cache
+/// of type `kv`): the
 /// weights as the loader places them plus each sequence's buffers, rounded as the allocator
 /// rounds them.
-pub fn estimate(g: &Gguf, context: Option<u32>, parallel: u64) -> Result<u64, LlmError> {
+pub fn estimate(
+    g: &Gguf,
+    context: Option<u32>,
+    parallel: u64,
+    kv: KvCacheType,
+) -> Result<u64, LlmError> {
     let hp = HParams::from_gguf(g)?;
     let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
     let ctx = context_for(&hp, context);
-    let per_seq: u64 = sequence_buffers(&hp, ctx)
+    let per_seq: u64 = sequence_buffers(&hp, ctx, kv)
         .iter()
         .map(|(_, b)| charged_bytes(*b))
         .sum();
@@ -65,13 +72,14 @@ pub struct LlmEngine {
 }
 
 impl LlmEngine {
-    /// Loads `path` onto `device` with `parallel` sequences of the configured context, all
-    /// charged to `owner`.
+    /// Loads `path` onto `device` with `parallel` sequences of the configured context and KV
+    /// cache type, all charged to `owner`.
     pub fn load(
         device: &Device,
         path: &Path,
         context: Option<u32>,
         parallel: u64,
+        kv: KvCacheType,
         strategy: LoadStrategy,
         owner: OwnerId,
     ) -> Result<LlmEngine, LlmError> {
@@ -87,7 +95,7 @@ impl LlmEngine {
         let model = LlmModel::load(device, &file, strategy, owner)?;
         let ctx = context_for(&model.hp, context);
         let free = (0..parallel.max(1))
-            .map(|_| model.new_sequence(ctx, owner))
+            .map(|_| model.new_sequence(ctx, kv, owner))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(LlmEngine {
             model,

@@ -204,11 +204,6 @@ impl HParams {
             && self.sliding_pattern > 0
             && !(l + 1).is_multiple_of(self.sliding_pattern)
     }
-
-    /// Bytes of one sequence's KV cache for `context` tokens with f16 entries.
-    pub fn kv_cache_bytes(&self, context: u64) -> u64 {
-        2 * self.n_layer * self.n_head_kv * context * self.head_dim * 2
-    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use halo_kernels::{
 };
 
 use super::hparams::{Arch, HParams};
+use crate::config::KvCacheType;
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 
 /// Largest number of prompt tokens run through one forward call; longer prompts are chunked.
@@ -310,12 +311,17 @@ impl LlmModel {
         }
     }
 
-    /// A new sequence with room for `capacity` tokens; its KV cache (f16) and scratch are
-    /// charged to `owner`.
-    pub fn new_sequence(&self, capacity: u64, owner: OwnerId) -> Result<Sequence, LlmError> {
+    /// A new sequence with room for `capacity` tokens; its KV cache (f16 or f32) and scratch
+    /// are charged to `owner`.
+    pub fn new_sequence(
+        &self,
+        capacity: u64,
+        kv: KvCacheType,
+        owner: OwnerId,
+    ) -> Result<Sequence, LlmError> {
         let dev = &self.device;
         let mut bufs = Vec::new();
-        for (kind, bytes) in sequence_buffers(&self.hp, capacity) {
+        for (kind, bytes) in sequence_buffers(&self.hp, capacity, kv) {
             bufs.push(dev.alloc(kind, bytes, owner)?);
         }
         let n_layer = self.hp.n_layer as usize;
@@ -325,6 +331,7 @@ impl LlmModel {
         let v = (0..n_layer).map(|_| next()).collect();
         Ok(Sequence {
             capacity,
+            kv_f16: kv == KvCacheType::F16,
             pos: 0,
             k,
             v,
@@ -507,12 +514,12 @@ impl LlmModel {
             let kc = KvCache {
                 buffer: &seq.k[l as usize],
                 offset: 0,
-                f16: true,
+                f16: seq.kv_f16,
             };
             let vc = KvCache {
                 buffer: &seq.v[l as usize],
                 offset: 0,
-                f16: true,
+                f16: seq.kv_f16,
             };
             ops::kv_store(
                 s,
@@ -693,8 +700,12 @@ impl LlmModel {
 
 /// Every buffer a sequence of `capacity` tokens allocates, in the order `new_sequence` takes them:
 /// K and V caches per layer, then the scratch. The estimate uses the same list.
-pub fn sequence_buffers(hp: &HParams, capacity: u64) -> Vec<(MemoryKind, u64)> {
-    let kv = hp.n_head_kv * capacity * hp.head_dim * 2;
+pub fn sequence_buffers(
+    hp: &HParams,
+    capacity: u64,
+    kv_type: KvCacheType,
+) -> Vec<(MemoryKind, u64)> {
+    let kv = hp.n_head_kv * capacity * hp.head_dim * kv_type.bytes();
     let b = MAX_BATCH.min(capacity.max(1));
     let q_dim = hp.n_head * hp.head_dim;
     let kv_dim = hp.n_head_kv * hp.head_dim;
@@ -747,6 +758,7 @@ struct MoeScratch {
 /// One sequence's state: its KV cache and scratch. Dropping it frees them.
 pub struct Sequence {
     capacity: u64,
+    kv_f16: bool,
     pos: u64,
     k: Vec<Buffer>,
     v: Vec<Buffer>,
