@@ -325,7 +325,10 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
             let got = dev.ledger().owner(owner);
             let err = (got as f64 - est as f64).abs() / est as f64;
             eprintln!("{arch} {kv:?}: estimate {est}, allocated {got}");
-            assert!(err <= 0.02, "{arch} {kv:?}: estimate {est}, allocated {got}");
+            assert!(
+                err <= 0.02,
+                "{arch} {kv:?}: estimate {est}, allocated {got}"
+            );
             actual.push(est);
             drop((seq, m));
             assert_eq!(dev.ledger().owner(owner), 0);
