@@ -338,3 +338,8 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
         assert!(actual[1] - actual[0] >= f16_kv, "{arch}: {actual:?}");
     }
 }
+
+#[test]
+fn qwen3_yarn_rope_scaling_f32() {
+    check("qwen3yarn", "F32");
+}

@@ -6,7 +6,7 @@ mod common;
 
 use common::device;
 
-use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, RopeParams, U32s};
+use halo_kernels::ops::{self, AttentionParams, F32s, KvCache, RopeParams, U32s, Yarn};
 use halo_kernels::reference::nn as r;
 use halo_kernels::reference::{max_rel_diff, Rng};
 use halo_kernels::{Buffer, Device, MemoryKind, OwnerId, VulkanError};
@@ -227,21 +227,47 @@ fn softmax_matches_the_reference() {
 fn rope_matches_the_reference() {
     let Some(dev) = device() else { return };
     let mut rng = Rng::new(26);
-    // (tokens, heads, head_dim, rotary_dims, base, neox, largest position, freq_scale, factors)
+    // (tokens, heads, head_dim, rotary_dims, base, neox, largest position, freq_scale, factors,
+    // yarn)
     let cases = [
-        (5, 4, 64, 64, 10_000.0, false, 200, 1.0, false),
-        (5, 4, 64, 64, 10_000.0, true, 200, 1.0, false),
-        (3, 3, 80, 32, 1e6, false, 300, 1.0, false),
-        (3, 3, 80, 32, 1e6, true, 300, 1.0, false),
-        (2, 2, 7, 4, 10_000.0, true, 50, 1.0, false),
-        (4, 8, 128, 128, 1e6, true, 4096, 1.0, false),
-        (4, 2, 256, 64, 10_000.0, false, 100_000, 1.0, false),
+        (5, 4, 64, 64, 10_000.0, false, 200, 1.0, false, None),
+        (5, 4, 64, 64, 10_000.0, true, 200, 1.0, false, None),
+        (3, 3, 80, 32, 1e6, false, 300, 1.0, false, None),
+        (3, 3, 80, 32, 1e6, true, 300, 1.0, false, None),
+        (2, 2, 7, 4, 10_000.0, true, 50, 1.0, false, None),
+        (4, 8, 128, 128, 1e6, true, 4096, 1.0, false, None),
+        (4, 2, 256, 64, 10_000.0, false, 100_000, 1.0, false, None),
         // Linear scaling (gemma3's global layers: 1/8) and per-pair factors (Llama 3.1).
-        (4, 2, 64, 64, 1e6, true, 5000, 0.125, false),
-        (4, 4, 64, 64, 500_000.0, false, 5000, 1.0, true),
-        (3, 2, 32, 16, 10_000.0, true, 700, 0.5, true),
+        (4, 2, 64, 64, 1e6, true, 5000, 0.125, false, None),
+        (4, 4, 64, 64, 500_000.0, false, 5000, 1.0, true, None),
+        (3, 2, 32, 16, 10_000.0, true, 700, 0.5, true, None),
+        // YaRN: a 4x extension of a 256-token and of Qwen3's 32768-token context.
+        (
+            4,
+            4,
+            64,
+            64,
+            1e6,
+            true,
+            5000,
+            0.25,
+            false,
+            Some(Yarn::new(64, 1e6, 4.0, 256, 32.0, 1.0, 1.0)),
+        ),
+        (
+            3,
+            2,
+            128,
+            128,
+            1e6,
+            true,
+            40_000,
+            0.25,
+            false,
+            Some(Yarn::new(128, 1e6, 4.0, 32768, 32.0, 1.0, 1.0)),
+        ),
     ];
-    for (tokens, heads, dim, rot, base, neox, max_pos, freq_scale, with_factors) in cases {
+    for (tokens, heads, dim, rot, base, neox, max_pos, freq_scale, with_factors, yarn) in cases {
         let x = rng.f32s(tokens * heads * dim, 1.0);
         let pos: Vec<u32> = (0..tokens)
             .map(|t| {
@@ -269,6 +295,7 @@ fn rope_matches_the_reference() {
             freq_scale,
             freq_factors: with_factors.then(|| F32s::all(&gf)),
             neox,
+            yarn,
         };
         let positions = U32s::all(&gp).sub(0, tokens as u64);
         ops::rope(&mut s, F32s::all(&gx), positions, F32s::all(&out), params).unwrap();
@@ -285,12 +312,13 @@ fn rope_matches_the_reference() {
             freq_scale,
             with_factors.then_some(&factors[..]),
             neox,
+            yarn,
         );
         // theta = pos · freq is an f32 on the GPU: its rounding grows with the position.
         let tol = 2e-6 + 2.5e-7 * max_pos as f32;
         let what = format!(
             "rope {tokens}x{heads}x{dim} rot {rot} base {base} neox {neox} scale {freq_scale} \
-             factors {with_factors}"
+             factors {with_factors} yarn {yarn:?}"
         );
         check(&what, &read(&dev, &out, x.len()), &want, tol);
         check(&what, &read(&dev, &gx, x.len()), &want, tol);

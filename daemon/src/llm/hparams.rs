@@ -1,5 +1,7 @@
 //! An LLM's shape and numerics, read from its GGUF metadata, for each architecture halo runs.
 
+use halo_kernels::ops::Yarn;
+
 use crate::gguf::{Gguf, GgufError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +53,10 @@ pub struct HParams {
     pub rope_base_local: f32,
     pub rope_dims: u64,
     /// Positions are multiplied by this on layers that are not sliding-window ones: 1, or
-    /// 1 / factor under linear RoPE scaling (gemma3 4B and up: 1/8).
+    /// 1 / factor under linear RoPE scaling (gemma3 4B and up: 1/8) or YaRN.
     pub rope_freq_scale: f32,
+    /// YaRN's blend of scaled and unscaled angles, when the file asks for YaRN.
+    pub rope_yarn: Option<Yarn>,
     /// NEOX-style pairs (i, i + d/2) instead of adjacent pairs.
     pub neox: bool,
     pub context_train: u64,
@@ -67,13 +71,19 @@ pub struct HParams {
     pub attn_scale: f32,
 }
 
-/// The position scale for RoPE scaling as the GGUF declares it: `{arch}.rope.scaling.type`
-/// `linear` (or the older `{arch}.rope.scale_linear`) with a factor f gives 1/f; none gives 1.
-/// Other kinds (YaRN, LongRoPE) change the frequencies in ways the engine does not implement, so
-/// such a file is refused rather than run subtly wrong.
-fn rope_scaling(g: &Gguf, arch: &str) -> Result<f32, GgufError> {
+/// RoPE scaling as the GGUF declares it (`{arch}.rope.scaling.*`): the position scale (1, or
+/// 1 / factor) and, for YaRN, its ramp and attention scale. `linear` (or the older
+/// `{arch}.rope.scale_linear`) and `yarn` are implemented; other kinds (LongRoPE, ...) change the
+/// frequencies in ways the engine does not, so such a file is refused rather than run subtly
+/// wrong.
+fn rope_scaling(
+    g: &Gguf,
+    arch: &str,
+    rope_dims: u64,
+    rope_base: f32,
+) -> Result<(f32, Option<Yarn>), GgufError> {
     let key = |k: &str| format!("{arch}.{k}");
-    let factor = |k: &str| {
+    let float = |k: &str| {
         g.metadata
             .get(&key(k))
             .and_then(|v| v.as_f64())
@@ -84,17 +94,34 @@ fn rope_scaling(g: &Gguf, arch: &str) -> Result<f32, GgufError> {
         .get(&key("rope.scaling.type"))
         .and_then(|v| v.as_str())
         .unwrap_or("none");
+    let scale = |k: &str| float(k).map_or(1.0, |f| (1.0 / f) as f32);
     match kind {
-        "none" => Ok(factor("rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32)),
-        "linear" => Ok(factor("rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
-        other => Err(GgufError::WrongType {
+        "none" => Ok((scale("rope.scale_linear"), None)),
+        "linear" => Ok((scale("rope.scaling.factor"), None)),
+        "yarn" => {
+            let factor = float("rope.scaling.factor").unwrap_or(1.0);
+            let original = g
+                .metadata
+                .get(&key("rope.scaling.original_context_length"))
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| {
+                    GgufError::MissingKey(key("rope.scaling.original_context_length"))
+                })?;
+            let yarn = Yarn::new(
+                rope_dims,
+                rope_base,
+                factor as f32,
+                original,
+                float("rope.scaling.yarn_beta_fast").unwrap_or(32.0) as f32,
+                float("rope.scaling.yarn_beta_slow").unwrap_or(1.0) as f32,
+                float("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
+            );
+            Ok(((1.0 / factor) as f32, Some(yarn)))
+        }
+        _ => Err(GgufError::WrongType {
             key: key("rope.scaling.type"),
-            expected: "none or linear (the RoPE scalings halo implements)",
-            found: if other == "yarn" {
-                "yarn"
-            } else {
-                "an unsupported RoPE scaling"
-            },
+            expected: "none, linear or yarn (the RoPE scalings halo implements)",
+            found: "an unsupported RoPE scaling",
         }),
     }
 }
@@ -148,12 +175,15 @@ impl HParams {
         };
         let gemma = arch == Arch::Gemma3;
         let n_layer = u("block_count")?;
-        let rope_freq_scale = rope_scaling(g, arch_name)?;
+
         let sliding_window = g
             .metadata
             .get(&key("attention.sliding_window"))
             .and_then(|v| v.as_u64())
             .map(|w| w as u32);
+        let rope_dims = u_or("rope.dimension_count", head_dim);
+        let rope_base = f_or("rope.freq_base", 10_000.0) as f32;
+        let (rope_freq_scale, rope_yarn) = rope_scaling(g, arch_name, rope_dims, rope_base)?;
         Ok(HParams {
             arch,
             n_vocab,
@@ -170,8 +200,9 @@ impl HParams {
             } else {
                 f_or("rope.freq_base", 10_000.0) as f32
             },
-            rope_dims: u_or("rope.dimension_count", head_dim),
+            rope_dims,
             rope_freq_scale,
+            rope_yarn,
             // llama and glm4 rotate adjacent pairs; the others pairs half a head apart.
             neox: !matches!(arch, Arch::Llama | Arch::Glm4),
             context_train: u_or("context_length", 4096),
@@ -263,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn linear_rope_scaling_scales_positions_and_others_are_refused() {
+    fn rope_scaling_linear_and_yarn_and_others_are_refused() {
         assert_eq!(hparams("llama", 2, &[]).unwrap().rope_freq_scale, 1.0);
         let linear = [
             ("rope.scaling.type", 8, s("linear")),
@@ -280,11 +311,19 @@ mod tests {
         let yarn = [
             ("rope.scaling.type", 8, s("yarn")),
             ("rope.scaling.factor", 6, f32v(4.0)),
+            ("rope.scaling.original_context_length", 4, u32v(32768)),
         ];
-        let err = hparams("qwen3", 2, &yarn).unwrap_err().to_string();
-        assert!(
-            err.contains("qwen3.rope.scaling.type") && err.contains("yarn"),
-            "{err}"
+        let hp = hparams("qwen3", 2, &yarn).unwrap();
+        assert_eq!(hp.rope_freq_scale, 0.25);
+        assert_eq!(
+            hp.rope_yarn,
+            Some(Yarn::new(128, 10_000.0, 4.0, 32768, 32.0, 1.0, 1.0))
         );
+        // YaRN needs the original context.
+        let err = hparams("qwen3", 2, &yarn[..2]).unwrap_err().to_string();
+        assert!(err.contains("original_context_length"), "{err}");
+        let longrope = [("rope.scaling.type", 8, s("longrope"))];
+        let err = hparams("llama", 2, &longrope).unwrap_err().to_string();
+        assert!(err.contains("llama.rope.scaling.type"), "{err}");
     }
 }

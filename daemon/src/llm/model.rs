@@ -499,6 +499,7 @@ impl LlmModel {
                 freq_scale: if sliding { 1.0 } else { hp.rope_freq_scale },
                 freq_factors,
                 neox: hp.neox,
+                yarn: if sliding { None } else { hp.rope_yarn },
             };
             ops::rope(s, q, positions, q, rope)?;
             ops::rope(

@@ -4,8 +4,14 @@
 // in normal mode and (i, i + rotary_dims / 2) in NEOX mode, and turns by
 // theta = pos · freq_scale · base^(-2i / rotary_dims) / factor[i], where freq_scale is linear
 // position scaling (1 / factor of the context extension) and factor[i] optional per-pair
-// frequency divisors (Llama 3.1's rope_freqs; all 1 when there is no buffer). One invocation per
-// pair slot of a head; each reads and writes only its own two values, so in place is allowed.
+// frequency divisors (Llama 3.1's rope_freqs; all 1 when there is no buffer).
+//
+// YaRN (ext_factor 1): pairs below corr_low keep the unscaled angle (extrapolation), pairs above
+// corr_high the scaled one (interpolation), with a linear ramp between, and cos and sin are
+// multiplied by mscale. With ext_factor 0 the angle is the scaled one and mscale is 1.
+//
+// One invocation per pair slot of a head; each reads and writes only its own two values, so in
+// place is allowed.
 #include "common.glsl"
 #include "nn.glsl"
 
@@ -22,6 +28,10 @@ layout(push_constant) uniform Push {
     float log2_base;
     float freq_scale;
     uint neox;
+    float ext_factor;
+    float corr_low;
+    float corr_high;
+    float mscale;
 } p;
 
 // theta reduced to about [-pi, pi] before sin and cos: hardware sine units lose accuracy (or
@@ -49,13 +59,20 @@ void main() {
     if (slot < half_rot) {
         uint a = p.neox != 0 ? slot : 2 * slot;
         uint b = p.neox != 0 ? slot + half_rot : 2 * slot + 1;
-        float freq = exp2(-float(2 * slot) / float(p.rotary_dims) * p.log2_base) * p.freq_scale;
+        float freq = exp2(-float(2 * slot) / float(p.rotary_dims) * p.log2_base);
         if (p.factors != 0ul) {
             freq /= F32In(p.factors).v[slot];
         }
-        float theta = reduce_angle(float(p.pos.v[token]) * freq);
-        float c = cos(theta);
-        float s = sin(theta);
+        float pos = float(p.pos.v[token]);
+        float theta = pos * freq * p.freq_scale;
+        if (p.ext_factor != 0.0) {
+            float y = (float(slot) - p.corr_low) / max(0.001, p.corr_high - p.corr_low);
+            float ramp = (1.0 - clamp(y, 0.0, 1.0)) * p.ext_factor;
+            theta = theta * (1.0 - ramp) + pos * freq * ramp;
+        }
+        theta = reduce_angle(theta);
+        float c = cos(theta) * p.mscale;
+        float s = sin(theta) * p.mscale;
         float x0 = p.x.v[base + a];
         float x1 = p.x.v[base + b];
         p.out_.v[base + a] = x0 * c - x1 * s;

@@ -320,6 +320,53 @@ pub struct RopeParams<'a> {
     pub freq_factors: Option<F32s<'a>>,
     /// Pair i is (i, i + rotary_dims / 2) instead of (2i, 2i + 1).
     pub neox: bool,
+    /// YaRN context extension (with `freq_scale` = 1 / factor), or none.
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN's blend of unscaled and scaled angles: pairs below `corr_low` keep the unscaled angle,
+/// pairs above `corr_high` take the scaled one, linearly in between; cos and sin are multiplied
+/// by `mscale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub corr_low: f32,
+    pub corr_high: f32,
+    pub mscale: f32,
+}
+
+impl Yarn {
+    /// The ramp and scale for a context extended by `factor` from `original_context` tokens,
+    /// with the published defaults' meaning of `beta_fast` (32) and `beta_slow` (1): the pair
+    /// index at which a dimension turns `beta` times over the original context, floored and
+    /// ceiled and kept inside the pairs; mscale = `attn_factor` · (1 + 0.1 · ln factor).
+    pub fn new(
+        rotary_dims: u64,
+        freq_base: f32,
+        factor: f32,
+        original_context: u64,
+        beta_fast: f32,
+        beta_slow: f32,
+        attn_factor: f32,
+    ) -> Yarn {
+        let dims = rotary_dims as f64;
+        let base = freq_base as f64;
+        let corr = |rotations: f64| {
+            dims * (original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let low = corr(beta_fast as f64).floor().max(0.0);
+        let high = corr(beta_slow as f64).ceil().min(dims - 1.0);
+        let mscale = if factor > 1.0 {
+            1.0 + 0.1 * (factor as f64).ln()
+        } else {
+            1.0
+        };
+        Yarn {
+            corr_low: low as f32,
+            corr_high: high as f32,
+            mscale: (attn_factor as f64 * mscale) as f32,
+        }
+    }
 }
 
 impl RopeParams<'_> {
@@ -333,14 +380,15 @@ impl RopeParams<'_> {
             freq_scale: 1.0,
             freq_factors: None,
             neox,
+            yarn: None,
         }
     }
 }
 
 /// Rotary position embedding. `x` is n_tokens × n_heads × head_dim and `positions` holds one
 /// position per token. Pair i of a head is (2i, 2i + 1), or (i, i + rotary_dims / 2) when
-/// `neox`, and turns by pos · freq_scale · freq_base^(-2i / rotary_dims) / freq_factors[i].
-/// `out` may be `x`.
+/// `neox`, and turns by pos · freq_scale · freq_base^(-2i / rotary_dims) / freq_factors[i]
+/// (under YaRN, blended with the unscaled angle per [`Yarn`]). `out` may be `x`.
 pub fn rope(
     stream: &mut Stream,
     x: F32s<'_>,
@@ -357,6 +405,7 @@ pub fn rope(
         freq_scale,
         freq_factors,
         neox,
+        yarn,
     } = r;
     if rotary_dims == 0 || !rotary_dims.is_multiple_of(2) || rotary_dims > head_dim {
         return Err(bad(
@@ -375,6 +424,11 @@ pub fn rope(
     }
     if let Some(f) = freq_factors {
         same_len(op, "freq_factors", f.len, rotary_dims / 2)?;
+    }
+    if let Some(y) = yarn {
+        if !(y.mscale.is_finite() && y.corr_low.is_finite() && y.corr_high.is_finite()) {
+            return Err(bad(op, format!("yarn parameters {y:?} must be finite")));
+        }
     }
     let n_rows = rows(op, x.len, head_dim)?;
     if n_heads == 0 || !n_rows.is_multiple_of(n_heads) {
@@ -402,7 +456,11 @@ pub fn rope(
         .u32(to_u32(op, "rotary_dims", rotary_dims)?)
         .f32((freq_base as f64).log2() as f32)
         .f32(freq_scale)
-        .u32(neox as u32);
+        .u32(neox as u32)
+        .f32(if yarn.is_some() { 1.0 } else { 0.0 })
+        .f32(yarn.map_or(0.0, |y| y.corr_low))
+        .f32(yarn.map_or(0.0, |y| y.corr_high))
+        .f32(yarn.map_or(1.0, |y| y.mscale));
     let mut reads = vec![x.access(), positions.access()];
     if let Some(f) = freq_factors {
         reads.push(f.access());

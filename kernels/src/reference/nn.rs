@@ -111,6 +111,7 @@ pub fn rope(
     freq_scale: f32,
     freq_factors: Option<&[f32]>,
     neox: bool,
+    yarn: Option<crate::ops::Yarn>,
 ) -> Vec<f32> {
     let mut out = x.to_vec();
     let half = rotary_dims / 2;
@@ -119,11 +120,19 @@ pub fn rope(
         let src = &x[row * head_dim..(row + 1) * head_dim];
         for i in 0..half {
             let factor = freq_factors.map_or(1.0, |f| f[i] as f64);
-            let theta = pos
-                * freq_scale as f64
-                * (freq_base as f64).powf(-2.0 * i as f64 / rotary_dims as f64)
-                / factor;
+            let unscaled =
+                pos * (freq_base as f64).powf(-2.0 * i as f64 / rotary_dims as f64) / factor;
+            let mut theta = unscaled * freq_scale as f64;
+            let mut mscale = 1.0;
+            if let Some(y) = yarn {
+                let t = (i as f64 - y.corr_low as f64)
+                    / (y.corr_high as f64 - y.corr_low as f64).max(0.001);
+                let ramp = 1.0 - t.clamp(0.0, 1.0);
+                theta = theta * (1.0 - ramp) + unscaled * ramp;
+                mscale = y.mscale as f64;
+            }
             let (s, c) = theta.sin_cos();
+            let (s, c) = (s * mscale, c * mscale);
             let (a, b) = if neox {
                 (i, i + half)
             } else {
