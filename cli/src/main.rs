@@ -900,7 +900,8 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
                 if a.json {
                     out.json_line(&json!({
                         "done": true, "finish_reason": d.finish_reason,
-                        "prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+                        "prompt_tokens": d.prompt_tokens, "cached_tokens": d.cached_tokens,
+                        "completion_tokens": d.completion_tokens,
                         "prompt_ms": d.prompt_ms, "generation_ms": d.generation_ms,
                     }))?;
                 } else {

@@ -99,6 +99,7 @@ fn generate_streams_tokens_and_follows_the_contract() {
     assert_eq!(done["finish_reason"], "length");
     assert_eq!(done["prompt_tokens"], 5);
     assert_eq!(done["completion_tokens"], 4);
+    assert!(done["cached_tokens"].is_u64(), "{done}");
     assert!(done["prompt_ms"].is_u64() && done["generation_ms"].is_u64());
     let text: String = lines[..4]
         .iter()
@@ -149,6 +150,56 @@ fn generate_streams_tokens_and_follows_the_contract() {
         "4",
     ]);
     assert_eq!(by_ids, plain);
+}
+
+/// Greedy tokens and the final line of `generate --json` for `prompt`.
+fn greedy(d: &TestDaemon, prompt: &str, n: u32) -> (Vec<u64>, Value) {
+    let n = n.to_string();
+    let out = d.ok(&[
+        "generate",
+        "smol",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &n,
+        "--json",
+    ]);
+    let mut lines = json_lines(&out);
+    let done = lines.pop().unwrap();
+    let tokens = lines.iter().map(|l| l["token"].as_u64().unwrap()).collect();
+    (tokens, done)
+}
+
+/// A request whose prompt starts with what a free sequence's cache already holds skips those
+/// tokens, and its output is exactly what it is without the reuse.
+#[test]
+fn prompt_prefix_reuse_keeps_the_output_exact() {
+    let Some(d) = smol_daemon("") else { return };
+    let long = "The capital of France is Paris. The capital of Germany is";
+    let short = "The capital of France is";
+    // A fresh sequence: nothing to reuse. This is the reference output.
+    let (want_long, done) = greedy(&d, long, 6);
+    assert_eq!(done["cached_tokens"], 0, "{done}");
+    // The short prompt is a start of the long one: all but its last token are reused.
+    let (short_toks, done) = greedy(&d, short, 3);
+    assert_eq!(done["prompt_tokens"], 5);
+    assert_eq!(done["cached_tokens"], 4, "{done}");
+    // " Paris" (token 7042) first, as without reuse (see the contract test).
+    assert_eq!(short_toks[0], 7042, "{short_toks:?}");
+    // The cache now holds the short prompt and its continuation; the long prompt reuses what
+    // matches and must come out as it did from a fresh sequence.
+    let (got_long, done) = greedy(&d, long, 6);
+    let cached = done["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 5, "{done}");
+    assert_eq!(got_long, want_long);
+    // The same prompt again: everything but the last token is reused.
+    let (again, done) = greedy(&d, long, 6);
+    assert_eq!(
+        done["cached_tokens"].as_u64().unwrap(),
+        done["prompt_tokens"].as_u64().unwrap() - 1
+    );
+    assert_eq!(again, want_long);
 }
 
 #[test]
@@ -237,17 +288,31 @@ fn seeds_chat_and_concurrency() {
         "5",
         "--json",
     ]);
-    let tokens = |out: &str| -> Vec<Value> {
+    // The same tokens and text. The log-probabilities may move in the fifth decimal: a request
+    // that reuses a cached prompt start computed those keys in a different batch split.
+    let tokens = |out: &str| -> Vec<(u64, String, f64)> {
         json_lines(out)
             .into_iter()
             .filter(|l| l["done"].is_null())
+            .map(|l| {
+                (
+                    l["token"].as_u64().unwrap(),
+                    l["text"].as_str().unwrap().to_string(),
+                    l["logprob"].as_f64().unwrap(),
+                )
+            })
             .collect()
     };
-    assert_eq!(
-        tokens(&text(&a.stdout)),
-        tokens(&alone),
-        "running beside another request changes nothing"
-    );
+    let (together, alone) = (tokens(&text(&a.stdout)), tokens(&alone));
+    assert_eq!(together.len(), alone.len());
+    for (x, y) in together.iter().zip(&alone) {
+        assert_eq!(
+            (x.0, &x.1),
+            (y.0, &y.1),
+            "running beside another request changes nothing"
+        );
+        assert!((x.2 - y.2).abs() < 1e-3, "{x:?} vs {y:?}");
+    }
 }
 
 /// Waits until a job is running and returns its id.

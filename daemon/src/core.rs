@@ -87,6 +87,8 @@ pub enum JobEvent {
     Done {
         finish_reason: String,
         prompt_tokens: u32,
+        /// Of the prompt tokens, those whose KV cache was reused.
+        cached_tokens: u32,
         completion_tokens: u32,
         prompt_ms: u64,
         generation_ms: u64,

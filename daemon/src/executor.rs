@@ -175,7 +175,10 @@ struct Running {
     seq: Option<Sequence>,
     sampler: Sampler,
     prompt: Vec<u32>,
+    /// Prompt tokens processed so far, the reused ones included.
     fed: usize,
+    /// Leading prompt tokens whose KV cache was reused from the sequence's previous request.
+    cached: u32,
     history: Vec<u32>,
     /// The sampled token waiting to be emitted, with its log-probabilities.
     next: Option<Chosen>,
@@ -199,6 +202,7 @@ impl Running {
             sampler,
             prompt: Vec::new(),
             fed: 0,
+            cached: 0,
             history: Vec::new(),
             next: None,
             generated: 0,
@@ -282,9 +286,14 @@ impl Running {
                 engine.context
             )));
         }
-        self.seq = Some(engine.take_sequence().ok_or_else(|| {
+        // The free sequence whose cache already holds the longest start of this prompt (a chat's
+        // earlier turns, a repeated system prompt): those tokens are not processed again.
+        let (seq, cached) = engine.take_sequence_for(&ids).ok_or_else(|| {
             CoreError::ResourceExhausted("no free sequence for this model; try again".into())
-        })?);
+        })?;
+        self.seq = Some(seq);
+        self.fed = cached as usize;
+        self.cached = cached as u32;
         self.history = ids.clone();
         self.prompt = ids;
         self.ready = true;
@@ -393,6 +402,7 @@ impl Running {
         let _ = self.job.events.send(JobEvent::Done {
             finish_reason: reason.to_string(),
             prompt_tokens: self.prompt.len() as u32,
+            cached_tokens: self.cached,
             completion_tokens: self.generated,
             prompt_ms: self.prompt_ms,
             generation_ms: self

@@ -450,6 +450,7 @@ impl pb::halo_server::Halo for HaloService {
                 JobEvent::Done {
                     finish_reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     prompt_ms,
                     generation_ms,
@@ -462,6 +463,7 @@ impl pb::halo_server::Halo for HaloService {
                             prompt_ms,
                             generation_ms,
                             trailing_text: std::mem::take(&mut trailing),
+                            cached_tokens,
                         },
                     )))),
                     true,

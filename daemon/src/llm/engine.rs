@@ -107,11 +107,16 @@ impl LlmEngine {
         })
     }
 
-    /// Takes a free sequence (the scheduler never runs more jobs than there are sequences).
-    pub fn take_sequence(&self) -> Option<Sequence> {
-        let mut s = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
-        s.reset();
-        Some(s)
+    /// Takes a free sequence (the scheduler never runs more jobs than there are sequences), the
+    /// one whose cache holds the longest start of `prompt`, and keeps that much of its cache:
+    /// returns it with the number of prompt tokens already in place (at most all but the last,
+    /// whose logits the request needs).
+    pub fn take_sequence_for(&self, prompt: &[u32]) -> Option<(Sequence, u64)> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let best = (0..free.len()).max_by_key(|&i| free[i].common_prefix(prompt))?;
+        let mut s = free.swap_remove(best);
+        let kept = s.keep_prefix(prompt);
+        Some((s, kept))
     }
 
     pub fn return_sequence(&self, s: Sequence) {

@@ -333,6 +333,7 @@ impl LlmModel {
             capacity,
             kv_f16: kv == KvCacheType::F16,
             pos: 0,
+            tokens: Vec::new(),
             k,
             v,
             ids: next(),
@@ -390,6 +391,7 @@ impl LlmModel {
         self.record(&mut s, seq, n)?;
         s.finish()?;
         seq.pos += n;
+        seq.tokens.extend_from_slice(tokens);
         Ok(dev.read_f32(&seq.logits, 0, self.hp.n_vocab)?)
     }
 
@@ -761,6 +763,8 @@ pub struct Sequence {
     capacity: u64,
     kv_f16: bool,
     pos: u64,
+    /// The tokens whose keys and values are in the cache, at positions 0..pos.
+    tokens: Vec<u32>,
     k: Vec<Buffer>,
     v: Vec<Buffer>,
     ids: Buffer,
@@ -794,5 +798,27 @@ impl Sequence {
     /// Forgets the tokens so the sequence can serve a new request (the cache is overwritten).
     pub fn reset(&mut self) {
         self.pos = 0;
+        self.tokens.clear();
+    }
+
+    /// How many leading tokens of `prompt` the cache already holds.
+    pub fn common_prefix(&self, prompt: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
+    /// Keeps the cache for the longest start of `prompt` it holds, but never all of `prompt`
+    /// (its last token must run to give the next-token logits), and forgets the rest; returns
+    /// how many tokens were kept. Later positions are overwritten as the request runs.
+    pub fn keep_prefix(&mut self, prompt: &[u32]) -> u64 {
+        let keep = self
+            .common_prefix(prompt)
+            .min(prompt.len().saturating_sub(1));
+        self.tokens.truncate(keep);
+        self.pos = keep as u64;
+        keep as u64
     }
 }
