@@ -181,6 +181,11 @@ pub enum GgufError {
         found: &'static str,
     },
     MissingTensor(String),
+    /// A metadata value of the right type that no model can have (zero heads, a million layers).
+    BadValue {
+        key: String,
+        message: String,
+    },
     ShapeMismatch {
         tensor: String,
         expected: Vec<u64>,
@@ -208,6 +213,7 @@ impl fmt::Display for GgufError {
             MissingKey(k) => write!(f, "required metadata key {k:?} is missing"),
             WrongType { key, expected, found } => write!(f, "metadata {key:?} is a {found}, expected {expected}"),
             MissingTensor(t) => write!(f, "required tensor {t:?} is missing"),
+            BadValue { key, message } => write!(f, "metadata {key:?}: {message}"),
             ShapeMismatch { tensor, expected, found } => write!(f, "tensor {tensor:?} has shape {found:?}, expected {expected:?}"),
         }
     }

@@ -39,11 +39,10 @@ pub fn estimate(
     let hp = HParams::from_gguf(g)?;
     let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
     let ctx = context_for(&hp, context);
-    let per_seq: u64 = sequence_buffers(&hp, ctx, kv)
+    let per_seq = sequence_buffers(&hp, ctx, kv)
         .iter()
-        .map(|(_, b)| charged_bytes(*b))
-        .sum();
-    Ok(weights + parallel * per_seq)
+        .fold(0u64, |sum, (_, b)| sum.saturating_add(charged_bytes(*b)));
+    Ok(weights.saturating_add(per_seq.saturating_mul(parallel)))
 }
 
 /// Gemma's turn format, for Gemma GGUFs that carry no template of their own. A system message

@@ -184,7 +184,7 @@ impl HParams {
         let rope_dims = u_or("rope.dimension_count", head_dim);
         let rope_base = f_or("rope.freq_base", 10_000.0) as f32;
         let (rope_freq_scale, rope_yarn) = rope_scaling(g, arch_name, rope_dims, rope_base)?;
-        Ok(HParams {
+        let hp = HParams {
             arch,
             n_vocab,
             n_embd,
@@ -220,7 +220,45 @@ impl HParams {
             } else {
                 1.0 / (head_dim as f32).sqrt()
             },
-        })
+        };
+        hp.check_plausible(arch_name)?;
+        Ok(hp)
+    }
+
+    /// Refuses values no model has, before anything is sized from them: a hostile or corrupt
+    /// header must give an error, not an allocation of its own choosing or an overflow. The
+    /// limits are far above today's largest models (126 layers, 262 144-token vocabularies,
+    /// 128 experts).
+    fn check_plausible(&self, arch: &str) -> Result<(), GgufError> {
+        let checks: [(&str, u64, u64, u64); 9] = [
+            ("block_count", self.n_layer, 1, 4096),
+            ("embedding_length", self.n_embd, 1, 1 << 20),
+            ("attention.head_count", self.n_head, 1, 1 << 16),
+            ("attention.key_length", self.head_dim, 1, 1 << 16),
+            ("feed_forward_length", self.n_ff, 0, 1 << 24),
+            ("vocab_size", self.n_vocab, 1, 1 << 24),
+            ("expert_count", self.n_expert, 0, 1 << 16),
+            ("expert_used_count", self.n_expert_used, 0, self.n_expert),
+            ("expert_feed_forward_length", self.n_ff_expert, 0, 1 << 24),
+        ];
+        for (key, value, min, max) in checks {
+            if value < min || value > max {
+                return Err(GgufError::BadValue {
+                    key: format!("{arch}.{key}"),
+                    message: format!("{value} is outside {min}..={max}"),
+                });
+            }
+        }
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
+            return Err(GgufError::BadValue {
+                key: format!("{arch}.rope.dimension_count"),
+                message: format!(
+                    "{} must be even and at most the head dimension {}",
+                    self.rope_dims, self.head_dim
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Whether each layer also normalizes the attention and FFN outputs before adding them to the
@@ -278,6 +316,52 @@ mod tests {
             .map(|(a, b, c)| (a.as_str(), *b, c.clone()))
             .collect();
         HParams::from_gguf(&Gguf::parse(&file(&kv, &[])).unwrap())
+    }
+
+    #[test]
+    fn implausible_shapes_are_errors_not_allocations() {
+        // Found by the model_header fuzz target: a block_count of billions once sized a vector
+        // of per-layer buffers before anything refused it.
+        let err = hparams("llama", 2_000_000_000, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("llama.block_count") && err.contains("4096"),
+            "{err}"
+        );
+        let err = hparams("llama", 2, &[("rope.dimension_count", 4, u32v(129))])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rope.dimension_count"), "{err}");
+        let err = hparams(
+            "qwen3moe",
+            2,
+            &[
+                ("expert_count", 4, u32v(8)),
+                ("expert_used_count", 4, u32v(9)),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expert_used_count"), "{err}");
+        // The largest plausible shape with the largest context estimates without overflowing.
+        let g = Gguf::parse(&file(
+            &[
+                ("general.architecture", 8, s("llama")),
+                ("llama.embedding_length", 4, u32v(1 << 20)),
+                ("llama.block_count", 4, u32v(4096)),
+                ("llama.attention.head_count", 4, u32v(1 << 16)),
+                ("llama.attention.key_length", 4, u32v(1 << 16)),
+                ("llama.feed_forward_length", 4, u32v(1 << 24)),
+                ("llama.vocab_size", 4, u32v(1 << 24)),
+            ],
+            &[],
+        ))
+        .unwrap();
+        let est =
+            crate::llm::engine::estimate(&g, Some(u32::MAX), 64, crate::config::KvCacheType::F32)
+                .unwrap();
+        assert_eq!(est, u64::MAX);
     }
 
     #[test]

@@ -708,7 +708,10 @@ pub fn sequence_buffers(
     capacity: u64,
     kv_type: KvCacheType,
 ) -> Vec<(MemoryKind, u64)> {
-    let kv = hp.n_head_kv * capacity * hp.head_dim * kv_type.bytes();
+    // Saturating: a context no device could hold comes out as "too large to fit", not a wrap.
+    let kv = (hp.n_head_kv * hp.head_dim)
+        .saturating_mul(capacity)
+        .saturating_mul(kv_type.bytes());
     let b = MAX_BATCH.min(capacity.max(1));
     let q_dim = hp.n_head * hp.head_dim;
     let kv_dim = hp.n_head_kv * hp.head_dim;

@@ -68,7 +68,7 @@ const DEFAULT_CHUNK: u64 = 256 << 20;
 /// What the ledger charges for an allocation of `len` bytes (lengths are rounded up to the
 /// sub-allocation alignment), so estimates can match allocations exactly.
 pub fn charged_bytes(len: u64) -> u64 {
-    len.max(1).div_ceil(ALIGN) * ALIGN
+    len.max(1).div_ceil(ALIGN).saturating_mul(ALIGN)
 }
 
 struct Chunk {
