@@ -291,6 +291,12 @@ impl Running {
         let (seq, cached) = engine.take_sequence_for(&ids).ok_or_else(|| {
             CoreError::ResourceExhausted("no free sequence for this model; try again".into())
         })?;
+        tracing::debug!(
+            job = ?self.job.id,
+            prompt_tokens = ids.len(),
+            cached_tokens = cached,
+            "prompt ready"
+        );
         self.seq = Some(seq);
         self.fed = cached as usize;
         self.cached = cached as u32;
