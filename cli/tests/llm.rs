@@ -1,6 +1,7 @@
 //! End-to-end LLM serving on the real models (scripts/fetch-models.sh), through the real daemon
 //! and the real `halo` binary: streamed generation, the JSON contract, seeds, stop strings, the
-//! chat template, tokenize, concurrent requests, cancellation, eviction of one LLM by another,
+//! chat template, tokenize, concurrent requests (to one model and to two), prompt reuse,
+//! cancellation, eviction of one LLM by another,
 //! and a corrupt GGUF answered with a clear error while the daemon keeps serving.
 //!
 //! Skips when the models or a Vulkan device are missing, unless HALO_REQUIRE_MODELS=1 /
@@ -483,4 +484,92 @@ fn estimates_eviction_and_a_corrupt_file() {
     ]);
     assert!(out.starts_with(" Paris"), "{out:?}");
     assert_eq!(d.resident(), ["smol"]);
+}
+
+/// Two different resident models generate at the same time on the one device (the executor
+/// interleaves their steps), and each gives what it gives alone: gemma's first greedy tokens as
+/// llama.cpp and exact arithmetic give them (tests/fixtures/llm/greedy.json, all four with
+/// margins above 0.5), smol's " Paris".
+#[test]
+fn two_models_generate_side_by_side() {
+    let (Some(smol), Some(gemma)) = (model(SMOL), model(GEMMA)) else {
+        return;
+    };
+    let cfg = format!(
+        "[[models]]\nname = \"smol\"\nkind = \"llm\"\npath = {:?}\ncontext = 256\nparallel = 1\n\
+         [[models]]\nname = \"gemma\"\nkind = \"llm\"\npath = {:?}\ncontext = 256\nparallel = 1\n",
+        smol.display().to_string(),
+        gemma.display().to_string(),
+    );
+    let d = TestDaemon::start(&cfg, &[]);
+    let s = d.json(&["status", "--json"]);
+    if !s["runtime_error"].is_null() {
+        assert!(!gpu_required(), "{s}");
+        return;
+    }
+    d.ok(&["load", "smol"]);
+    d.ok(&["load", "gemma"]);
+    let spawn = |model: &str, n: &str| {
+        d.command(&[
+            "generate",
+            model,
+            "The capital of France is",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            n,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let g = spawn("gemma", "4");
+    let s = spawn("smol", "24");
+    // Both are running at some moment (each takes seconds on lavapipe).
+    let start = Instant::now();
+    let mut together = false;
+    while start.elapsed() < Duration::from_secs(120) {
+        let jobs = d.json(&["jobs", "--json"]);
+        let running: Vec<&Value> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "running")
+            .collect();
+        if running.len() == 2 {
+            let mut models: Vec<&str> = running
+                .iter()
+                .map(|j| j["model"].as_str().unwrap())
+                .collect();
+            models.sort();
+            assert_eq!(models, ["gemma", "smol"]);
+            together = true;
+            break;
+        }
+        if jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "done")
+            .count()
+            > 0
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (g, s) = (g.wait_with_output().unwrap(), s.wait_with_output().unwrap());
+    assert!(g.status.success() && s.status.success());
+    assert!(together, "the two jobs never ran at the same time");
+    let tokens = |out: &[u8]| -> Vec<u64> {
+        json_lines(&text(out))
+            .iter()
+            .filter(|l| l["done"].is_null())
+            .map(|l| l["token"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(tokens(&g.stdout), [506, 5279, 529, 506]);
+    let smol_tokens = tokens(&s.stdout);
+    assert_eq!(smol_tokens[0], 7042, "{smol_tokens:?}");
 }
