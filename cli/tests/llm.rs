@@ -573,3 +573,30 @@ fn two_models_generate_side_by_side() {
     let smol_tokens = tokens(&s.stdout);
     assert_eq!(smol_tokens[0], 7042, "{smol_tokens:?}");
 }
+
+/// `halo bench` reports prompt and generation speed and the roofline; the bandwidth probe's
+/// buffers count against the budget while it runs and are given back after.
+#[test]
+fn bench_reports_speed_and_roofline_and_returns_its_scratch() {
+    let Some(d) = smol_daemon("") else { return };
+    d.ok(&["load", "smol"]);
+    let used = |d: &TestDaemon| d.json(&["status", "--json"])["used_bytes"].clone();
+    let before = used(&d);
+    assert!(before.as_u64().unwrap() > 0, "{before}");
+    let b = d.json(&["bench", "smol", "-p", "16", "-n", "3", "-r", "1", "--json"]);
+    for key in [
+        "pp_tokens_per_s",
+        "tg_tokens_per_s",
+        "bandwidth_bytes_per_s",
+    ] {
+        assert!(b[key].as_f64().unwrap() > 0.0, "{key}: {b}");
+    }
+    let pct = b["tg_percent_of_roofline"].as_f64().unwrap();
+    assert!(pct > 0.0 && pct.is_finite(), "{b}");
+    // SmolLM2-135M Q4_1 reads about 92 MiB of weights per generated token.
+    assert!(
+        b["weight_bytes_per_token"].as_u64().unwrap() > 90 << 20,
+        "{b}"
+    );
+    assert_eq!(used(&d), before, "the probe's scratch is given back");
+}

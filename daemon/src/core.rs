@@ -237,6 +237,8 @@ enum Internal {
         started: Instant,
     },
     JobEnded(JobId, Ended),
+    /// Short-lived working memory reserved in the residency table is free again.
+    ScratchDone(u64),
 }
 
 /// A model in memory: an LLM on the GPU, or files mapped for an engine still to come.
@@ -484,7 +486,10 @@ impl Core {
                     .saturating_sub(self.residency.used());
                 let probe = (free / 2).min(BANDWIDTH_PROBE_BYTES) & !((1 << 20) - 1);
                 let r = match self.loaded.get(&model) {
-                    Some(Loaded::Llm(_)) if probe < MIN_BANDWIDTH_PROBE_BYTES => {
+                    Some(Loaded::Llm(_))
+                        if probe < MIN_BANDWIDTH_PROBE_BYTES
+                            || !self.residency.reserve_scratch(2 * probe) =>
+                    {
                         Err(CoreError::ResourceExhausted(format!(
                             "measuring the memory bandwidth needs {} free under the budget and \
                              {} is left; unload a model or raise [memory] budget",
@@ -493,10 +498,21 @@ impl Core {
                         )))
                     }
                     Some(Loaded::Llm(e)) => {
+                        // The probe's bytes stay reserved until it reports, whether or not the
+                        // client still waits for the answer.
                         let (tx, rx) = oneshot::channel();
+                        let (exec_tx, exec_rx) = oneshot::channel();
                         let device = e.model.device().clone();
                         let name = device.info().name.clone();
-                        self.executor.measure_bandwidth(device, probe, tx);
+                        self.executor.measure_bandwidth(device, probe, exec_tx);
+                        let internal = self.internal_tx.clone();
+                        tokio::spawn(async move {
+                            let r = exec_rx
+                                .await
+                                .unwrap_or_else(|_| Err("the GPU executor stopped".into()));
+                            let _ = tx.send(r);
+                            let _ = internal.send(Internal::ScratchDone(2 * probe));
+                        });
                         Ok((e.model.weight_bytes_per_token(), rx, name))
                     }
                     _ => Err(CoreError::FailedPrecondition(format!(
@@ -690,6 +706,7 @@ impl Core {
                 started,
             } => self.mapped(model, result, started),
             Internal::JobEnded(id, how) => self.job_ended(id, how),
+            Internal::ScratchDone(bytes) => self.residency.release_scratch(bytes),
         }
     }
 

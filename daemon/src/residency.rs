@@ -423,6 +423,8 @@ impl Entry {
 pub struct Residency {
     budget: u64,
     models: BTreeMap<String, Entry>,
+    /// Short-lived working memory outside any model (the bandwidth probe's buffers).
+    scratch: u64,
 }
 
 impl Residency {
@@ -431,6 +433,7 @@ impl Residency {
         Residency {
             budget,
             models: BTreeMap::new(),
+            scratch: 0,
         }
     }
 
@@ -441,7 +444,22 @@ impl Residency {
 
     /// Bytes held by resident models plus reservations for loading ones.
     pub fn used(&self) -> u64 {
-        self.models.values().map(|e| e.state.bytes()).sum()
+        self.models.values().map(|e| e.state.bytes()).sum::<u64>() + self.scratch
+    }
+
+    /// Reserves `bytes` of short-lived working memory if the budget has that much free now
+    /// (nothing is evicted for it); loads see it as used until [`Self::release_scratch`].
+    pub fn reserve_scratch(&mut self, bytes: u64) -> bool {
+        if bytes > self.free() {
+            return false;
+        }
+        self.scratch += bytes;
+        true
+    }
+
+    /// Returns scratch reserved by [`Self::reserve_scratch`].
+    pub fn release_scratch(&mut self, bytes: u64) {
+        self.scratch = self.scratch.saturating_sub(bytes);
     }
 
     fn free(&self) -> u64 {
@@ -1083,6 +1101,24 @@ mod tests {
         );
         assert_eq!(r.budget(), 8 * GIB);
         assert_eq!(r.used(), 8 * GIB);
+    }
+
+    #[test]
+    fn scratch_counts_as_used_until_released() {
+        let mut r = three_models(10 * GIB);
+        load(&mut r, "a", secs(1));
+        // 6 GiB free: 3 GiB of scratch fits, 4 more do not.
+        assert!(r.reserve_scratch(3 * GIB));
+        assert!(!r.reserve_scratch(4 * GIB));
+        assert_eq!(r.used(), 7 * GIB);
+        // With the scratch held, b (4 GiB) only fits by evicting a.
+        let LoadPlan::Load { evict } = r.begin_load("b", false, secs(2)).unwrap() else {
+            panic!("b needs a load");
+        };
+        assert_eq!(evict, ["a"]);
+        r.release_scratch(3 * GIB);
+        // What is left is b's reservation for its load.
+        assert_eq!(r.used(), 4 * GIB);
     }
 
     #[test]
