@@ -500,16 +500,17 @@ impl Config {
                     "path is empty".into(),
                 ));
             }
+            // A key that only LLMs take, set on another kind.
+            let llm_only = |key: &str, offset: usize| {
+                err_at(
+                    offset,
+                    format!("models[{i}].{key}"),
+                    format!("{key} applies to llm models only, not {}", m.kind.as_str()),
+                )
+            };
             let context = match m.context {
                 Some(c) if m.kind != ModelKind::Llm => {
-                    return Err(err_at(
-                        c.span().start,
-                        format!("models[{i}].context"),
-                        format!(
-                            "context applies to llm models only, not {}",
-                            m.kind.as_str()
-                        ),
-                    ))
+                    return Err(llm_only("context", c.span().start))
                 }
                 Some(c) if *c.get_ref() == 0 => {
                     return Err(err_at(
@@ -524,14 +525,7 @@ impl Config {
             let model_parallel = check_parallel(m.parallel, format!("models[{i}].parallel"))?;
             let kv_cache = match m.kv_cache {
                 Some(k) if m.kind != ModelKind::Llm => {
-                    return Err(err_at(
-                        k.span().start,
-                        format!("models[{i}].kv_cache"),
-                        format!(
-                            "kv_cache applies to llm models only, not {}",
-                            m.kind.as_str()
-                        ),
-                    ))
+                    return Err(llm_only("kv_cache", k.span().start))
                 }
                 Some(k) => {
                     let at = k.span().start;

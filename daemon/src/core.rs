@@ -480,10 +480,7 @@ impl Core {
             }
             Command::Roofline { model, reply } => {
                 // The probe's two buffers must fit in what the budget has left.
-                let free = self
-                    .residency
-                    .budget()
-                    .saturating_sub(self.residency.used());
+                let free = self.residency.free();
                 let probe = (free / 2).min(BANDWIDTH_PROBE_BYTES) & !((1 << 20) - 1);
                 let r = match self.loaded.get(&model) {
                     Some(Loaded::Llm(_))

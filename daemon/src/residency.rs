@@ -462,7 +462,8 @@ impl Residency {
         self.scratch = self.scratch.saturating_sub(bytes);
     }
 
-    fn free(&self) -> u64 {
+    /// Bytes of the budget not yet used.
+    pub fn free(&self) -> u64 {
         self.budget.saturating_sub(self.used())
     }
 

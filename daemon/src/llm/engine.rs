@@ -27,9 +27,8 @@ pub fn context_for(hp: &HParams, configured: Option<u32>) -> u64 {
 }
 
 /// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens (KV cache
-/// of type `kv`): the
-/// weights as the loader places them plus each sequence's buffers, rounded as the allocator
-/// rounds them.
+/// of type `kv`): the weights as the loader places them plus each sequence's buffers, rounded as
+/// the allocator rounds them.
 pub fn estimate(
     g: &Gguf,
     context: Option<u32>,

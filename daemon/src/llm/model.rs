@@ -145,13 +145,8 @@ impl LlmModel {
                 g.tensor_shaped(&layer(l, "post_ffw_norm"), &[d])?;
             }
         }
+        // (HParams has already refused an odd rope.dimension_count.)
         if g.tensor("rope_freqs.weight").is_ok() {
-            if !hp.rope_dims.is_multiple_of(2) {
-                return Err(LlmError::Unsupported(format!(
-                    "rope.dimension_count {} is odd",
-                    hp.rope_dims
-                )));
-            }
             g.tensor_shaped("rope_freqs.weight", &[hp.rope_dims / 2])?;
         }
         if let Ok(t) = g.tensor("output.weight") {
@@ -796,12 +791,6 @@ impl Sequence {
 
     pub fn capacity(&self) -> u64 {
         self.capacity
-    }
-
-    /// Forgets the tokens so the sequence can serve a new request (the cache is overwritten).
-    pub fn reset(&mut self) {
-        self.pos = 0;
-        self.tokens.clear();
     }
 
     /// How many leading tokens of `prompt` the cache already holds.

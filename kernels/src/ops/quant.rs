@@ -183,6 +183,20 @@ pub fn matvec(
     record_matvec(stream, op, w, &c, None, x, 0, y, 1, 1)
 }
 
+/// How many experts of `rows_per_expert` rows `w` stacks; an error unless it is a whole number.
+fn experts(op: &'static str, w: &Weights<'_>, rows_per_expert: u64) -> Result<u64, VulkanError> {
+    if rows_per_expert == 0 || !w.rows.is_multiple_of(rows_per_expert) {
+        return Err(bad(
+            op,
+            format!(
+                "{} rows is not a whole number of experts of {rows_per_expert} rows",
+                w.rows
+            ),
+        ));
+    }
+    Ok(w.rows / rows_per_expert)
+}
+
 /// Mixture of experts: `w` holds `n_experts` stacked matrices of `rows_per_expert` rows each
 /// (`w.rows = n_experts · rows_per_expert`). For each slot k in `0..ids.len`:
 /// `y[k·rows..(k+1)·rows] = W[ids[k]] · x[s·cols..(s+1)·cols]`, where s = k when `x_per_slot`
@@ -199,16 +213,7 @@ pub fn matvec_indexed(
 ) -> Result<(), VulkanError> {
     let op = kernel(Op::Matvec, w.ty).name();
     let c = check_weights(stream, op, &w)?;
-    if rows_per_expert == 0 || !w.rows.is_multiple_of(rows_per_expert) {
-        return Err(bad(
-            op,
-            format!(
-                "{} rows is not a whole number of experts of {rows_per_expert} rows",
-                w.rows
-            ),
-        ));
-    }
-    let n_experts = w.rows / rows_per_expert;
+    let n_experts = experts(op, &w, rows_per_expert)?;
     let slots = ids.len;
     if slots > 65535 {
         return Err(bad(op, format!("{slots} expert slots (at most 65535)")));
@@ -389,16 +394,7 @@ pub fn matmul_indexed(
 ) -> Result<(), VulkanError> {
     let op = kernel(Op::MatmulIndexed, w.ty).name();
     let c = check_weights(stream, op, &w)?;
-    if rows_per_expert == 0 || !w.rows.is_multiple_of(rows_per_expert) {
-        return Err(bad(
-            op,
-            format!(
-                "{} rows is not a whole number of experts of {rows_per_expert} rows",
-                w.rows
-            ),
-        ));
-    }
-    let n_experts = w.rows / rows_per_expert;
+    let n_experts = experts(op, &w, rows_per_expert)?;
     // The experts are the grid's z dimension, which every device allows 65535 of.
     if n_experts > 65535 {
         return Err(bad(op, format!("{n_experts} experts (at most 65535)")));
