@@ -3,7 +3,8 @@
 //! Output rules: results go to stdout (tables for people, `--json` for scripts), everything else to
 //! stderr; a closed stdout (`halo ps | head -1`) is not an error. Exit codes: 0 success, 1 the
 //! daemon cannot be reached, 2 bad command line, 3 the daemon refused the request, 4 the daemon
-//! does not implement it yet.
+//! does not implement it yet, 5 a stream was cut before its summary (the daemon stopped or died:
+//! the output is incomplete), 130 Ctrl-C cancelled the job (after printing its summary).
 #![forbid(unsafe_code)]
 
 mod output;
@@ -74,7 +75,9 @@ enum Verb {
     Bench(BenchArgs),
     /// Show how a model tokenizes text
     Tokenize {
+        /// The model, by its name in the config (`halo models` lists them)
         model: String,
+        /// The text; `-` reads it from standard input
         text: String,
         #[command(flatten)]
         json: JsonFlag,
@@ -83,31 +86,36 @@ enum Verb {
     Image(ImageArgs),
 }
 
-/// Sampling options shared by `generate` and `chat` (unset: llama.cpp's defaults).
+/// Sampling options shared by `generate` and `chat` (unset: llama.cpp's defaults). Numbers may
+/// be negative (`--temperature -1`): the daemon checks the ranges and says what is allowed.
 #[derive(Args, Clone)]
 struct SamplingArgs {
-    #[arg(long)]
+    /// Stop after this many generated tokens [default: at end of generation or a full context]
+    #[arg(long, value_name = "N")]
     max_tokens: Option<u32>,
-    /// 0 is greedy
-    #[arg(long)]
+    /// Sampling temperature, 0 to 100; 0 is greedy (always the most likely token) [default: 0.8]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     temperature: Option<f32>,
-    #[arg(long)]
+    /// Sample among the K most likely tokens only; 0 keeps them all [default: 40]
+    #[arg(long, value_name = "K")]
     top_k: Option<u32>,
-    #[arg(long)]
+    /// Sample among the fewest tokens whose probabilities add up to P, 0 to 1 [default: 0.95]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     top_p: Option<f32>,
-    #[arg(long)]
+    /// Drop tokens less likely than P times the most likely one, 0 to 1 [default: 0.05]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     min_p: Option<f32>,
-    /// Same seed, same output
+    /// Same seed, same output [default: a new one each time]
     #[arg(long)]
     seed: Option<u64>,
-    /// Divide positive (multiply negative) logits of the last 64 tokens by this (1 is off)
-    #[arg(long)]
+    /// Divide positive (multiply negative) logits of the last 64 tokens by this; 1 is off [default: 1]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     repeat_penalty: Option<f32>,
-    /// Subtract this times a token's count in the last 64 tokens
-    #[arg(long)]
+    /// Subtract this times a token's count in the last 64 tokens [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     frequency_penalty: Option<f32>,
-    /// Subtract this from tokens present in the last 64 tokens
-    #[arg(long)]
+    /// Subtract this from tokens present in the last 64 tokens [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     presence_penalty: Option<f32>,
 }
 
@@ -132,9 +140,10 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// The model, by its name in the config (`halo models` lists them)
     model: String,
-    /// The prompt (omit with --tokens)
-    #[arg(required_unless_present = "tokens")]
+    /// The prompt; `-` (or no prompt, with standard input not a terminal) reads it from
+    /// standard input, for prompts too long for the command line
     prompt: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -157,6 +166,7 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct ChatArgs {
+    /// The model, by its name in the config (`halo models` lists them)
     model: String,
     /// A system message to start the conversation with
     #[arg(long)]
@@ -167,15 +177,16 @@ struct ChatArgs {
 
 #[derive(Args)]
 struct BenchArgs {
+    /// The model, by its name in the config (`halo models` lists them)
     model: String,
-    /// Prompt tokens for the prompt-processing test (pp)
-    #[arg(short = 'p', long, default_value_t = 512)]
+    /// Prompt tokens for the prompt-processing test (pp), at least 1
+    #[arg(short = 'p', long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     prompt: u32,
-    /// Generated tokens for the generation test (tg)
-    #[arg(short = 'n', long, default_value_t = 128)]
+    /// Generated tokens for the generation test (tg), at least 2
+    #[arg(short = 'n', long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
     gen: u32,
     /// Runs of each test; the best is reported
-    #[arg(short = 'r', long, default_value_t = 2)]
+    #[arg(short = 'r', long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     repetitions: u32,
     #[arg(long)]
     json: bool,
@@ -183,20 +194,29 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct ImageArgs {
+    /// The model, by its name in the config (`halo models` lists them)
     model: String,
+    /// What to draw
     prompt: String,
+    /// What to keep out of the image
     #[arg(long, default_value = "")]
     negative: String,
-    #[arg(long, default_value_t = 0)]
-    width: u32,
-    #[arg(long, default_value_t = 0)]
-    height: u32,
-    #[arg(long, default_value_t = 0)]
-    steps: u32,
-    #[arg(long, default_value_t = 0.0)]
-    cfg: f32,
+    /// Width in pixels, a multiple of 8 [default: the model's]
+    #[arg(long)]
+    width: Option<u32>,
+    /// Height in pixels, a multiple of 8 [default: the model's]
+    #[arg(long)]
+    height: Option<u32>,
+    /// Denoising steps [default: the model's]
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Classifier-free guidance scale [default: the model's]
+    #[arg(long, allow_negative_numbers = true)]
+    cfg: Option<f32>,
+    /// Same seed, same image [default: a new one each time]
     #[arg(long)]
     seed: Option<u64>,
+    /// Sampler name [default: the model's]
     #[arg(long, default_value = "")]
     sampler: String,
     /// Where to write the PNG [default: halo-JOB.png]
@@ -205,14 +225,24 @@ struct ImageArgs {
 }
 
 const EXIT_UNREACHABLE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_REFUSED: u8 = 3;
 const EXIT_UNIMPLEMENTED: u8 = 4;
+const EXIT_CUT: u8 = 5;
+/// As shells report a command ended by SIGINT.
+const EXIT_INTERRUPTED: u8 = 130;
 
 /// Why the command failed, and so which exit code.
 enum Failure {
     Unreachable(String),
     Refused(tonic::Status),
     Local(String),
+    /// A bad command line that clap cannot see (exit 2).
+    Usage(String),
+    /// A stream ended before its summary: the output is incomplete (exit 5).
+    Cut(String),
+    /// Ctrl-C: the job was cancelled and its summary shown (exit 130).
+    Interrupted,
 }
 
 impl From<tonic::Status> for Failure {
@@ -254,9 +284,27 @@ fn main() -> ExitCode {
             } else {
                 EXIT_REFUSED
             };
-            eprintln!("halo: {}: {}", code_name(s.code()), s.message());
+            let model_file = s
+                .metadata()
+                .get(halo_proto::ERROR_REASON_KEY)
+                .is_some_and(|v| v == "model-file");
+            let label = if model_file {
+                "unusable model file"
+            } else {
+                code_name(s.code())
+            };
+            eprintln!("halo: {label}: {}", s.message());
             ExitCode::from(code)
         }
+        Err(Failure::Usage(m)) => {
+            eprintln!("halo: {m}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Cut(m)) => {
+            eprintln!("halo: {m}");
+            ExitCode::from(EXIT_CUT)
+        }
+        Err(Failure::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
         Err(Failure::Local(m)) if m.contains("Broken pipe") => ExitCode::SUCCESS,
         Err(Failure::Local(m)) => {
             eprintln!("halo: {m}");
@@ -394,6 +442,7 @@ async fn run(cli: Cli, out: &mut Out) -> Result<()> {
         }
         Verb::Generate(a) => generate(&mut c, a, out).await,
         Verb::Tokenize { model, text, json } => {
+            let text = if text == "-" { read_stdin().await? } else { text };
             let r = c
                 .tokenize(pb::TokenizeRequest { model, text })
                 .await?
@@ -419,28 +468,34 @@ async fn run_to_end(
     let mut stream = c.generate(req).await?.into_inner();
     let mut done = None;
     while let Some(ev) = stream.next().await {
-        if let Some(pb::generate_event::Event::Done(d)) = ev?.event {
+        if let Some(pb::generate_event::Event::Done(d)) = ev.map_err(|s| stream_failure(s, true))?.event {
             done = Some(d);
         }
     }
-    done.ok_or_else(|| Failure::Local("the daemon ended the stream without a summary".into()))
+    match done {
+        Some(d) if d.finish_reason == "shutdown" => {
+            Err(Failure::Cut("halod shut down during the benchmark".into()))
+        }
+        Some(d) => Ok(d),
+        None => Err(Failure::Cut("the stream ended without a summary".into())),
+    }
 }
 
 /// Like llama-bench's pp/tg: a prompt of `-p` tokens processed at once, then `-n` tokens generated
 /// one by one (end-of-generation ignored), best of `-r` runs; generation also as a share of the
 /// roofline (device bandwidth / weight bytes read per token).
 async fn bench(c: &mut HaloClient<Channel>, a: BenchArgs, out: &mut Out) -> Result<()> {
-    if a.prompt == 0 || a.gen < 2 {
-        return Err(Failure::Local("use -p 1 or more and -n 2 or more".into()));
-    }
     let roof = c
         .roofline(pb::RooflineRequest {
             model: a.model.clone(),
         })
         .await?
         .into_inner();
-    // Token ids spread over the vocabulary's common range; the content does not matter.
-    let ids: Vec<u32> = (0..a.prompt).map(|i| 100 + (i * 7919) % 20_000).collect();
+    // Token ids spread over the vocabulary; the content does not matter.
+    let vocab = u64::from(roof.vocab_size.max(1));
+    let ids: Vec<u32> = (0..u64::from(a.prompt))
+        .map(|i| ((i * 7919) % vocab) as u32)
+        .collect();
     let base = pb::GenerateRequest {
         model: a.model.clone(),
         temperature: Some(0.0),
@@ -569,8 +624,11 @@ async fn chat(c: &mut HaloClient<Channel>, a: ChatArgs, out: &mut Out) -> Result
         };
         let mut stream = c.generate(req).await?.into_inner();
         let mut reply = String::new();
+        let mut started = false;
+        let mut finished = false;
         while let Some(ev) = stream.next().await {
-            match ev?.event {
+            match ev.map_err(|s| stream_failure(s, started))?.event {
+                Some(pb::generate_event::Event::Started(_)) => started = true,
                 Some(pb::generate_event::Event::Token(t)) => {
                     out.text(&t.text)?;
                     reply.push_str(&t.text);
@@ -578,9 +636,16 @@ async fn chat(c: &mut HaloClient<Channel>, a: ChatArgs, out: &mut Out) -> Result
                 Some(pb::generate_event::Event::Done(d)) => {
                     out.text(&d.trailing_text)?;
                     reply.push_str(&d.trailing_text);
+                    finished = d.finish_reason != "shutdown";
                 }
-                _ => {}
+                None => {}
             }
+        }
+        if !finished {
+            out.line("")?;
+            return Err(Failure::Cut(
+                "the reply was cut off (halod stopped or the connection broke)".into(),
+            ));
         }
         out.line("")?;
         history.push(pb::ChatMessage {
@@ -744,6 +809,7 @@ async fn models(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Resul
                     "context": (m.context > 0).then_some(m.context),
                     "keep_alive": m.keep_alive,
                     "error": (!m.error.is_empty()).then_some(&m.error),
+                    "note": (!m.note.is_empty()).then_some(&m.note),
                 })
             })
             .collect();
@@ -774,6 +840,9 @@ async fn models(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Resul
         ]);
     }
     out.table(&t)?;
+    for m in r.models.iter().filter(|m| !m.note.is_empty()) {
+        eprintln!("{}: {}", m.name, m.note);
+    }
     for m in r.models.iter().filter(|m| !m.error.is_empty()) {
         eprintln!("{}: {}", m.name, m.error);
     }
@@ -856,10 +925,19 @@ async fn jobs(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Result<
 }
 
 async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -> Result<()> {
+    use std::io::IsTerminal;
     let prompt = match (a.tokens, a.prompt) {
         (Some(ids), _) => pb::generate_request::Prompt::Tokens(pb::TokenList { ids }),
+        (None, Some(text)) if text == "-" => pb::generate_request::Prompt::Text(read_stdin().await?),
         (None, Some(text)) => pb::generate_request::Prompt::Text(text),
-        (None, None) => return Err(Failure::Local("give a prompt or --tokens".into())),
+        (None, None) if !std::io::stdin().is_terminal() => {
+            pb::generate_request::Prompt::Text(read_stdin().await?)
+        }
+        (None, None) => {
+            return Err(Failure::Usage(
+                "give a prompt, `-` to read it from standard input, or --tokens".into(),
+            ))
+        }
     };
     let req = pb::GenerateRequest {
         prompt: Some(prompt),
@@ -870,19 +948,27 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
     };
     let mut stream = c.generate(req).await?.into_inner();
     let mut job = None;
+    let mut interrupted = false;
+    let mut finish = None;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         let next = tokio::select! {
             n = stream.next() => n,
-            _ = tokio::signal::ctrl_c() => {
-                if let Some(id) = job {
-                    let _ = c.cancel_job(pb::CancelJobRequest { job_id: id }).await;
-                    eprintln!("\ncancelled job {id}");
-                }
-                return Ok(());
+            _ = &mut ctrl_c, if !interrupted => {
+                // Ctrl-C cancels the job; the daemon then ends the stream with its summary.
+                interrupted = true;
+                let Some(id) = job else { return Err(Failure::Interrupted) };
+                let _ = c.cancel_job(pb::CancelJobRequest { job_id: id }).await;
+                eprintln!("\ncancelling job {id}");
+                continue;
+            }
+            _ = tokio::time::sleep(SUMMARY_WAIT), if interrupted => {
+                return Err(Failure::Cut("no summary came within 10 s of cancelling".into()));
             }
         };
         let Some(ev) = next else { break };
-        match ev?.event {
+        match ev.map_err(|s| stream_failure(s, job.is_some()))?.event {
             Some(pb::generate_event::Event::Started(s)) => job = Some(s.job_id),
             Some(pb::generate_event::Event::Token(t)) => {
                 if a.json {
@@ -911,11 +997,49 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
                         eprintln!("(cancelled)");
                     }
                 }
+                finish = Some(d.finish_reason);
             }
             None => {}
         }
     }
-    Ok(())
+    match finish.as_deref() {
+        None => Err(Failure::Cut(
+            "the stream ended without a summary; the output above is incomplete".into(),
+        )),
+        Some("shutdown") => Err(Failure::Cut(
+            "halod shut down before the job finished; the output above is incomplete".into(),
+        )),
+        Some(_) if interrupted => Err(Failure::Interrupted),
+        Some(_) => Ok(()),
+    }
+}
+
+/// How long a cancelled stream may take to bring its summary.
+const SUMMARY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An error in the middle of a stream: the daemon's own (it says so in the metadata) is a
+/// refusal; anything else after the job started means the connection broke.
+fn stream_failure(s: tonic::Status, started: bool) -> Failure {
+    if started && s.metadata().get(halo_proto::ERROR_REASON_KEY).is_none() {
+        Failure::Cut(format!(
+            "the stream was cut ({}); the output above is incomplete",
+            s.message()
+        ))
+    } else {
+        Failure::Refused(s)
+    }
+}
+
+/// All of standard input as text.
+async fn read_stdin() -> Result<String> {
+    tokio::task::spawn_blocking(|| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map(|_| text)
+            .map_err(|e| Failure::Local(format!("cannot read standard input: {e}")))
+    })
+    .await
+    .map_err(|e| Failure::Local(e.to_string()))?
 }
 
 async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Result<()> {
@@ -923,17 +1047,17 @@ async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Resu
         model: a.model,
         prompt: a.prompt,
         negative_prompt: a.negative,
-        width: a.width,
-        height: a.height,
-        steps: a.steps,
-        cfg_scale: a.cfg,
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        steps: a.steps.unwrap_or(0),
+        cfg_scale: a.cfg.unwrap_or(0.0),
         seed: a.seed,
         sampler: a.sampler,
     };
     let mut stream = c.generate_image(req).await?.into_inner();
     let mut job = 0;
     while let Some(ev) = stream.next().await {
-        match ev?.event {
+        match ev.map_err(|s| stream_failure(s, job != 0))?.event {
             Some(pb::image_event::Event::Started(s)) => job = s.job_id,
             Some(pb::image_event::Event::Progress(p)) => {
                 eprint!("\rstep {}/{}", p.step, p.total_steps);

@@ -120,6 +120,12 @@ pub struct Config {
     pub parallel: u32,
     /// How weights reach the GPU: copy, import (zero-copy from the mapped file) or auto.
     pub weights: halo_kernels::LoadStrategy,
+    /// The largest request a client may send, in bytes (a prompt, a text to tokenize): bigger
+    /// ones are refused before any work is done on them.
+    pub max_request: u64,
+    /// Prompt tokens one step of an LLM job processes at most, so other jobs' steps (of any
+    /// model) and cancellation get in between the chunks of a long prompt.
+    pub step_tokens: u32,
     pub models: Vec<ModelConfig>,
 }
 
@@ -135,11 +141,22 @@ impl Default for Config {
             max_queue: DEFAULT_MAX_QUEUE,
             parallel: DEFAULT_PARALLEL,
             weights: halo_kernels::LoadStrategy::Auto,
+            max_request: DEFAULT_MAX_REQUEST,
+            step_tokens: DEFAULT_STEP_TOKENS,
             models: Vec::new(),
         }
     }
 }
 
+/// 4 MiB: a prompt of well over 128k tokens of text.
+pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
+/// The request size limit may not go below what a status call with a few models needs.
+const MIN_MAX_REQUEST: u64 = 4 << 10;
+/// A forward pass takes at most this many tokens (the LLM engine's batch).
+const MAX_STEP_TOKENS: u32 = crate::llm::model::MAX_BATCH as u32;
+/// What one decode token costs on a big MoE is a few ms; a 64-token prompt chunk is of the same
+/// order on a GPU, and its matrix products still run on full tiles.
+pub const DEFAULT_STEP_TOKENS: u32 = 64;
 const DEFAULT_RESERVE: u64 = 2 << 30;
 const DEFAULT_KEEP_ALIVE: KeepAlive = KeepAlive::For(Duration::from_secs(300));
 const DEFAULT_MAX_QUEUE: usize = 16;
@@ -192,6 +209,9 @@ struct RawDaemon {
     #[serde(default, deserialize_with = "de_listen")]
     listen: Vec<Addr>,
     log: Option<String>,
+    #[serde(default, deserialize_with = "de_size_spanned")]
+    max_request: Option<Spanned<u64>>,
+    step_tokens: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -298,23 +318,29 @@ fn parse_duration(t: &str) -> Result<Duration, String> {
             return Err(format!("expected a number at {rest:?}"));
         }
         let n: u64 = rest[..digits].parse().map_err(|_| "number too large")?;
+        let too_long = || format!("{t:?} is too long a duration");
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
         let secs = match &rest[..unit_len] {
             "ms" => {
-                total += Duration::from_millis(n);
+                total = total
+                    .checked_add(Duration::from_millis(n))
+                    .ok_or_else(too_long)?;
                 rest = &rest[unit_len..];
                 continue;
             }
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+            "s" => Some(n),
+            "m" => n.checked_mul(60),
+            "h" => n.checked_mul(3600),
+            "d" => n.checked_mul(86400),
             u => return Err(format!("unknown unit {u:?}")),
-        };
-        total += Duration::from_secs(secs);
+        }
+        .ok_or_else(too_long)?;
+        total = total
+            .checked_add(Duration::from_secs(secs))
+            .ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -355,6 +381,17 @@ fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
             .map(Some)
             .map_err(|_| serde::de::Error::custom("a size cannot be negative")),
     }
+}
+
+fn de_size_spanned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<u64>>, D::Error> {
+    let v = Spanned::<StrOrInt>::deserialize(d)?;
+    let span = v.span();
+    let n = match v.into_inner() {
+        StrOrInt::Str(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
+        StrOrInt::Int(n) => u64::try_from(n)
+            .map_err(|_| serde::de::Error::custom("a size cannot be negative"))?,
+    };
+    Ok(Some(Spanned::new(span, n)))
 }
 
 fn de_budget<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BudgetSetting>, D::Error> {
@@ -445,6 +482,29 @@ impl Config {
             message,
         };
         let base = path.parent().unwrap_or(Path::new("."));
+
+        let max_request = match raw.daemon.max_request {
+            Some(m) if *m.get_ref() < MIN_MAX_REQUEST => {
+                return Err(err_at(
+                    m.span().start,
+                    "daemon.max_request".into(),
+                    format!("max_request must be at least {}", size_str(MIN_MAX_REQUEST)),
+                ))
+            }
+            Some(m) => m.into_inner(),
+            None => DEFAULT_MAX_REQUEST,
+        };
+        let step_tokens = match raw.daemon.step_tokens {
+            Some(s) if !(1..=MAX_STEP_TOKENS).contains(s.get_ref()) => {
+                return Err(err_at(
+                    s.span().start,
+                    "daemon.step_tokens".into(),
+                    format!("step_tokens must be between 1 and {MAX_STEP_TOKENS}"),
+                ))
+            }
+            Some(s) => s.into_inner(),
+            None => DEFAULT_STEP_TOKENS,
+        };
 
         let max_queue = match raw.defaults.max_queue {
             Some(q) if *q.get_ref() == 0 => {
@@ -560,6 +620,8 @@ impl Config {
                 .memory
                 .weights
                 .unwrap_or(halo_kernels::LoadStrategy::Auto),
+            max_request,
+            step_tokens,
             models,
         })
     }
@@ -598,6 +660,11 @@ impl Config {
         if let Some(log) = &self.log {
             out.push_str(&format!("log = {}\n", q(log)));
         }
+        out.push_str(&format!(
+            "max_request = {}\nstep_tokens = {}\n",
+            q(&size_str(self.max_request)),
+            self.step_tokens
+        ));
         out.push_str("\n[memory]\n");
         match self.budget {
             BudgetSetting::Auto => out.push_str("budget = \"auto\"\n"),
@@ -708,6 +775,18 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/halo/halod.toml"))
+    }
+
+    #[test]
+    fn request_limits_are_checked() {
+        let c = parse("[daemon]\nmax_request = \"1MiB\"\nstep_tokens = 8\n").unwrap();
+        assert_eq!((c.max_request, c.step_tokens), (1 << 20, 8));
+        let e = parse("[daemon]\nmax_request = 10\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.max_request"), "{e}");
+        let e = parse("[daemon]\nstep_tokens = 0\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("daemon.step_tokens")));
+        let c = parse("").unwrap();
+        assert_eq!(Config::parse(&c.to_toml(), Path::new("/x.toml")).unwrap().max_request, c.max_request);
     }
 
     #[test]
@@ -864,6 +943,11 @@ keep_alive = "-1"
         assert_eq!(parse_keep_alive("-1").unwrap(), KeepAlive::Forever);
         assert_eq!(parse_keep_alive("forever").unwrap(), KeepAlive::Forever);
         assert!(parse_keep_alive("5 minutes").is_err());
+        // Overflow is an error, not a wrap (5124095576030432h once became 3584 s).
+        let e = parse_keep_alive("5124095576030432h").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        assert!(parse_keep_alive("18446744073709551615s1s").is_err());
+        assert!(parse_keep_alive("213503982334601d").is_err());
         assert!(parse_keep_alive("5").is_err());
         for k in ["5m", "90s", "2h", "0", "forever", "250ms"] {
             assert_eq!(format_keep_alive(parse_keep_alive(k).unwrap()), k);

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ModelConfig, ModelKind};
-use crate::executor::{Ended, ExecJob, Executor, GenerateParams};
+use crate::executor::{Ended, ExecJob, Executor, GenerateParams, StopFlag, StopReason};
 use crate::llm::engine::{self, LlmEngine};
 use crate::memory::{self, BudgetReport, MemorySources};
 use crate::models::{self, MappedModel, ModelFileError};
@@ -49,6 +49,9 @@ pub enum CoreError {
     FailedPrecondition(String),
     Unimplemented(String),
     Unavailable(String),
+    /// A model's files cannot be used (missing, corrupt, unsupported): retrying will not help
+    /// until the file is fixed.
+    ModelFile(String),
 }
 
 impl std::fmt::Display for CoreError {
@@ -59,7 +62,8 @@ impl std::fmt::Display for CoreError {
             | CoreError::ResourceExhausted(m)
             | CoreError::FailedPrecondition(m)
             | CoreError::Unimplemented(m)
-            | CoreError::Unavailable(m) => m,
+            | CoreError::Unavailable(m)
+            | CoreError::ModelFile(m) => m,
         };
         f.write_str(m)
     }
@@ -94,7 +98,8 @@ pub enum JobEvent {
         generation_ms: u64,
     },
     Failed(CoreError),
-    Cancelled,
+    /// Stopped before it ran (or before the executor could say more).
+    Cancelled(StopReason),
 }
 
 /// Facts fixed at start-up: the devices, the opened runtime, and the memory sources.
@@ -121,6 +126,7 @@ pub struct ModelRow {
     pub state: &'static str,
     pub pinned: bool,
     pub error: Option<String>,
+    pub note: Option<String>,
 }
 
 /// One model in memory as `halo ps` shows it.
@@ -175,8 +181,8 @@ pub struct ReloadDone {
 
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
-/// Weight bytes per token, the pending bandwidth measurement, and the device's name.
-pub type RooflineParts = (u64, oneshot::Receiver<Result<f64, String>>, String);
+/// Weight bytes per token, the pending bandwidth measurement, the device's name, the vocabulary.
+pub type RooflineParts = (u64, oneshot::Receiver<Result<f64, String>>, String, u64);
 
 /// A request to the core driver.
 pub enum Command {
@@ -227,6 +233,8 @@ pub enum Command {
     },
     /// Cancel every job and stop; replies when done.
     Shutdown(oneshot::Sender<()>),
+    /// A lease on some model file is being broken (SIGIO): see which, and act.
+    CheckFiles,
 }
 
 /// Work that finished off the driver task.
@@ -239,6 +247,8 @@ enum Internal {
     JobEnded(JobId, Ended),
     /// Short-lived working memory reserved in the residency table is free again.
     ScratchDone(u64),
+    /// The client of a job closed its stream.
+    ClientGone(JobId),
 }
 
 /// A model in memory: an LLM on the GPU, or files mapped for an engine still to come.
@@ -283,6 +293,14 @@ impl CoreHandle {
             .map_err(|_| CoreError::Unavailable("halod is shutting down".into()))
     }
 
+    /// Sends a command that needs no answer.
+    pub async fn send(&self, cmd: Command) -> Result<(), CoreError> {
+        self.tx
+            .send(cmd)
+            .await
+            .map_err(|_| CoreError::Unavailable("halod is shutting down".into()))
+    }
+
     /// Like [`ask`](Self::ask) for commands whose reply is itself a `Result`.
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
         self.ask(make).await?
@@ -292,6 +310,17 @@ impl CoreHandle {
 struct CatalogEntry {
     config: ModelConfig,
     estimate: Result<u64, ModelFileError>,
+    /// The model path's metadata when `estimate` was made; `None` forces a new estimate.
+    stamp: Option<FileStamp>,
+}
+
+/// What says a file changed: size, modification time, inode (a file replaced by a rename).
+type FileStamp = (u64, Option<SystemTime>, u64, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok(), m.ino(), m.dev()))
 }
 
 struct LoadWaiter {
@@ -315,7 +344,9 @@ pub struct Core {
     owners: HashMap<String, halo_kernels::OwnerId>,
     executor: Executor,
     job_params: HashMap<JobId, GenerateParams>,
-    cancel_flags: HashMap<JobId, Arc<std::sync::atomic::AtomicBool>>,
+    stop_flags: HashMap<JobId, Arc<StopFlag>>,
+    /// Set once shutdown began: stopped jobs end with finish_reason "shutdown".
+    stopping: bool,
     load_waiters: HashMap<String, Vec<LoadWaiter>>,
     job_streams: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
     job_errors: HashMap<JobId, CoreError>,
@@ -350,7 +381,8 @@ pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::tas
         owners: HashMap::new(),
         executor: Executor::spawn(ended_tx),
         job_params: HashMap::new(),
-        cancel_flags: HashMap::new(),
+        stop_flags: HashMap::new(),
+        stopping: false,
         load_waiters: HashMap::new(),
         job_streams: HashMap::new(),
         job_errors: HashMap::new(),
@@ -424,6 +456,7 @@ impl Core {
                 });
             }
             Command::Models(reply) => {
+                self.refresh_catalog();
                 let _ = reply.send(self.model_rows());
             }
             Command::Resident(reply) => {
@@ -510,7 +543,7 @@ impl Core {
                             let _ = tx.send(r);
                             let _ = internal.send(Internal::ScratchDone(2 * probe));
                         });
-                        Ok((e.model.weight_bytes_per_token(), rx, name))
+                        Ok((e.model.weight_bytes_per_token(), rx, name, e.model.hp.n_vocab))
                     }
                     _ => Err(CoreError::FailedPrecondition(format!(
                         "model {model:?} is not loaded on the GPU"
@@ -559,6 +592,7 @@ impl Core {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::CheckFiles => self.check_files(),
             Command::Shutdown(_) => unreachable!("handled by run"),
         }
     }
@@ -572,6 +606,7 @@ impl Core {
             .models
             .iter()
             .map(|m| {
+                let stamp = file_stamp(&m.path);
                 let estimate = estimate_model(m, self.facts.runtime.is_ok());
                 if let Err(e) = &estimate {
                     warn!(model = %m.name, error = %e, "model file problem");
@@ -581,6 +616,7 @@ impl Core {
                     CatalogEntry {
                         config: m.clone(),
                         estimate,
+                        stamp,
                     },
                 )
             })
@@ -604,6 +640,26 @@ impl Core {
             }
         }
         dropped
+    }
+
+    /// Estimates again every model whose file changed (appeared, went, was rewritten) since
+    /// its last estimate, so `halo models` never shows a stale "missing" or "invalid".
+    fn refresh_catalog(&mut self) {
+        let gpu = self.facts.runtime.is_ok();
+        let mut changed = false;
+        for e in self.catalog.values_mut() {
+            let stamp = file_stamp(&e.config.path);
+            if stamp.is_some() && stamp == e.stamp {
+                continue;
+            }
+            let fresh = estimate_model(&e.config, gpu);
+            changed |= fresh.as_ref().ok() != e.estimate.as_ref().ok();
+            e.estimate = fresh;
+            e.stamp = stamp;
+        }
+        if changed {
+            self.residency.set_catalog(self.specs());
+        }
     }
 
     fn specs(&self) -> Vec<ModelSpec> {
@@ -650,12 +706,14 @@ impl Core {
             .get_mut(name)
             .ok_or_else(|| unknown_model(name))?;
         // The file may have appeared, changed or gone since the config was read.
+        entry.stamp = file_stamp(&entry.config.path);
         let fresh = estimate_model(&entry.config, self.facts.runtime.is_ok());
         let changed = fresh.as_ref().ok() != entry.estimate.as_ref().ok();
         entry.estimate = fresh;
         let config = entry.config.clone();
         if let Err(e) = &entry.estimate {
-            let e = CoreError::FailedPrecondition(format!("cannot load model {name:?}: {e}"));
+            warn!(model = %name, error = %e, "cannot load model");
+            let e = CoreError::ModelFile(format!("cannot load model {name:?}: {e}"));
             if changed {
                 self.residency.set_catalog(self.specs());
             }
@@ -704,6 +762,7 @@ impl Core {
             } => self.mapped(model, result, started),
             Internal::JobEnded(id, how) => self.job_ended(id, how),
             Internal::ScratchDone(bytes) => self.residency.release_scratch(bytes),
+            Internal::ClientGone(job) => self.client_gone(job),
         }
     }
 
@@ -737,10 +796,14 @@ impl Core {
                 }
             }
             Err(e) => {
+                warn!(model = %model, error = %e, ms = started.elapsed().as_millis() as u64,
+                      "loading the model failed");
                 self.residency.fail_load(&model);
-                Err(CoreError::FailedPrecondition(format!(
-                    "cannot load model {model:?}: {e}"
-                )))
+                if let Some(entry) = self.catalog.get_mut(&model) {
+                    // `halo models` shows the failure until the file changes.
+                    entry.estimate = Err(e.clone());
+                }
+                Err(CoreError::ModelFile(format!("cannot load model {model:?}: {e}")))
             }
         };
         for w in self.load_waiters.remove(&model).unwrap_or_default() {
@@ -794,7 +857,45 @@ impl Core {
         Ok(bytes)
     }
 
+    /// Cancels the job of a client that went away; a job that already ended is left alone.
+    fn client_gone(&mut self, job: JobId) {
+        let now = self.now();
+        match self.scheduler.cancel(job, now) {
+            Ok(CancelOutcome::Cancelled) => debug!(job = %job, "client left; queued job cancelled"),
+            Ok(CancelOutcome::Aborting) => {
+                debug!(job = %job, "client left; running job cancelled");
+                self.apply(vec![Action::Abort { job }]);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Takes out of service every resident model whose file another process has started to
+    /// change (its lease is breaking): its jobs fail at their next step, and once the last
+    /// reference goes the mapping and its lease are released, letting the writer proceed.
+    fn check_files(&mut self) {
+        let changed: Vec<(String, String)> = self
+            .loaded
+            .iter()
+            .filter_map(|(name, m)| match m {
+                Loaded::Llm(e) => e.file_changed().map(|why| (name.clone(), why)),
+                Loaded::Mapped(_) => None,
+            })
+            .collect();
+        for (name, why) in changed {
+            warn!(model = %name, reason = %why, "model file changed; taking the model out of service");
+            self.residency.withdraw(&name);
+            self.drop_model(&name, "its file changed on disk");
+            if let Some(e) = self.catalog.get_mut(&name) {
+                // Estimated again (from the new file) at the next load or listing.
+                e.stamp = None;
+            }
+        }
+    }
+
     fn tick(&mut self) {
+        // Lease breaks arrive as SIGIO; checking each tick too covers a signal lost in a burst.
+        self.check_files();
         let now = self.now();
         for name in self.residency.tick(now) {
             self.drop_model(&name, "keep-alive expired");
@@ -841,6 +942,14 @@ impl Core {
                 ))
             })?;
         let (tx, rx) = mpsc::unbounded_channel();
+        // A client that goes away cancels its job at once, queued or running: a waiting job
+        // must not keep its queue slot until its turn comes.
+        let watch = tx.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            watch.closed().await;
+            let _ = internal.send(Internal::ClientGone(id));
+        });
         self.job_streams.insert(id, tx);
         debug!(job = %id, model, "job queued");
         Ok((id, rx))
@@ -896,14 +1005,15 @@ impl Core {
                     let events = self.job_streams.get(&job).cloned();
                     match (engine, params, events) {
                         (Some(engine), Some(params), Some(events)) => {
-                            let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                            self.cancel_flags.insert(job, cancel.clone());
+                            let stop = Arc::new(StopFlag::default());
+                            self.stop_flags.insert(job, stop.clone());
                             let exec = ExecJob {
                                 id: job,
                                 engine,
                                 params,
                                 events,
-                                cancel,
+                                stop,
+                                step_tokens: self.config.step_tokens as usize,
                             };
                             if !self.executor.submit(exec) {
                                 self.end_job(
@@ -933,9 +1043,13 @@ impl Core {
                     }
                 }
                 Action::Abort { job } => {
-                    match self.cancel_flags.get(&job) {
+                    match self.stop_flags.get(&job) {
                         // The executor stops it at its next step and reports back.
-                        Some(flag) => flag.store(true, std::sync::atomic::Ordering::SeqCst),
+                        Some(flag) => flag.stop(if self.stopping {
+                            StopReason::Shutdown
+                        } else {
+                            StopReason::Cancelled
+                        }),
                         None => {
                             if let Some(view) = self.scheduler.job(job) {
                                 if view.state == JobState::Running {
@@ -955,7 +1069,7 @@ impl Core {
         if let Some(e) = error {
             self.job_errors.insert(job, e);
         }
-        self.cancel_flags.remove(&job);
+        self.stop_flags.remove(&job);
         self.scheduler.job_finished(job, outcome, now);
         for name in self.residency.job_finished(model, now) {
             self.drop_model(&name, "removed from the config");
@@ -991,7 +1105,11 @@ impl Core {
             let tx = self.job_streams.remove(&id).expect("listed above");
             let view = self.scheduler.job(id);
             let ev = match view.as_ref().map(|j| j.state) {
-                Some(JobState::Cancelled) => JobEvent::Cancelled,
+                Some(JobState::Cancelled) => JobEvent::Cancelled(if self.stopping {
+                    StopReason::Shutdown
+                } else {
+                    StopReason::Cancelled
+                }),
                 Some(JobState::Failed) => {
                     JobEvent::Failed(self.job_errors.remove(&id).unwrap_or_else(|| {
                         CoreError::FailedPrecondition(
@@ -1009,6 +1127,7 @@ impl Core {
     }
 
     fn shutdown(&mut self) {
+        self.stopping = true;
         let now = self.now();
         let actions = self.scheduler.cancel_all(now);
         self.apply(actions);
@@ -1048,6 +1167,10 @@ impl Core {
                     state,
                     pinned,
                     error: e.estimate.as_ref().err().map(|e| e.to_string()),
+                    note: match self.loaded.get(&e.config.name) {
+                        Some(Loaded::Llm(engine)) => engine.weights_note().map(str::to_string),
+                        _ => None,
+                    },
                 }
             })
             .collect()

@@ -7,7 +7,7 @@
 //! Architecture invariant: no request thread submits GPU work; everything goes through this
 //! thread. It talks to async code through channels only and never blocks the tokio runtime.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,13 +50,58 @@ pub enum Ended {
     Failed(CoreError),
 }
 
+/// Why a running job is asked to stop, set by the core and read by the executor between steps.
+#[derive(Default)]
+pub struct StopFlag(AtomicU8);
+
+/// Why a job stopped early, as its summary's `finish_reason` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `halo cancel`, Ctrl-C, or the client went away.
+    Cancelled,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl StopFlag {
+    pub fn stop(&self, why: StopReason) {
+        let v = match why {
+            StopReason::Cancelled => 1,
+            StopReason::Shutdown => 2,
+        };
+        // The first reason wins: a job cancelled by its client stays "cancelled".
+        let _ = self
+            .0
+            .compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            2 => Some(StopReason::Shutdown),
+            _ => Some(StopReason::Cancelled),
+        }
+    }
+}
+
 /// A job handed to the executor.
 pub struct ExecJob {
     pub id: JobId,
     pub engine: Arc<LlmEngine>,
     pub params: GenerateParams,
     pub events: UnboundedSender<JobEvent>,
-    pub cancel: Arc<AtomicBool>,
+    pub stop: Arc<StopFlag>,
+    /// Prompt tokens one step processes at most (`[daemon] step_tokens`).
+    pub step_tokens: usize,
 }
 
 /// What the executor thread is asked to do.
@@ -217,8 +262,19 @@ impl Running {
 
     /// Does one step of work; `Some` when the job has ended.
     fn step(&mut self) -> Option<Ended> {
-        if self.job.cancel.load(Ordering::SeqCst) || self.job.events.is_closed() {
+        let stop = match self.job.stop.get() {
+            None if self.job.events.is_closed() => Some(StopReason::Cancelled),
+            s => s,
+        };
+        if let Some(why) = stop {
+            // The client still gets a summary of what it was sent before the stop.
+            self.summary(why.as_str());
             return Some(Ended::Cancelled);
+        }
+        // The weights may be the model file's own pages: never touch them once the file is
+        // being changed (the writer waits on our lease until the model is dropped).
+        if let Some(why) = self.job.engine.file_changed() {
+            return Some(Ended::Failed(CoreError::FailedPrecondition(why)));
         }
         let r = if !self.ready {
             self.prepare()
@@ -243,17 +299,37 @@ impl Running {
             (Prompt::Text(text), true) => Some(vec![Message::new("user", text.clone())]),
             _ => None,
         };
+        // Whatever the text, it cannot fit the context if even the longest tokens could not
+        // cover it: refuse it before spending time tokenizing it.
+        let longest = (engine.context as usize).saturating_mul(tok.max_token_bytes());
+        let too_long = |len: usize| {
+            CoreError::InvalidArgument(format!(
+                "the prompt is {len} bytes, more than the model's context of {} tokens could \
+                 ever hold; shorten it or raise `context` in the config",
+                engine.context
+            ))
+        };
         let ids = match (&p.prompt, messages) {
             (Prompt::Tokens(ids), _) => ids.clone(),
             (_, Some(messages)) => {
                 let tmpl = engine.chat.as_ref().ok_or_else(|| {
                     CoreError::InvalidArgument(
-                        "this model has no chat template; drop --chat".into(),
+                        "this model has no chat template (its GGUF has no \
+                         tokenizer.chat_template), so it cannot take chat messages; send plain \
+                         text instead (`halo generate` without --chat)"
+                            .into(),
                     )
                 })?;
+                let text_len: usize = messages.iter().map(|m| m.content.len()).sum();
+                if text_len > longest {
+                    return Err(too_long(text_len));
+                }
                 let rendered = tmpl
                     .render(&messages, true)
                     .map_err(|e| CoreError::InvalidArgument(format!("chat template: {e}")))?;
+                if rendered.len() > longest {
+                    return Err(too_long(rendered.len()));
+                }
                 // Templates usually write the BOS token themselves; add it only if they do not.
                 let has_bos = tok
                     .bos()
@@ -262,6 +338,9 @@ impl Running {
                 tok.encode(&rendered, !has_bos, true).map_err(|e| {
                     CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
                 })?
+            }
+            (Prompt::Text(text), None) if text.len() > longest => {
+                return Err(too_long(text.len()))
             }
             (Prompt::Text(text), None) => tok.encode(text, true, true).map_err(|e| {
                 CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
@@ -311,7 +390,9 @@ impl Running {
     }
 
     fn prefill(&mut self) -> Result<Option<Ended>, CoreError> {
-        let end = (self.fed + MAX_BATCH as usize).min(self.prompt.len());
+        // One chunk per step, so other jobs' steps and cancellation come in between.
+        let chunk = self.job.step_tokens.clamp(1, MAX_BATCH as usize);
+        let end = (self.fed + chunk).min(self.prompt.len());
         let seq = self.seq.as_mut().expect("prepared");
         let logits = self
             .job
@@ -398,6 +479,12 @@ impl Running {
     }
 
     fn done(&mut self, reason: &str) -> Ended {
+        self.summary(reason);
+        Ended::Done
+    }
+
+    /// Sends the held-back text and the job's summary line.
+    fn summary(&mut self, reason: &str) {
         if !self.held.is_empty() || !self.partial.is_empty() {
             let mut text = std::mem::take(&mut self.held);
             text.push_str(&String::from_utf8_lossy(&std::mem::take(&mut self.partial)));
@@ -416,6 +503,5 @@ impl Running {
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
         });
-        Ended::Done
     }
 }

@@ -134,9 +134,7 @@ pub struct Gguf {
 /// What is wrong with a GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GgufError {
-    BadMagic {
-        found: [u8; 4],
-    },
+    BadMagic,
     UnsupportedVersion(u32),
     Truncated {
         at: u64,
@@ -197,7 +195,9 @@ impl fmt::Display for GgufError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use GgufError::*;
         match self {
-            BadMagic { found } => write!(f, "not a GGUF file (magic {found:?}, expected \"GGUF\")"),
+            // The bytes found stay out of the message: it reaches every client, and the file may
+            // be one the daemon can read but they should not (a path that links to a secret).
+            BadMagic => write!(f, "not a GGUF file (bad magic)"),
             UnsupportedVersion(v) => write!(f, "GGUF version {v} is not supported (halo reads versions 2 and 3)"),
             Truncated { at, what } => write!(f, "the file ends at byte {at} in the middle of {what} (truncated download?)"),
             BadString { at } => write!(f, "the string at byte {at} is not valid UTF-8"),
@@ -357,7 +357,7 @@ impl Gguf {
         let mut r = Reader { bytes, pos: 0 };
         let magic: [u8; 4] = r.array(&|| "the magic number".into())?;
         if &magic != MAGIC {
-            return Err(GgufError::BadMagic { found: magic });
+            return Err(GgufError::BadMagic);
         }
         let version = r.u32(&|| "the version".into())?;
         if !(2..=3).contains(&version) {
@@ -555,11 +555,26 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`; every error names the file.
     pub fn open(path: &Path) -> Result<GgufFile, GgufFileError> {
+        Self::open_with(path, false)
+    }
+
+    /// Like [`GgufFile::open`], with a read lease on the file (see
+    /// [`crate::models::Mapping::open_leased`]), for weights used from the mapped pages.
+    pub fn open_leased(path: &Path) -> Result<GgufFile, GgufFileError> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, lease: bool) -> Result<GgufFile, GgufFileError> {
         let err = |error| GgufFileError {
             path: path.to_path_buf(),
             error,
         };
-        let map = crate::models::Mapping::open(path)
+        let map = if lease {
+            crate::models::Mapping::open_leased(path)
+        } else {
+            crate::models::Mapping::open(path)
+        };
+        let map = map
             .map(std::sync::Arc::new)
             .map_err(|e| err(GgufFileErrorKind::Io(e)))?;
         let header = Gguf::parse(map.bytes()).map_err(|e| err(GgufFileErrorKind::Format(e)))?;
@@ -692,7 +707,7 @@ mod tests {
         let mut bytes = sample();
         assert!(matches!(
             Gguf::parse(b"GGML\x03\0\0\0"),
-            Err(GgufError::BadMagic { .. })
+            Err(GgufError::BadMagic)
         ));
         bytes[4] = 9;
         assert_eq!(Gguf::parse(&bytes), Err(GgufError::UnsupportedVersion(9)));

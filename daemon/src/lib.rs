@@ -23,6 +23,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod service;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,20 +70,33 @@ pub async fn bind(addr: &Addr) -> anyhow::Result<Listener> {
             Ok(Listener::Tcp(l))
         }
         Addr::Unix(path) => {
-            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            if path.exists() {
-                if tokio::net::UnixStream::connect(path).await.is_ok() {
-                    bail!(
-                        "another halod is already listening on {}; stop it first or use --listen",
-                        path.display()
-                    );
+            // Only a socket may be replaced: whatever else sits at the path (a regular file, a
+            // folder, a link) is somebody's data, and halod refuses to start rather than delete it.
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_socket() => {
+                    if tokio::net::UnixStream::connect(path).await.is_ok() {
+                        bail!(
+                            "another halod is already listening on {}; stop it first or use --listen",
+                            path.display()
+                        );
+                    }
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("cannot remove stale socket {}", path.display())
+                    })?;
                 }
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                Ok(meta) => bail!(
+                    "cannot listen on {}: it exists and is {}, not a socket; \
+                     remove it yourself or choose another `listen` path",
+                    path.display(),
+                    file_type_name(&meta.file_type())
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => bail!("cannot inspect {}: {e}", path.display()),
             }
             let l = UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -90,6 +104,23 @@ pub async fn bind(addr: &Addr) -> anyhow::Result<Listener> {
                 .with_context(|| format!("cannot set the mode of {}", path.display()))?;
             Ok(Listener::Unix(l, path.clone()))
         }
+    }
+}
+
+fn file_type_name(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a folder"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a socket"
     }
 }
 
@@ -172,8 +203,29 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
     let config_path = config.source.clone();
+    let max_request = usize::try_from(config.max_request).unwrap_or(usize::MAX);
     let listen: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
+    // A lease break on a model file arrives as SIGIO. Handle it before any lease is taken
+    // (its default action ends the process); without a handler no leases are taken at all,
+    // and imported weights fall back to copies.
+    let sigio = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io());
+    if sigio.is_ok() {
+        models::enable_leases();
+    }
     let (core, core_task) = core::spawn(config, facts.clone());
+    match sigio {
+        Ok(mut sigio) => {
+            let core = core.clone();
+            tokio::spawn(async move {
+                while sigio.recv().await.is_some() {
+                    if core.send(core::Command::CheckFiles).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot handle SIGIO; model files get no leases and weights are copied"),
+    }
     let service =
         service::HaloService::new(core.clone(), facts, listen.clone(), config_path.clone());
 
@@ -189,7 +241,7 @@ pub async fn run(
             .add_service(health_service.clone())
             .add_service(
                 HaloServer::new(service.clone())
-                    .max_decoding_message_size(64 << 20)
+                    .max_decoding_message_size(max_request)
                     .max_encoding_message_size(256 << 20),
             );
         let mut stop = stop_rx.clone();
@@ -199,9 +251,16 @@ pub async fn run(
         servers.push(match listener {
             Listener::Unix(l, path) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                // The socket's inode now, so that at exit only this socket is removed, not
+                // whatever may have replaced it at the path meanwhile.
+                let ours = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
                 tokio::spawn(async move {
                     let r = router.serve_with_incoming_shutdown(incoming, signal).await;
-                    let _ = std::fs::remove_file(&path);
+                    let still_ours = std::fs::symlink_metadata(&path)
+                        .is_ok_and(|m| Some((m.dev(), m.ino())) == ours);
+                    if still_ours {
+                        let _ = std::fs::remove_file(&path);
+                    }
                     r
                 })
             }

@@ -135,14 +135,70 @@ pub fn estimate(model: &ModelConfig) -> Result<u64, ModelFileError> {
     Ok(weight_files(model)?.iter().map(|(_, n)| n).sum())
 }
 
-/// One file mapped read-only (an empty file maps to an empty slice). Dropping it unmaps it.
+/// One file mapped read-only (an empty file maps to an empty slice). Dropping it unmaps it and
+/// closes the file, which also gives up its lease.
 pub struct Mapping {
     map: Option<memmap2::Mmap>,
+    file: File,
+    path: PathBuf,
+    lease: Lease,
+}
+
+/// Whether halod holds a read lease on a mapped file, which is what makes using the mapped
+/// pages themselves as weights safe (see [`Mapping::open_leased`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// Not asked for: the caller copies what it needs and lets the mapping go.
+    NotAsked,
+    /// Held: a writer's `open` or `truncate` is held off (up to `/proc/sys/fs/lease-break-time`)
+    /// and the daemon is told first.
+    Held,
+    /// Could not be had, and why (another process has the file open for writing, the daemon
+    /// neither owns the file nor has CAP_LEASE, the filesystem has no leases).
+    Unavailable(String),
+}
+
+/// Set once the process handles SIGIO, the signal a lease break raises; until then no lease is
+/// taken, since SIGIO's default action would end the process.
+static LEASE_SIGNAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that SIGIO is handled (the daemon's `run` listens for it), so leases may be taken.
+pub fn enable_leases() {
+    LEASE_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 impl Mapping {
     pub fn open(path: &Path) -> std::io::Result<Mapping> {
         let file = File::open(path)?;
+        Self::map_opened(file, path, Lease::NotAsked)
+    }
+
+    /// Opens and maps `path` with a read lease on it, so that the daemon hears of any process
+    /// that opens the file for writing or truncates it before the change can happen: the
+    /// writer is held off until the mapping is dropped. Without a lease, the mapping is made
+    /// anyway and [`Mapping::lease`] says why there is none.
+    pub fn open_leased(path: &Path) -> std::io::Result<Mapping> {
+        let file = File::open(path)?;
+        let lease = if !LEASE_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+            Lease::Unavailable("halod is not listening for lease breaks (SIGIO)".into())
+        } else {
+            match set_read_lease(&file) {
+                Ok(()) => Lease::Held,
+                Err(e) => Lease::Unavailable(match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        "another process has the file open for writing".to_string()
+                    }
+                    Some(libc::EACCES) | Some(libc::EPERM) => format!(
+                        "halod neither owns the file nor has CAP_LEASE ({e})"
+                    ),
+                    _ => format!("the filesystem refused a lease ({e})"),
+                }),
+            }
+        };
+        Self::map_opened(file, path, lease)
+    }
+
+    fn map_opened(file: File, path: &Path, lease: Lease) -> std::io::Result<Mapping> {
         let len = file.metadata()?.len();
         // mmap rejects empty files; an empty file simply has no bytes.
         let map = if len == 0 {
@@ -150,12 +206,41 @@ impl Mapping {
         } else {
             Some(map_file(&file)?)
         };
-        Ok(Mapping { map })
+        Ok(Mapping {
+            map,
+            file,
+            path: path.to_path_buf(),
+            lease,
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// True once another process has started to open the file for writing or to truncate it
+    /// (our lease is being broken). From then on the mapped pages must not be read: the writer
+    /// proceeds as soon as the mapping is dropped, or when the kernel's lease-break time runs out.
+    pub fn changing(&self) -> bool {
+        self.lease == Lease::Held
+            && !matches!(current_lease(&self.file), Ok(LeaseKind::Read))
+    }
+}
+
+/// The lease states `fcntl(F_GETLEASE)` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaseKind {
+    Read,
+    /// No lease, or one being broken (the kernel reports the state it is breaking to).
+    None,
 }
 
 impl halo_kernels::HostMemory for Mapping {
@@ -202,14 +287,44 @@ pub fn map(model: &ModelConfig) -> Result<MappedModel, ModelFileError> {
     Ok(MappedModel { maps, bytes })
 }
 
-/// The one place outside the kernels crate that uses `unsafe`.
+/// `fcntl(F_SETLEASE, F_RDLCK)` on a file opened read-only.
+#[allow(unsafe_code)]
+fn set_read_lease(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let arg = libc::F_RDLCK;
+    // SAFETY: fcntl with F_SETLEASE takes an int argument and touches no memory of ours; the
+    // descriptor belongs to `file`, which is alive for the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, arg) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fcntl(F_GETLEASE)`.
+#[allow(unsafe_code)]
+fn current_lease(file: &File) -> std::io::Result<LeaseKind> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETLEASE takes no argument and touches no memory of ours; the descriptor
+    // belongs to `file`, which is alive for the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
+    match r {
+        -1 => Err(std::io::Error::last_os_error()),
+        r if r == libc::F_RDLCK => Ok(LeaseKind::Read),
+        _ => Ok(LeaseKind::None),
+    }
+}
+
+/// Maps the file: with the lease calls above, the only `unsafe` outside the kernels crate.
 #[allow(unsafe_code)]
 fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the mapping is read-only and private to this process. Model files are treated as
-    // immutable while loaded (the docs say so: replace a model by writing a new file and renaming
-    // it over the old one, which leaves this mapping on the old inode). If someone truncates the
-    // file in place anyway, touching the lost pages raises SIGBUS; the parsers check every offset
-    // against the length mapped here, so they never read past it themselves.
+    // SAFETY: the mapping is read-only and private to this process, and the parsers check every
+    // offset against the length mapped here. What Rust cannot see is another process changing
+    // the file: a truncation makes touching the lost pages raise SIGBUS. Mappings kept beyond a
+    // load (weights imported from the file's pages) are therefore opened with a read lease
+    // (`open_leased`): a writer's open or truncate first breaks the lease, the daemon sees it
+    // (`changing`) and stops reading before the writer can go on. A mapping without a lease is
+    // only read while a model loads (its weights are copied).
     unsafe { memmap2::MmapOptions::new().map(file) }
 }
 
@@ -255,6 +370,52 @@ mod tests {
         let empty = dir.path().join("empty.gguf");
         std::fs::write(&empty, b"").unwrap();
         assert_eq!(Mapping::open(&empty).unwrap().bytes(), b"");
+    }
+
+    #[test]
+    fn a_lease_break_is_seen_and_the_writer_waits_for_the_mapping_to_go() {
+        // SIGIO must be handled before a lease is taken, as `run` does.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _sigio = rt.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io()).unwrap()
+        });
+        enable_leases();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.gguf");
+        std::fs::write(&p, vec![1u8; 8192]).unwrap();
+        let m = Mapping::open_leased(&p).unwrap();
+        assert_eq!(m.lease(), &Lease::Held);
+        assert!(!m.changing());
+        // `truncate` opens without blocking: it is refused while the lease is held, and the
+        // break it started is visible at once.
+        let out = std::process::Command::new("truncate")
+            .args(["-s", "10"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(m.changing());
+        assert_eq!(m.bytes().len(), 8192);
+        drop(m);
+        let out = std::process::Command::new("truncate")
+            .args(["-s", "10"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        // A file someone holds open for writing gets no lease, and says why.
+        let w = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let m = Mapping::open_leased(&p).unwrap();
+        assert!(
+            matches!(m.lease(), Lease::Unavailable(why) if why.contains("open for writing")),
+            "{:?}",
+            m.lease()
+        );
+        assert!(!m.changing());
+        drop(w);
     }
 
     #[test]

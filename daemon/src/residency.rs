@@ -678,6 +678,20 @@ impl Residency {
         }
     }
 
+    /// Takes a resident model out of service whatever its pins and jobs: its file changed under
+    /// it, so it must not be used again. Its running jobs still end through `job_finished`; the
+    /// next load starts from scratch. Returns whether it was resident.
+    pub fn withdraw(&mut self, name: &str) -> bool {
+        match self.models.get_mut(name) {
+            Some(entry) if entry.is_resident() => {
+                entry.state = ModelState::Unloaded;
+                entry.pinned = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Pins a resident or loading model so nothing evicts it.
     pub fn pin(&mut self, name: &str) -> Result<(), PinError> {
         let entry = self

@@ -57,16 +57,32 @@ impl HaloService {
 
 impl From<CoreError> for Status {
     fn from(e: CoreError) -> Status {
-        match e {
+        let mut status = match e {
             CoreError::NotFound(m) => Status::not_found(m),
             CoreError::InvalidArgument(m) => Status::invalid_argument(m),
             CoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
             CoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoreError::Unimplemented(m) => Status::unimplemented(m),
             CoreError::Unavailable(m) => Status::unavailable(m),
+            CoreError::ModelFile(m) => {
+                let mut s = Status::failed_precondition(m);
+                s.metadata_mut()
+                    .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("model-file"));
+                s
+            }
+        };
+        // Every status halod itself answers says so; a client seeing one without it knows the
+        // connection failed instead (the daemon died or the network cut the stream).
+        if status.metadata().get(REASON_KEY).is_none() {
+            status
+                .metadata_mut()
+                .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("halod"));
         }
+        status
     }
 }
+
+use halo_proto::ERROR_REASON_KEY as REASON_KEY;
 
 fn model_name(name: &str) -> Result<String, Status> {
     let name = name.trim();
@@ -133,6 +149,7 @@ fn model_pb(m: ModelRow) -> pb::Model {
         context: m.config.context.unwrap_or(0),
         error: m.error.unwrap_or_default(),
         keep_alive: crate::config::format_keep_alive(m.config.keep_alive),
+        note: m.note.unwrap_or_default(),
     }
 }
 
@@ -364,6 +381,12 @@ impl pb::halo_server::Halo for HaloService {
         let req = req.into_inner();
         let model = model_name(&req.model)?;
         match &req.prompt {
+            Some(_) if !req.messages.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "the request has both a prompt and chat messages; give one of them \
+                     (messages replace the prompt)",
+                ))
+            }
             None if !req.messages.is_empty() => {}
             None => {
                 return Err(Status::invalid_argument(
@@ -469,10 +492,10 @@ impl pb::halo_server::Halo for HaloService {
                     true,
                 ),
                 JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
-                JobEvent::Cancelled => (
+                JobEvent::Cancelled(why) => (
                     Some(Ok(token(pb::generate_event::Event::Done(
                         pb::GenerateDone {
-                            finish_reason: "cancelled".into(),
+                            finish_reason: why.as_str().into(),
                             ..Default::default()
                         },
                     )))),
@@ -554,8 +577,11 @@ impl pb::halo_server::Halo for HaloService {
             // No diffusion engine yet: its jobs end with an error or a cancellation.
             |ev| match ev {
                 JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
-                JobEvent::Cancelled => {
-                    (Some(Err(Status::cancelled("the job was cancelled"))), true)
+                JobEvent::Cancelled(why) => {
+                    let mut s = Status::cancelled(format!("the job was stopped ({})", why.as_str()));
+                    s.metadata_mut()
+                        .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("halod"));
+                    (Some(Err(s)), true)
                 }
                 _ => (None, false),
             },
@@ -598,7 +624,7 @@ impl pb::halo_server::Halo for HaloService {
     ) -> Result<Response<pb::RooflineResponse>, Status> {
         let model = model_name(&req.into_inner().model)?;
         self.ensure_loaded(&model).await?;
-        let (bytes, rx, device) = self
+        let (bytes, rx, device, vocab) = self
             .core
             .call(|reply| crate::core::Command::Roofline { model, reply })
             .await?;
@@ -610,6 +636,7 @@ impl pb::halo_server::Halo for HaloService {
             weight_bytes_per_token: bytes,
             bandwidth_bytes_per_s: bw,
             device,
+            vocab_size: u32::try_from(vocab).unwrap_or(u32::MAX),
         }))
     }
 

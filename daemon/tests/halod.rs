@@ -180,6 +180,34 @@ fn sigint_exits_0_and_a_stale_socket_is_replaced() {
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
+/// Issue 8, item 2: only a stale *socket* is replaced; a regular file (or a folder) at the
+/// listen path is somebody's data: halod refuses to start, names the path, and leaves it alone.
+#[test]
+fn a_file_at_the_listen_path_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let important = dir.path().join("important.txt");
+    std::fs::write(&important, "do not delete").unwrap();
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    for path in [&important, &folder] {
+        let out = Command::new(HALOD)
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(["--listen", &format!("unix:{}", path.display())])
+            .env("XDG_STATE_HOME", dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("not a socket"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "do not delete");
+    assert!(folder.is_dir());
+}
+
 #[test]
 fn sighup_reloads_and_health_reports_serving() {
     let dir = tempfile::tempdir().unwrap();

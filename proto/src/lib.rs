@@ -21,6 +21,11 @@ pub use v1::halo_server::{Halo, HaloServer};
 /// Environment variable the CLI reads for the daemon's address.
 pub const ADDR_ENV: &str = "HALO_ADDR";
 
+/// Metadata key on every error status the daemon itself sends: `model-file` when a model's files
+/// cannot be used (a permanent failure until the file is fixed), `halod` for any other refusal.
+/// A status without it after a stream started means the connection failed, not the daemon.
+pub const ERROR_REASON_KEY: &str = "halo-error";
+
 /// Where a daemon listens or a client connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Addr {

@@ -14,6 +14,7 @@ use super::model::{sequence_buffers, LlmError, LlmModel, Sequence};
 use super::tokenizer::Tokenizer;
 use crate::config::KvCacheType;
 use crate::gguf::{Gguf, GgufFile};
+use crate::models::{Lease, Mapping};
 
 /// Context used when the config gives none: the model's own, capped here.
 pub const DEFAULT_CONTEXT: u64 = 4096;
@@ -67,6 +68,9 @@ pub struct LlmEngine {
     pub context: u64,
     pub parallel: u64,
     free: Mutex<Vec<Sequence>>,
+    /// The model file, kept mapped (and leased) while the GPU uses its pages as weights.
+    mapping: Option<std::sync::Arc<Mapping>>,
+    weights_note: Option<String>,
 }
 
 impl LlmEngine {
@@ -81,7 +85,27 @@ impl LlmEngine {
         strategy: LoadStrategy,
         owner: OwnerId,
     ) -> Result<LlmEngine, LlmError> {
-        let file = GgufFile::open(path).map_err(|e| LlmError::Unsupported(e.to_string()))?;
+        // Weights used from the file's own pages need a lease on it, so that a writer cannot
+        // change them under the GPU; without one, they are copied.
+        let file = if strategy == LoadStrategy::Copy {
+            GgufFile::open(path)
+        } else {
+            GgufFile::open_leased(path)
+        }
+        .map_err(|e| LlmError::Unsupported(e.to_string()))?;
+        let (strategy, weights_note) = match file.map.lease() {
+            Lease::Unavailable(why) => {
+                tracing::warn!(file = %path.display(), reason = %why,
+                    "no lease on the model file; copying its weights instead of importing them");
+                (
+                    LoadStrategy::Copy,
+                    Some(format!(
+                        "weights copied, not used in place: no lease on the file ({why})"
+                    )),
+                )
+            }
+            _ => (strategy, None),
+        };
         let tokenizer = Tokenizer::from_gguf(&file.header)
             .map_err(|e| LlmError::Unsupported(format!("tokenizer: {e}")))?;
         let chat = ChatTemplate::from_gguf(&file.header, &tokenizer)
@@ -91,6 +115,16 @@ impl LlmEngine {
             None => builtin_template(&file.header, &tokenizer)?,
         };
         let model = LlmModel::load(device, &file, strategy, owner)?;
+        if file.map.changing() {
+            return Err(LlmError::Unsupported(format!(
+                "{} was changed on disk while it loaded; load it again once it is written",
+                path.display()
+            )));
+        }
+        // The mapping stays only if the GPU uses its pages; then its lease guards them.
+        let imported = model.weights().strategy == LoadStrategy::Import;
+        let mapping = imported.then(|| file.map.clone());
+
         let ctx = context_for(&model.hp, context);
         let free = (0..parallel.max(1))
             .map(|_| model.new_sequence(ctx, kv, owner))
@@ -102,7 +136,26 @@ impl LlmEngine {
             context: ctx,
             parallel: parallel.max(1),
             free: Mutex::new(free),
+            mapping,
+            weights_note,
         })
+    }
+
+    /// Why this model must not be used any more, if its file is being changed: its weights are
+    /// the file's pages, and a writer has started to open or truncate it.
+    pub fn file_changed(&self) -> Option<String> {
+        let m = self.mapping.as_ref().filter(|m| m.changing())?;
+        Some(format!(
+            "model file {} is being changed on disk; halod took the model out of service (the \
+             next request loads the file again)",
+            m.path().display()
+        ))
+    }
+
+    /// How the weights reached the GPU when that is not the configured way (no lease, no import
+    /// support), for `halo models`.
+    pub fn weights_note(&self) -> Option<&str> {
+        self.weights_note.as_deref()
     }
 
     /// Takes a free sequence (the scheduler never runs more jobs than there are sequences), the

@@ -161,6 +161,8 @@ pub struct Tokenizer {
     add_space_prefix: bool,
     /// For byte-level vocabularies: the byte each stand-in character means.
     char_to_byte: HashMap<char, u8>,
+    /// The most bytes of input text one token can stand for (see [`Tokenizer::max_token_bytes`]).
+    max_token_bytes: usize,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -472,7 +474,13 @@ impl Tokenizer {
             special_by_text.entry(t.clone()).or_insert(*id);
         }
 
+        // A token's stored text is never shorter than the input it matches: byte-level
+        // vocabularies store one character per input byte, SentencePiece stores a space as the
+        // 3-byte "▁", byte tokens are written "<0xAB>", special tokens as themselves. An unknown
+        // character becomes one token of at most 4 bytes.
+        let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(0).max(4);
         Ok(Tokenizer {
+            max_token_bytes,
             kind,
             inner,
             tokens,
@@ -657,6 +665,13 @@ impl Tokenizer {
     /// Whether `encode(.., add_special = true, ..)` starts with BOS.
     pub fn adds_bos(&self) -> bool {
         self.add_bos && self.bos.is_some()
+    }
+
+    /// An upper bound on the bytes of input text one token covers, so a text longer than
+    /// `n * max_token_bytes()` is sure to need more than `n` tokens: a request that can never fit
+    /// a context is refused before tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn vocab_size(&self) -> usize {
