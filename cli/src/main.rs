@@ -770,6 +770,14 @@ async fn status(c: &mut HaloClient<Channel>, json: bool, out: &mut Out) -> Resul
             fmt_bytes(s.budget_bytes.saturating_sub(s.used_bytes))
         ),
     ]);
+    t.row(vec![
+        "gpu memory".into(),
+        format!(
+            "{} held by the device, {} charged to the budget",
+            fmt_bytes(s.gpu_allocated_bytes),
+            fmt_bytes(s.used_bytes)
+        ),
+    ]);
     t.row(vec!["budget".into(), b.explanation.clone()]);
     let mut src = vec![format!("RAM {}", fmt_bytes(b.physical_ram_bytes))];
     if b.vulkan_visible_bytes > 0 {

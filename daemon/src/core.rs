@@ -607,7 +607,7 @@ impl Core {
             .iter()
             .map(|m| {
                 let stamp = file_stamp(&m.path);
-                let estimate = estimate_model(m, self.facts.runtime.is_ok());
+                let estimate = estimate_model(m, self.layout());
                 if let Err(e) = &estimate {
                     warn!(model = %m.name, error = %e, "model file problem");
                 }
@@ -645,7 +645,7 @@ impl Core {
     /// Estimates again every model whose file changed (appeared, went, was rewritten) since
     /// its last estimate, so `halo models` never shows a stale "missing" or "invalid".
     fn refresh_catalog(&mut self) {
-        let gpu = self.facts.runtime.is_ok();
+        let gpu = self.layout();
         let mut changed = false;
         for e in self.catalog.values_mut() {
             let stamp = file_stamp(&e.config.path);
@@ -701,13 +701,14 @@ impl Core {
     /// Checks the model, asks the residency core for room, drops what it evicts and starts
     /// mapping the files. Returns the plan and the evicted models.
     fn start_load(&mut self, name: &str, pin: bool) -> Result<(LoadPlan, Vec<String>), CoreError> {
+        let layout = self.layout();
         let entry = self
             .catalog
             .get_mut(name)
             .ok_or_else(|| unknown_model(name))?;
         // The file may have appeared, changed or gone since the config was read.
         entry.stamp = file_stamp(&entry.config.path);
-        let fresh = estimate_model(&entry.config, self.facts.runtime.is_ok());
+        let fresh = estimate_model(&entry.config, layout);
         let changed = fresh.as_ref().ok() != entry.estimate.as_ref().ok();
         entry.estimate = fresh;
         let config = entry.config.clone();
@@ -1228,6 +1229,11 @@ impl Core {
 }
 
 impl Core {
+    /// How the GPU runtime lays weights out, if there is one (LLM estimates depend on it).
+    fn layout(&self) -> Option<halo_kernels::WeightLayout> {
+        self.facts.runtime.as_ref().ok().map(|d| d.weight_layout())
+    }
+
     /// The allocator owner id of a model (stable for the daemon's lifetime).
     fn owner(&mut self, name: &str) -> halo_kernels::OwnerId {
         let next = halo_kernels::OwnerId(self.owners.len() as u64 + 1);
@@ -1237,10 +1243,13 @@ impl Core {
 
 /// Bytes a model will take: for LLMs on a GPU, weights plus the sequence pool, computed from the
 /// GGUF header and the config (the same sizes the loader allocates); otherwise the files' size.
-fn estimate_model(m: &ModelConfig, gpu: bool) -> Result<u64, ModelFileError> {
-    if m.kind != ModelKind::Llm || !gpu {
+fn estimate_model(
+    m: &ModelConfig,
+    gpu: Option<halo_kernels::WeightLayout>,
+) -> Result<u64, ModelFileError> {
+    let Some(layout) = gpu.filter(|_| m.kind == ModelKind::Llm) else {
         return models::estimate(m);
-    }
+    };
     models::estimate(m)?; // missing-file errors first, with their own wording
     let file = crate::gguf::GgufFile::open(&m.path).map_err(|e| ModelFileError::Invalid {
         path: m.path.clone(),
@@ -1249,7 +1258,7 @@ fn estimate_model(m: &ModelConfig, gpu: bool) -> Result<u64, ModelFileError> {
             crate::gguf::GgufFileErrorKind::Io(io) => io.to_string(),
         },
     })?;
-    engine::estimate(&file.header, m.context, m.parallel as u64, m.kv_cache).map_err(|e| {
+    engine::estimate(&file.header, m.context, m.parallel as u64, m.kv_cache, layout).map_err(|e| {
         ModelFileError::Invalid {
             path: m.path.clone(),
             message: e.to_string(),

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod core;
+mod edge_authority;
 pub mod executor;
 pub mod gguf;
 pub mod llm;
@@ -250,7 +251,12 @@ pub async fn run(
         };
         servers.push(match listener {
             Listener::Unix(l, path) => {
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                // Stock grpcio clients send the socket path as :authority, which h2 rejects;
+                // the wrapper hands h2 a valid one (see `edge_authority`).
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    |r| r.map(edge_authority::AuthorityFix::new),
+                );
                 // The socket's inode now, so that at exit only this socket is removed, not
                 // whatever may have replaced it at the path meanwhile.
                 let ours = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));

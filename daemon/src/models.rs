@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use crate::config::{ModelConfig, ModelKind};
 
 /// File extensions that hold weights, for models given as a folder (diffusers layout).
-const WEIGHT_EXTENSIONS: &[&str] = &["gguf", "safetensors", "bin", "ckpt", "pt", "pth"];
+/// Pickled checkpoints (.bin, .ckpt, .pt) are not among them: halo never unpickles.
+const WEIGHT_EXTENSIONS: &[&str] = &["gguf", "safetensors"];
 /// How deep to look inside a model folder (diffusers nests one level: `unet/…`).
 const MAX_DEPTH: usize = 3;
 
@@ -59,7 +60,7 @@ impl fmt::Display for ModelFileError {
             ),
             ModelFileError::NoWeights { dir } => write!(
                 f,
-                "no weight files (*.safetensors, *.gguf, *.bin) found under {}",
+                "no weight files (*.safetensors, *.gguf) found under {}",
                 dir.display()
             ),
             ModelFileError::Io { path, message } => {
@@ -91,12 +92,25 @@ fn io_err(path: &Path, e: std::io::Error) -> ModelFileError {
 pub fn weight_files(model: &ModelConfig) -> Result<Vec<(PathBuf, u64)>, ModelFileError> {
     let meta = std::fs::metadata(&model.path).map_err(|e| io_err(&model.path, e))?;
     if meta.is_file() {
+        if model.kind != ModelKind::Llm {
+            check_weight_file(&model.path, meta.len())?;
+        }
         return Ok(vec![(model.path.clone(), meta.len())]);
     }
     if model.kind == ModelKind::Llm || !meta.is_dir() {
         return Err(ModelFileError::NotAFile {
             path: model.path.clone(),
             kind: model.kind,
+        });
+    }
+    // A diffusers folder says what it holds in model_index.json.
+    let index = model.path.join("model_index.json");
+    let text = std::fs::read(&index).map_err(|e| io_err(&index, e))?;
+    if !serde_json::from_slice::<serde_json::Value>(&text).is_ok_and(|v| v.is_object()) {
+        return Err(ModelFileError::Invalid {
+            path: index,
+            message: "not a JSON object; a diffusers folder's model_index.json lists its parts"
+                .into(),
         });
     }
     let mut out = Vec::new();
@@ -106,8 +120,80 @@ pub fn weight_files(model: &ModelConfig) -> Result<Vec<(PathBuf, u64)>, ModelFil
             dir: model.path.clone(),
         });
     }
+    for (path, len) in &out {
+        check_weight_file(path, *len)?;
+    }
     out.sort();
     Ok(out)
+}
+
+/// The largest safetensors header halo reads (the format's own readers cap it at 100 MB).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Checks that a diffusion weight file is what its name says, from its first bytes: a
+/// safetensors file (an 8-byte header length, a JSON object of tensors whose data lies inside the
+/// file) or a GGUF file (its magic); nothing else. The diffusion engine validates every tensor when it loads; this keeps an arbitrary file from
+/// being taken for a model at all.
+fn check_weight_file(path: &Path, len: u64) -> Result<(), ModelFileError> {
+    use std::io::Read;
+    let invalid = |message: String| ModelFileError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    match ext.as_deref() {
+        Some("gguf") => {
+            let mut magic = [0u8; 4];
+            if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+                return Err(invalid("not a GGUF file (bad magic)".into()));
+            }
+            Ok(())
+        }
+        Some("safetensors") => {
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n)
+                .map_err(|_| invalid("not a safetensors file: shorter than its header".into()))?;
+            let n = u64::from_le_bytes(n);
+            if n < 2 || n > MAX_SAFETENSORS_HEADER || n > len - 8 {
+                return Err(invalid(format!(
+                    "not a safetensors file: a header of {n} bytes does not fit a {len}-byte file"
+                )));
+            }
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header).map_err(|e| io_err(path, e))?;
+            let Ok(serde_json::Value::Object(tensors)) = serde_json::from_slice(&header) else {
+                return Err(invalid(
+                    "not a safetensors file: the header is not a JSON object".into(),
+                ));
+            };
+            let data = len - 8 - n;
+            for (name, t) in tensors.iter().filter(|(k, _)| *k != "__metadata__") {
+                let offsets = t.get("data_offsets").and_then(|o| o.as_array());
+                let range = match offsets.map(|o| o.as_slice()) {
+                    Some([a, b]) => a.as_u64().zip(b.as_u64()),
+                    _ => None,
+                };
+                match range {
+                    Some((a, b)) if a <= b && b <= data => {}
+                    _ => {
+                        return Err(invalid(format!(
+                            "tensor {name:?} has no data_offsets inside the file's {data} data bytes"
+                        )))
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Err(invalid(format!(
+            "halo reads diffusion weights from .safetensors or .gguf files, not {}",
+            ext.map(|e| format!(".{e} files"))
+                .unwrap_or_else(|| "files without an extension".into())
+        ))),
+    }
 }
 
 fn collect(dir: &Path, depth: usize, out: &mut Vec<(PathBuf, u64)>) -> Result<(), ModelFileError> {
@@ -356,17 +442,40 @@ mod tests {
         assert_eq!(map(&m).unwrap().bytes(), 12345);
     }
 
+    /// A minimal safetensors file of `len` bytes: a header naming one U8 tensor, then its data.
+    pub(crate) fn safetensors(len: u64) -> Vec<u8> {
+        for pad in 0..64 {
+            let header = |data: u64| {
+                format!(
+                    "{{\"w\":{{\"dtype\":\"U8\",\"shape\":[{data}],\"data_offsets\":[0,{data}]}}}}{}",
+                    " ".repeat(pad)
+                )
+            };
+            let guess = len.saturating_sub(8 + header(0).len() as u64);
+            for data in guess.saturating_sub(20)..=guess {
+                let h = header(data);
+                if 8 + h.len() as u64 + data == len {
+                    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+                    out.extend_from_slice(h.as_bytes());
+                    out.resize(len as usize, 0);
+                    return out;
+                }
+            }
+        }
+        panic!("no safetensors layout of {len} bytes");
+    }
+
     #[test]
     fn folder_counts_weight_files_only() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("unet")).unwrap();
-        std::fs::write(dir.path().join("unet/model.safetensors"), [1u8; 100]).unwrap();
-        std::fs::write(dir.path().join("vae.safetensors"), [1u8; 50]).unwrap();
+        std::fs::write(dir.path().join("unet/model.safetensors"), safetensors(100)).unwrap();
+        std::fs::write(dir.path().join("vae.safetensors"), safetensors(150)).unwrap();
         std::fs::write(dir.path().join("model_index.json"), b"{}").unwrap();
         let m = cfg(ModelKind::Sdxl, dir.path());
-        assert_eq!(estimate(&m).unwrap(), 150);
+        assert_eq!(estimate(&m).unwrap(), 250);
         let mapped = map(&m).unwrap();
-        assert_eq!((mapped.bytes(), mapped.files()), (150, 2));
+        assert_eq!((mapped.bytes(), mapped.files()), (250, 2));
         let empty = dir.path().join("empty.gguf");
         std::fs::write(&empty, b"").unwrap();
         assert_eq!(Mapping::open(&empty).unwrap().bytes(), b"");
@@ -427,7 +536,28 @@ mod tests {
         assert!(e.to_string().contains("does not exist"));
         let e = estimate(&cfg(ModelKind::Llm, dir.path())).unwrap_err();
         assert!(matches!(e, ModelFileError::NotAFile { .. }), "{e}");
+        // A folder without model_index.json is not a diffusers folder.
+        let e = estimate(&cfg(ModelKind::Flux, dir.path())).unwrap_err();
+        assert!(e.to_string().contains("model_index.json"), "{e}");
+        std::fs::write(dir.path().join("model_index.json"), b"{}").unwrap();
         let e = estimate(&cfg(ModelKind::Flux, dir.path())).unwrap_err();
         assert!(matches!(e, ModelFileError::NoWeights { .. }), "{e}");
+        // Issue 8, item 18: 100 random bytes are not a flux model, whatever the name.
+        let noise: Vec<u8> = (0..100u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for name in ["noise.safetensors", "noise.gguf", "noise.bin"] {
+            std::fs::write(dir.path().join(name), &noise).unwrap();
+        }
+        for name in ["noise.safetensors", "noise.gguf"] {
+            let e = estimate(&cfg(ModelKind::Flux, &dir.path().join(name))).unwrap_err();
+            assert!(matches!(e, ModelFileError::Invalid { .. }), "{name}: {e}");
+        }
+        // A header pointing past the end of the file is refused too.
+        let mut bad = safetensors(200);
+        bad.truncate(150);
+        std::fs::write(dir.path().join("short.safetensors"), &bad).unwrap();
+        let e = estimate(&cfg(ModelKind::Sdxl, &dir.path().join("short.safetensors"))).unwrap_err();
+        assert!(e.to_string().contains("data_offsets"), "{e}");
+        let e = estimate(&cfg(ModelKind::Flux, &dir.path().join("noise.bin"))).unwrap_err();
+        assert!(e.to_string().contains(".safetensors or .gguf"), "{e}");
     }
 }

@@ -75,16 +75,42 @@ fn dependent_dispatches_are_ordered_across_batches() {
 fn the_ledger_charges_owners_and_unload_returns_to_zero() {
     let Some(dev) = device() else { return };
     let owner = OwnerId(4242);
+    // A small request opens one of the owner's small chunks, charged whole; a large one gets a
+    // chunk of exactly its size.
     let a = dev.alloc(MemoryKind::Device, 1000, owner).unwrap();
-    let b = dev.alloc(MemoryKind::Device, 300 << 20, owner).unwrap(); // a dedicated chunk
+    let b = dev.alloc(MemoryKind::Device, 300 << 20, owner).unwrap();
     let l = dev.ledger();
-    assert_eq!(l.owner(owner), 1024 + (300 << 20));
-    assert!(l.device_memory >= l.total());
+    let small = halo_kernels::SMALL_CHUNK;
+    assert_eq!(l.owner(owner), small + (300 << 20));
+    // What the device holds is what the owners are charged, always.
+    assert_eq!(l.device_memory, l.total());
+    // More small requests fill the same chunk before another opens.
+    let more: Vec<_> = (0..8)
+        .map(|_| dev.alloc(MemoryKind::Device, 4096, owner).unwrap())
+        .collect();
+    assert_eq!(dev.ledger().owner(owner), small + (300 << 20));
+    drop(more);
+    // A group allocation is charged exactly its requests, rounded to 256 bytes each.
+    let group_owner = OwnerId(4243);
+    let group = dev
+        .alloc_many(
+            &[
+                (MemoryKind::Device, 1000),
+                (MemoryKind::Device, 5 << 20),
+                (MemoryKind::Readback, 77),
+            ],
+            group_owner,
+        )
+        .unwrap();
+    assert_eq!(dev.ledger().owner(group_owner), 1024 + (5 << 20) + 256);
+    assert_eq!(group.iter().map(|b| b.len()).collect::<Vec<_>>(), [1000, 5 << 20, 77]);
+    drop(group);
+    assert_eq!(dev.ledger().owner(group_owner), 0);
     // A stream keeps buffers alive until its work is done.
     let mut s = dev.stream().unwrap();
     ops::scale(&mut s, F32s::all(&a), 2.0, F32s::all(&a).sub(0, 250)).unwrap();
     drop(a);
-    assert_eq!(dev.ledger().owner(owner), 1024 + (300 << 20));
+    assert_eq!(dev.ledger().owner(owner), small + (300 << 20));
     s.finish().unwrap();
     drop(s);
     drop(b);

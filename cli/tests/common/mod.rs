@@ -39,6 +39,9 @@ impl TestDaemon {
         for (name, size) in files {
             let f = std::fs::File::create(dir.path().join(name)).unwrap();
             f.set_len(*size).unwrap();
+            if name.ends_with(".safetensors") {
+                std::fs::write(dir.path().join(name), safetensors(*size)).unwrap();
+            }
         }
         let cfg_path = dir.path().join("halod.toml");
         std::fs::write(&cfg_path, config).unwrap();
@@ -77,6 +80,11 @@ impl TestDaemon {
             ctl,
             thread: Some(thread),
         }
+    }
+
+    /// Asks the daemon to shut down, as SIGTERM does, without waiting for it.
+    pub fn shutdown(&self) {
+        let _ = self.ctl.try_send(Control::Shutdown);
     }
 
     /// `halo ARGS` pointed at this daemon, for tests that spawn it themselves.
@@ -146,6 +154,31 @@ impl Drop for TestDaemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A valid safetensors file of exactly `len` bytes (one U8 tensor filling the data section), so
+/// placeholder diffusion models pass halod's layout check.
+pub fn safetensors(len: u64) -> Vec<u8> {
+    let mut pad = 0;
+    loop {
+        let header = |data: u64| {
+            format!(
+                "{{\"w\":{{\"dtype\":\"U8\",\"shape\":[{data}],\"data_offsets\":[0,{data}]}}}}{}",
+                " ".repeat(pad)
+            )
+        };
+        let guess = len.saturating_sub(8 + header(0).len() as u64);
+        for data in guess.saturating_sub(20)..=guess {
+            let h = header(data);
+            if 8 + h.len() as u64 + data == len {
+                let mut out = (h.len() as u64).to_le_bytes().to_vec();
+                out.extend_from_slice(h.as_bytes());
+                out.resize(len as usize, 0);
+                return out;
+            }
+        }
+        pad += 1;
     }
 }
 

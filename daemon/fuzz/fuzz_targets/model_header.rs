@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = HParams::from_gguf(&g);
-    let _ = halod::llm::engine::estimate(&g, Some(64), 2, KvCacheType::F16);
+    let _ = halod::llm::engine::estimate(&g, Some(64), 2, KvCacheType::F16, halod::llm::engine::WeightLayout { max_segment: 1 << 31, align: 4096 });
     let Ok(tok) = Tokenizer::from_gguf(&g) else {
         return;
     };

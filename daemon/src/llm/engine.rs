@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+pub use halo_kernels::WeightLayout;
 use halo_kernels::{charged_bytes, Device, LoadStrategy, OwnerId};
 
 use super::chat::ChatTemplate;
@@ -28,16 +29,19 @@ pub fn context_for(hp: &HParams, configured: Option<u32>) -> u64 {
 }
 
 /// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens (KV cache
-/// of type `kv`): the weights as the loader places them plus each sequence's buffers, rounded as
-/// the allocator rounds them.
+/// of type `kv`): the weights as the loader places them on a device with `layout` (whole
+/// page-aligned segments, for copies as for imports) plus each sequence's buffers, rounded as the
+/// allocator rounds them (a sequence's buffers share one chunk of exactly their size).
 pub fn estimate(
     g: &Gguf,
     context: Option<u32>,
     parallel: u64,
     kv: KvCacheType,
+    layout: WeightLayout,
 ) -> Result<u64, LlmError> {
     let hp = HParams::from_gguf(g)?;
-    let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
+    let ranges: Vec<_> = g.tensors.iter().map(|t| g.range(t)).collect();
+    let weights = layout.bytes(&ranges)?;
     let ctx = context_for(&hp, context);
     let per_seq = sequence_buffers(&hp, ctx, kv)
         .iter()

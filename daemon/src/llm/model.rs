@@ -314,11 +314,10 @@ impl LlmModel {
         kv: KvCacheType,
         owner: OwnerId,
     ) -> Result<Sequence, LlmError> {
-        let dev = &self.device;
-        let mut bufs = Vec::new();
-        for (kind, bytes) in sequence_buffers(&self.hp, capacity, kv) {
-            bufs.push(dev.alloc(kind, bytes, owner)?);
-        }
+        // One allocation for the whole sequence, of exactly its buffers' size.
+        let bufs = self
+            .device
+            .alloc_many(&sequence_buffers(&self.hp, capacity, kv), owner)?;
         let n_layer = self.hp.n_layer as usize;
         let mut it = bufs.into_iter();
         let mut next = || it.next().expect("sequence_buffers lists every buffer");

@@ -1,10 +1,14 @@
 //! Device memory: our own sub-allocator over `VkDeviceMemory`, the owner ledger, and [`Buffer`].
 //!
-//! Memory comes in chunks (256 MiB, or less if the device caps allocations lower); each chunk is
-//! one `VkDeviceMemory` with one `VkBuffer` over all of it, so a sub-allocation is just an offset
-//! and its GPU address is the chunk's address plus that offset. Requests larger than half a chunk
-//! get a chunk of their own. Every allocation is charged to an [`OwnerId`]; the [`Ledger`] is what
-//! the daemon's residency core counts, so the budget sees real allocations.
+//! Memory comes in chunks; each chunk is one `VkDeviceMemory` with one `VkBuffer` over all of it,
+//! so a sub-allocation is just an offset and its GPU address is the chunk's address plus that
+//! offset. A chunk belongs to one [`OwnerId`], the owner whose request opened it, and the
+//! [`Ledger`] charges each owner the whole of its chunks, slack included: what the device holds
+//! is exactly what the owners are charged, so the budget the daemon's residency core keeps from
+//! the ledger counts real memory. Chunks are sized to the requests: a group of buffers allocated
+//! together ([`Device::alloc_many`]) gets chunks of exactly their total size, a large single
+//! request a chunk of its own size, and small single requests share an owner's small chunks
+//! ([`SMALL_CHUNK`]). A chunk is returned to the driver as soon as it is empty.
 //!
 //! Kernels address buffers through buffer device addresses passed in push constants, not through
 //! descriptors, so `maxStorageBufferRange` (128 MiB on lavapipe) does not limit tensor size; only
@@ -41,12 +45,12 @@ pub enum MemoryKind {
     Readback,
 }
 
-/// Bytes allocated per owner.
+/// Bytes charged per owner.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ledger {
-    /// Bytes handed out to each owner (rounded up to the allocation alignment).
+    /// Bytes of device memory each owner's chunks hold (free space inside them included).
     pub by_owner: BTreeMap<OwnerId, u64>,
-    /// Bytes of `VkDeviceMemory` the driver holds for us, chunk slack included.
+    /// Bytes of `VkDeviceMemory` the driver holds for us: always the sum of `by_owner`.
     pub device_memory: u64,
 }
 
@@ -63,7 +67,10 @@ impl Ledger {
 /// Alignment of every sub-allocation: covers storage-buffer offset alignment on every known
 /// device and keeps 16-byte vector loads aligned.
 const ALIGN: u64 = 256;
-const DEFAULT_CHUNK: u64 = 256 << 20;
+/// Single requests below this share their owner's small chunks; larger ones get their own.
+const SMALL_REQUEST: u64 = 1 << 20;
+/// The size of a chunk for small single requests (staging, readbacks, test buffers).
+pub const SMALL_CHUNK: u64 = 4 << 20;
 
 /// What the ledger charges for an allocation of `len` bytes (lengths are rounded up to the
 /// sub-allocation alignment), so estimates can match allocations exactly.
@@ -81,6 +88,10 @@ struct Chunk {
     free: Vec<(u64, u64)>,
     /// Whole chunk belongs to one allocation (large or imported).
     dedicated: bool,
+    /// Who is charged for the chunk.
+    owner: OwnerId,
+    /// Bytes the driver allocated for it (at least `size`).
+    allocated: u64,
 }
 
 // SAFETY: `mapped` points into the chunk's own `VkDeviceMemory` mapping, which stays valid until
@@ -97,7 +108,6 @@ pub(crate) struct Placement {
 }
 
 pub(crate) struct Allocator {
-    chunk_size: u64,
     max_allocation: u64,
     uma: bool,
     types: Vec<vk::MemoryPropertyFlags>,
@@ -110,7 +120,6 @@ impl Allocator {
     pub(crate) fn new(info: &DeviceInfo, props: &vk::PhysicalDeviceMemoryProperties) -> Self {
         let max_allocation = info.limits.max_memory_allocation_size.max(1 << 20);
         Allocator {
-            chunk_size: DEFAULT_CHUNK.min(max_allocation),
             max_allocation,
             uma: info.is_uma(),
             types: props.memory_types[..props.memory_type_count as usize]
@@ -178,40 +187,123 @@ impl Allocator {
                 limit: self.max_allocation,
             });
         }
-        let placement = if size > self.chunk_size / 2 {
-            let chunk = self.new_chunk(device, kind, size, true)?;
+        let placement = if size >= SMALL_REQUEST {
+            let chunk = self.new_chunk(device, kind, size, true, owner)?;
             Placement {
                 chunk,
                 offset: 0,
                 size,
             }
         } else {
-            match self.find_space(kind, size) {
+            match self.find_space(kind, size, owner) {
                 Some(p) => p,
                 None => {
-                    let chunk = self.new_chunk(device, kind, self.chunk_size, false)?;
+                    let chunk_size = SMALL_CHUNK.min(self.max_allocation).max(size);
+                    let chunk = self.new_chunk(device, kind, chunk_size, false, owner)?;
                     self.find_space_in(chunk, size)
                         .expect("a new chunk has room")
                 }
             }
         };
-        *self.ledger.by_owner.entry(owner).or_default() += size;
+        Ok(self.locate(placement))
+    }
+
+    /// The address and host pointer of a placement.
+    fn locate(&self, placement: Placement) -> (Placement, u64, Option<NonNull<u8>>) {
         let (_, c) = self.chunks[placement.chunk].as_ref().expect("live chunk");
         let address = c.address + placement.offset;
         let mapped = c.mapped.map(|p| {
             // SAFETY: `placement.offset` lies inside the chunk's mapping, which covers the chunk.
             unsafe { NonNull::new_unchecked(p.as_ptr().add(placement.offset as usize)) }
         });
-        Ok((placement, address, mapped))
+        (placement, address, mapped)
     }
 
-    fn find_space(&mut self, kind: MemoryKind, size: u64) -> Option<Placement> {
+    /// Allocates several buffers for `owner` together, in chunks of exactly their total size
+    /// (per memory kind, each chunk at most `maxMemoryAllocationSize`), so nothing is left over.
+    pub(crate) fn alloc_many(
+        &mut self,
+        device: &ash::Device,
+        requests: &[(MemoryKind, u64)],
+        owner: OwnerId,
+    ) -> Result<Vec<(Placement, u64, Option<NonNull<u8>>)>, VulkanError> {
+        let mut out: Vec<Option<(Placement, u64, Option<NonNull<u8>>)>> =
+            vec![None; requests.len()];
+        let mut opened = Vec::new();
+        let result = (|| {
+            for kind in [MemoryKind::Device, MemoryKind::Upload, MemoryKind::Readback] {
+                let mine: Vec<usize> = (0..requests.len())
+                    .filter(|&i| requests[i].0 == kind)
+                    .collect();
+                let mut at = 0;
+                while at < mine.len() {
+                    // As many consecutive requests as one allocation may hold.
+                    let mut total = 0u64;
+                    let mut end = at;
+                    while end < mine.len() {
+                        let size = charged_bytes(requests[mine[end]].1);
+                        if size > self.max_allocation {
+                            return Err(VulkanError::TooLarge {
+                                what: "a buffer".to_string(),
+                                requested: size,
+                                limit: self.max_allocation,
+                            });
+                        }
+                        if total + size > self.max_allocation {
+                            break;
+                        }
+                        total += size;
+                        end += 1;
+                    }
+                    let chunk = self.new_chunk(device, kind, total, false, owner)?;
+                    opened.push(chunk);
+                    for &i in &mine[at..end] {
+                        let p = self
+                            .find_space_in(chunk, charged_bytes(requests[i].1))
+                            .expect("the chunk was sized for these requests");
+                        out[i] = Some(self.locate(p));
+                    }
+                    at = end;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(out.into_iter().map(|p| p.expect("every request placed")).collect()),
+            Err(e) => {
+                // Give back what was opened before the failure.
+                for chunk in opened {
+                    if let Some((_, c)) = self.chunks[chunk].take() {
+                        self.forget(&c);
+                        // SAFETY: the chunk was created above and nothing uses it yet.
+                        unsafe { destroy_chunk(device, &c) };
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a chunk's bytes from the ledger.
+    fn forget(&mut self, c: &Chunk) {
+        self.ledger.device_memory = self.ledger.device_memory.saturating_sub(c.allocated);
+        if let Some(n) = self.ledger.by_owner.get_mut(&c.owner) {
+            *n = n.saturating_sub(c.allocated);
+            if *n == 0 {
+                self.ledger.by_owner.remove(&c.owner);
+            }
+        }
+    }
+
+    fn find_space(&mut self, kind: MemoryKind, size: u64, owner: OwnerId) -> Option<Placement> {
         let ids: Vec<usize> = self
             .chunks
             .iter()
             .enumerate()
             .filter_map(|(i, c)| match c {
-                Some((k, ch)) if !ch.dedicated && *k == kind_tag(kind) => Some(i),
+                Some((k, ch)) if !ch.dedicated && *k == kind_tag(kind) && ch.owner == owner => {
+                    Some(i)
+                }
                 _ => None,
             })
             .collect();
@@ -240,6 +332,7 @@ impl Allocator {
         kind: MemoryKind,
         size: u64,
         dedicated: bool,
+        owner: OwnerId,
     ) -> Result<usize, VulkanError> {
         let buffer_info = vk::BufferCreateInfo::default()
             .size(size)
@@ -275,7 +368,7 @@ impl Allocator {
             }
         };
         let chunk = self.finish_chunk(
-            device, buffer, memory, type_index, size, req.size, dedicated,
+            device, buffer, memory, type_index, size, req.size, dedicated, owner,
         )?;
         Ok(self.insert(kind_tag(kind), chunk))
     }
@@ -291,6 +384,7 @@ impl Allocator {
         size: u64,
         allocated: u64,
         dedicated: bool,
+        owner: OwnerId,
     ) -> Result<Chunk, VulkanError> {
         let cleanup = |device: &ash::Device| {
             // SAFETY: neither object is in use by the GPU or referenced elsewhere yet.
@@ -325,6 +419,7 @@ impl Allocator {
         // allocated with the DEVICE_ADDRESS flag.
         let address = unsafe { device.get_buffer_device_address(&info) };
         self.ledger.device_memory += allocated;
+        *self.ledger.by_owner.entry(owner).or_default() += allocated;
         Ok(Chunk {
             memory,
             buffer,
@@ -337,6 +432,8 @@ impl Allocator {
                 vec![(0, size)]
             },
             dedicated,
+            owner,
+            allocated,
         })
     }
 
@@ -422,12 +519,12 @@ impl Allocator {
         // Imported memory is the caller's mapping: never map it again through Vulkan.
         let saved = self.types[type_index as usize];
         self.types[type_index as usize] = saved & !vk::MemoryPropertyFlags::HOST_VISIBLE;
-        let chunk = self.finish_chunk(device, buffer, memory, type_index, size, size, true);
+        let chunk =
+            self.finish_chunk(device, buffer, memory, type_index, size, size, true, owner);
         self.types[type_index as usize] = saved;
         let chunk = chunk?;
         let address = chunk.address;
         let id = self.insert(u32::MAX, chunk);
-        *self.ledger.by_owner.entry(owner).or_default() += size;
         Ok((
             Placement {
                 chunk: id,
@@ -439,13 +536,7 @@ impl Allocator {
     }
 
     /// Returns an allocation's bytes to its chunk (freeing the chunk when it empties).
-    pub(crate) fn free(&mut self, device: &ash::Device, p: Placement, owner: OwnerId) {
-        if let Some(n) = self.ledger.by_owner.get_mut(&owner) {
-            *n = n.saturating_sub(p.size);
-            if *n == 0 {
-                self.ledger.by_owner.remove(&owner);
-            }
-        }
+    pub(crate) fn free(&mut self, device: &ash::Device, p: Placement) {
         let Some((_, c)) = self.chunks[p.chunk].as_mut() else {
             return;
         };
@@ -467,7 +558,7 @@ impl Allocator {
         };
         if empty {
             let (_, c) = self.chunks[p.chunk].take().expect("checked above");
-            self.ledger.device_memory = self.ledger.device_memory.saturating_sub(c.size);
+            self.forget(&c);
             // SAFETY: every allocation in the chunk has been freed, and buffers are only freed
             // once no submitted work uses them (streams keep them alive until completion).
             unsafe { destroy_chunk(device, &c) };
@@ -549,7 +640,7 @@ impl Drop for BufferInner {
     fn drop(&mut self) {
         self.shared
             .allocator()
-            .free(&self.shared.device, self.placement, self.owner);
+            .free(&self.shared.device, self.placement);
     }
 }
 
@@ -633,6 +724,37 @@ impl Device {
                 _host: None,
             }),
         })
+    }
+
+    /// Allocates a group of buffers for `owner` in chunks of exactly their total size: what a
+    /// model or sequence allocates at once is charged exactly what its requests add up to
+    /// (each rounded as [`charged_bytes`] says), with no chunk slack.
+    pub fn alloc_many(
+        &self,
+        requests: &[(MemoryKind, u64)],
+        owner: OwnerId,
+    ) -> Result<Vec<Buffer>, VulkanError> {
+        self.shared.ensure_alive()?;
+        let shared = &self.shared;
+        let placed = shared
+            .allocator()
+            .alloc_many(&shared.device, requests, owner)?;
+        Ok(placed
+            .into_iter()
+            .zip(requests)
+            .map(|((placement, address, mapped), &(kind, len))| Buffer {
+                inner: Arc::new(BufferInner {
+                    shared: shared.clone(),
+                    placement,
+                    address,
+                    owner,
+                    kind,
+                    mapped,
+                    len,
+                    _host: None,
+                }),
+            })
+            .collect())
     }
 
     /// Imports `range` of `host` (which must start on a page boundary aligned to the device's

@@ -79,6 +79,31 @@ impl LoadedWeights {
     }
 }
 
+/// How a device lays a model's weights out: segments of at most `max_segment` bytes, each
+/// starting on an `align` boundary of the file and holding a whole number of `align` blocks.
+/// Copy and import charge the same bytes, so the estimate of a model's size before it loads
+/// ([`WeightLayout::bytes`]) is what it holds after, whichever way its weights arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightLayout {
+    pub max_segment: u64,
+    pub align: u64,
+}
+
+impl WeightLayout {
+    /// Bytes the weights of `tensors` (file byte ranges) take on the device.
+    pub fn bytes(&self, tensors: &[Range<u64>]) -> Result<u64, VulkanError> {
+        let (segments, _) = plan(tensors, self.max_segment, self.align)?;
+        Ok(segments
+            .iter()
+            .map(|r| self.segment_bytes(r))
+            .fold(0u64, u64::saturating_add))
+    }
+
+    fn segment_bytes(&self, r: &Range<u64>) -> u64 {
+        (r.end - r.start).div_ceil(self.align).saturating_mul(self.align)
+    }
+}
+
 /// Groups tensors (byte ranges of the file, in any order) into segments of at most `max` bytes
 /// each, aligned down to `align` at their start. Returns (segment ranges, per-tensor segment).
 fn plan(
@@ -116,6 +141,19 @@ fn plan(
 }
 
 impl Device {
+    /// How this device lays weights out (see [`WeightLayout`]).
+    pub fn weight_layout(&self) -> WeightLayout {
+        let info = &self.shared.info;
+        let align = info
+            .limits
+            .min_imported_host_pointer_alignment
+            .unwrap_or(4096)
+            .max(1);
+        // A whole number of `align` blocks: the segment may not exceed the allocation cap.
+        let max_segment = info.limits.max_memory_allocation_size / align * align;
+        WeightLayout { max_segment, align }
+    }
+
     /// Loads the byte ranges `tensors` of `host` (a mapped file) onto the device, charged to
     /// `owner`.
     pub fn load_weights(
@@ -140,13 +178,8 @@ impl Device {
             LoadStrategy::Auto => LoadStrategy::Copy,
             s => s,
         };
-        let max = info.limits.max_memory_allocation_size;
-        let align = info
-            .limits
-            .min_imported_host_pointer_alignment
-            .unwrap_or(4096)
-            .max(1);
-        let (ranges, which) = plan(tensors, max, align)?;
+        let layout = self.weight_layout();
+        let (ranges, which) = plan(tensors, layout.max_segment, layout.align)?;
 
         let mut used = resolved;
         let segments = match resolved {
@@ -155,18 +188,18 @@ impl Device {
                 Err(e) if strategy == LoadStrategy::Auto => {
                     tracing::warn!(error = %e, "importing the weights failed; copying instead");
                     used = LoadStrategy::Copy;
-                    self.copy_segments(&host, &ranges, owner)?
+                    self.copy_segments(&host, &ranges, owner, layout)?
                 }
                 Err(e) => return Err(e),
             },
-            _ => self.copy_segments(&host, &ranges, owner)?,
+            _ => self.copy_segments(&host, &ranges, owner, layout)?,
         };
         let places = which
             .iter()
             .zip(tensors)
             .map(|(&s, t)| (s, t.start - ranges[s].start))
             .collect();
-        let bytes = segments.iter().map(|s| s.buffer.len()).sum();
+        let bytes = ranges.iter().map(|r| layout.segment_bytes(r)).sum();
         Ok(LoadedWeights {
             segments,
             places,
@@ -201,12 +234,19 @@ impl Device {
         host: &Arc<dyn HostMemory>,
         ranges: &[Range<u64>],
         owner: OwnerId,
+        layout: WeightLayout,
     ) -> Result<Vec<Segment>, VulkanError> {
         let bytes = host.bytes();
+        // The same whole blocks an import would map, in chunks of exactly their size.
+        let sizes: Vec<(MemoryKind, u64)> = ranges
+            .iter()
+            .map(|r| (MemoryKind::Device, layout.segment_bytes(r)))
+            .collect();
+        let buffers = self.alloc_many(&sizes, owner)?;
         ranges
             .iter()
-            .map(|r| {
-                let mut buffer = self.alloc(MemoryKind::Device, r.end - r.start, owner)?;
+            .zip(buffers)
+            .map(|(r, mut buffer)| {
                 self.write(&mut buffer, 0, &bytes[r.start as usize..r.end as usize])?;
                 Ok(Segment { buffer })
             })
