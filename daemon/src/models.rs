@@ -179,11 +179,9 @@ fn check_weight_file(path: &Path, len: u64) -> Result<(), ModelFileError> {
                 };
                 match range {
                     Some((a, b)) if a <= b && b <= data => {}
-                    _ => {
-                        return Err(invalid(format!(
-                            "tensor {name:?} has no data_offsets inside the file's {data} data bytes"
-                        )))
-                    }
+                    _ => return Err(invalid(format!(
+                        "tensor {name:?} has no data_offsets inside the file's {data} data bytes"
+                    ))),
                 }
             }
             Ok(())
@@ -274,9 +272,9 @@ impl Mapping {
                     Some(libc::EAGAIN) => {
                         "another process has the file open for writing".to_string()
                     }
-                    Some(libc::EACCES) | Some(libc::EPERM) => format!(
-                        "halod neither owns the file nor has CAP_LEASE ({e})"
-                    ),
+                    Some(libc::EACCES) | Some(libc::EPERM) => {
+                        format!("halod neither owns the file nor has CAP_LEASE ({e})")
+                    }
                     _ => format!("the filesystem refused a lease ({e})"),
                 }),
             }
@@ -316,8 +314,7 @@ impl Mapping {
     /// (our lease is being broken). From then on the mapped pages must not be read: the writer
     /// proceeds as soon as the mapping is dropped, or when the kernel's lease-break time runs out.
     pub fn changing(&self) -> bool {
-        self.lease == Lease::Held
-            && !matches!(current_lease(&self.file), Ok(LeaseKind::Read))
+        self.lease == Lease::Held && !matches!(current_lease(&self.file), Ok(LeaseKind::Read))
     }
 }
 
@@ -543,7 +540,9 @@ mod tests {
         let e = estimate(&cfg(ModelKind::Flux, dir.path())).unwrap_err();
         assert!(matches!(e, ModelFileError::NoWeights { .. }), "{e}");
         // Issue 8, item 18: 100 random bytes are not a flux model, whatever the name.
-        let noise: Vec<u8> = (0..100u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..100u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for name in ["noise.safetensors", "noise.gguf", "noise.bin"] {
             std::fs::write(dir.path().join(name), &noise).unwrap();
         }

@@ -66,17 +66,20 @@ impl From<CoreError> for Status {
             CoreError::Unavailable(m) => Status::unavailable(m),
             CoreError::ModelFile(m) => {
                 let mut s = Status::failed_precondition(m);
-                s.metadata_mut()
-                    .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("model-file"));
+                s.metadata_mut().insert(
+                    REASON_KEY,
+                    tonic::metadata::MetadataValue::from_static("model-file"),
+                );
                 s
             }
         };
         // Every status halod itself answers says so; a client seeing one without it knows the
         // connection failed instead (the daemon died or the network cut the stream).
         if status.metadata().get(REASON_KEY).is_none() {
-            status
-                .metadata_mut()
-                .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("halod"));
+            status.metadata_mut().insert(
+                REASON_KEY,
+                tonic::metadata::MetadataValue::from_static("halod"),
+            );
         }
         status
     }
@@ -578,9 +581,12 @@ impl pb::halo_server::Halo for HaloService {
             |ev| match ev {
                 JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
                 JobEvent::Cancelled(why) => {
-                    let mut s = Status::cancelled(format!("the job was stopped ({})", why.as_str()));
-                    s.metadata_mut()
-                        .insert(REASON_KEY, tonic::metadata::MetadataValue::from_static("halod"));
+                    let mut s =
+                        Status::cancelled(format!("the job was stopped ({})", why.as_str()));
+                    s.metadata_mut().insert(
+                        REASON_KEY,
+                        tonic::metadata::MetadataValue::from_static("halod"),
+                    );
                     (Some(Err(s)), true)
                 }
                 _ => (None, false),

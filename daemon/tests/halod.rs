@@ -95,6 +95,27 @@ fn bad_config_key_names_file_line_and_key_and_exits_2() {
     assert!(text(&out.stderr).contains(":6: memory.reserv"));
 }
 
+/// Issue 8, item 11: a keep-alive too long for a duration is a config error, as an oversized
+/// size is, instead of wrapping to an hour.
+#[test]
+fn an_overflowing_keep_alive_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "[defaults]\nkeep_alive = \"5124095576030432h\"\n",
+    );
+    let out = Command::new(HALOD)
+        .args(["check-config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("defaults.keep_alive") && err.contains("too long"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_config_file_exits_2() {
     let out = Command::new(HALOD)
@@ -204,7 +225,10 @@ fn a_file_at_the_listen_path_is_never_deleted() {
             "{err}"
         );
     }
-    assert_eq!(std::fs::read_to_string(&important).unwrap(), "do not delete");
+    assert_eq!(
+        std::fs::read_to_string(&important).unwrap(),
+        "do not delete"
+    );
     assert!(folder.is_dir());
 }
 

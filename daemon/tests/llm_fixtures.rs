@@ -321,14 +321,9 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
             let owner = OwnerId(100 + i as u64);
             let m = LlmModel::load(&dev, &file, LoadStrategy::Copy, owner).unwrap();
             let seq = m.new_sequence(64, kv, owner).unwrap();
-            let est = halod::llm::engine::estimate(
-                &file.header,
-                Some(64),
-                1,
-                kv,
-                dev.weight_layout(),
-            )
-            .unwrap();
+            let est =
+                halod::llm::engine::estimate(&file.header, Some(64), 1, kv, dev.weight_layout())
+                    .unwrap();
             // What the device holds for the owner, chunks whole: the estimate is exact.
             let got = dev.ledger().owner(owner);
             assert_eq!(got, est, "{arch} {kv:?}: estimate {est}, allocated {got}");

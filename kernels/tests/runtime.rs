@@ -103,7 +103,10 @@ fn the_ledger_charges_owners_and_unload_returns_to_zero() {
         )
         .unwrap();
     assert_eq!(dev.ledger().owner(group_owner), 1024 + (5 << 20) + 256);
-    assert_eq!(group.iter().map(|b| b.len()).collect::<Vec<_>>(), [1000, 5 << 20, 77]);
+    assert_eq!(
+        group.iter().map(|b| b.len()).collect::<Vec<_>>(),
+        [1000, 5 << 20, 77]
+    );
     drop(group);
     assert_eq!(dev.ledger().owner(group_owner), 0);
     // A stream keeps buffers alive until its work is done.

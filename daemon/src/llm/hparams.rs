@@ -358,9 +358,17 @@ mod tests {
             &[],
         ))
         .unwrap();
-        let est =
-            crate::llm::engine::estimate(&g, Some(u32::MAX), 64, crate::config::KvCacheType::F32, crate::llm::engine::WeightLayout { max_segment: 1 << 31, align: 4096 })
-                .unwrap();
+        let est = crate::llm::engine::estimate(
+            &g,
+            Some(u32::MAX),
+            64,
+            crate::config::KvCacheType::F32,
+            crate::llm::engine::WeightLayout {
+                max_segment: 1 << 31,
+                align: 4096,
+            },
+        )
+        .unwrap();
         assert_eq!(est, u64::MAX);
     }
 

@@ -269,7 +269,10 @@ impl Allocator {
             Ok(())
         })();
         match result {
-            Ok(()) => Ok(out.into_iter().map(|p| p.expect("every request placed")).collect()),
+            Ok(()) => Ok(out
+                .into_iter()
+                .map(|p| p.expect("every request placed"))
+                .collect()),
             Err(e) => {
                 // Give back what was opened before the failure.
                 for chunk in opened {
@@ -519,8 +522,7 @@ impl Allocator {
         // Imported memory is the caller's mapping: never map it again through Vulkan.
         let saved = self.types[type_index as usize];
         self.types[type_index as usize] = saved & !vk::MemoryPropertyFlags::HOST_VISIBLE;
-        let chunk =
-            self.finish_chunk(device, buffer, memory, type_index, size, size, true, owner);
+        let chunk = self.finish_chunk(device, buffer, memory, type_index, size, size, true, owner);
         self.types[type_index as usize] = saved;
         let chunk = chunk?;
         let address = chunk.address;

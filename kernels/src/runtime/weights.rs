@@ -100,7 +100,9 @@ impl WeightLayout {
     }
 
     fn segment_bytes(&self, r: &Range<u64>) -> u64 {
-        (r.end - r.start).div_ceil(self.align).saturating_mul(self.align)
+        (r.end - r.start)
+            .div_ceil(self.align)
+            .saturating_mul(self.align)
     }
 }
 
