@@ -158,7 +158,7 @@ fn check_weight_file(path: &Path, len: u64) -> Result<(), ModelFileError> {
             f.read_exact(&mut n)
                 .map_err(|_| invalid("not a safetensors file: shorter than its header".into()))?;
             let n = u64::from_le_bytes(n);
-            if n < 2 || n > MAX_SAFETENSORS_HEADER || n > len - 8 {
+            if !(2..=MAX_SAFETENSORS_HEADER).contains(&n) || n > len - 8 {
                 return Err(invalid(format!(
                     "not a safetensors file: a header of {n} bytes does not fit a {len}-byte file"
                 )));
@@ -177,11 +177,9 @@ fn check_weight_file(path: &Path, len: u64) -> Result<(), ModelFileError> {
                     Some([a, b]) => a.as_u64().zip(b.as_u64()),
                     _ => None,
                 };
-                match range {
-                    Some((a, b)) if a <= b && b <= data => {}
-                    _ => return Err(invalid(format!(
-                        "tensor {name:?} has no data_offsets inside the file's {data} data bytes"
-                    ))),
+                if !range.is_some_and(|(a, b)| a <= b && b <= data) {
+                    let why = format!("tensor {name:?} has no data_offsets inside the file");
+                    return Err(invalid(format!("{why}'s {data} data bytes")));
                 }
             }
             Ok(())

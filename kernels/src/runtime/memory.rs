@@ -107,6 +107,9 @@ pub(crate) struct Placement {
     pub(crate) size: u64,
 }
 
+/// A placement with its GPU address and, when host-visible, its host pointer.
+pub(crate) type Located = (Placement, u64, Option<NonNull<u8>>);
+
 pub(crate) struct Allocator {
     max_allocation: u64,
     uma: bool,
@@ -178,7 +181,7 @@ impl Allocator {
         size: u64,
         owner: OwnerId,
         what: &str,
-    ) -> Result<(Placement, u64, Option<NonNull<u8>>), VulkanError> {
+    ) -> Result<Located, VulkanError> {
         let size = charged_bytes(size);
         if size > self.max_allocation {
             return Err(VulkanError::TooLarge {
@@ -209,7 +212,7 @@ impl Allocator {
     }
 
     /// The address and host pointer of a placement.
-    fn locate(&self, placement: Placement) -> (Placement, u64, Option<NonNull<u8>>) {
+    fn locate(&self, placement: Placement) -> Located {
         let (_, c) = self.chunks[placement.chunk].as_ref().expect("live chunk");
         let address = c.address + placement.offset;
         let mapped = c.mapped.map(|p| {
@@ -226,9 +229,8 @@ impl Allocator {
         device: &ash::Device,
         requests: &[(MemoryKind, u64)],
         owner: OwnerId,
-    ) -> Result<Vec<(Placement, u64, Option<NonNull<u8>>)>, VulkanError> {
-        let mut out: Vec<Option<(Placement, u64, Option<NonNull<u8>>)>> =
-            vec![None; requests.len()];
+    ) -> Result<Vec<Located>, VulkanError> {
+        let mut out: Vec<Option<Located>> = vec![None; requests.len()];
         let mut opened = Vec::new();
         let result = (|| {
             for kind in [MemoryKind::Device, MemoryKind::Upload, MemoryKind::Readback] {
