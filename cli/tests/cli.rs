@@ -194,10 +194,7 @@ fn unknown_and_missing_models_get_clear_errors() {
     let err = d.fails(&["load", "gone"], 3);
     assert!(err.contains("gone.safetensors does not exist"), "{err}");
     // The file appears: now it loads.
-    std::fs::File::create(d.path("gone.safetensors"))
-        .unwrap()
-        .set_len(MB / 2)
-        .unwrap();
+    std::fs::write(d.path("gone.safetensors"), common::safetensors(MB / 2)).unwrap();
     let r = d.json(&["load", "gone", "--json"]);
     assert_eq!(r["model"]["bytes"], MB / 2);
 }
