@@ -30,6 +30,128 @@ fn model(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// A copy of the tiny random llama (vocabulary 256, no tokenizer in its GGUF) with a small
+/// SentencePiece-style vocabulary added, so the daemon can load it: a real model file far below
+/// the 8020 tokens `halo bench` once assumed.
+fn tiny_with_tokenizer(dst: &std::path::Path) {
+    use halod::gguf::{GgufFile, Value};
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../daemon/tests/fixtures/tiny/tiny-llama-F32.gguf");
+    let file = GgufFile::open(&src).unwrap();
+    let g = &file.header;
+    let n_vocab = 256usize;
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let ascii: Vec<char> = (33u8..127).map(char::from).collect();
+    tokens.extend(ascii.iter().map(|c| c.to_string()));
+    tokens.push("\u{2581}".into());
+    tokens.extend(ascii.iter().map(|c| format!("\u{2581}{c}")));
+    let letters: Vec<char> = ('a'..='z').collect();
+    'pairs: for a in &letters {
+        for b in &letters {
+            if tokens.len() == n_vocab {
+                break 'pairs;
+            }
+            tokens.push(format!("{a}{b}"));
+        }
+    }
+    let mut meta = g.metadata.clone();
+    let n = tokens.len();
+    meta.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+    meta.insert(
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    );
+    meta.insert(
+        "tokenizer.ggml.scores".into(),
+        Value::Array((0..n).map(|i| Value::F32(-(i as f32))).collect()),
+    );
+    meta.insert(
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(
+            (0..n)
+                .map(|i| {
+                    Value::I32(match i {
+                        0 => 2,
+                        1 | 2 => 3,
+                        _ => 1,
+                    })
+                })
+                .collect(),
+        ),
+    );
+    meta.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
+    meta.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(2));
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn tag(v: &Value) -> u32 {
+        match v {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+    fn value(out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::U8(x) => out.push(*x),
+            Value::I8(x) => out.push(*x as u8),
+            Value::U16(x) => out.extend(x.to_le_bytes()),
+            Value::I16(x) => out.extend(x.to_le_bytes()),
+            Value::U32(x) => out.extend(x.to_le_bytes()),
+            Value::I32(x) => out.extend(x.to_le_bytes()),
+            Value::F32(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(*x as u8),
+            Value::String(x) => string(out, x),
+            Value::Array(items) => {
+                out.extend(items.first().map(tag).unwrap_or(0).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for i in items {
+                    value(out, i);
+                }
+            }
+            Value::U64(x) => out.extend(x.to_le_bytes()),
+            Value::I64(x) => out.extend(x.to_le_bytes()),
+            Value::F64(x) => out.extend(x.to_le_bytes()),
+        }
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((g.tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in &meta {
+        string(&mut out, k);
+        out.extend(tag(v).to_le_bytes());
+        value(&mut out, v);
+    }
+    for t in &g.tensors {
+        string(&mut out, &t.name);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(t.ty.ggml_id().to_le_bytes());
+        out.extend(t.offset.to_le_bytes());
+    }
+    out.resize(
+        out.len().div_ceil(g.alignment as usize) * g.alignment as usize,
+        0,
+    );
+    out.extend(&file.map.bytes()[g.data_offset as usize..]);
+    std::fs::write(dst, out).unwrap();
+}
+
 /// A copy of `src` at `dst` whose chat template key is renamed (same length), so the model has
 /// no template of its own.
 fn without_template(src: &std::path::Path, dst: &std::path::Path) {
@@ -643,10 +765,13 @@ fn cli_details() {
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain.gguf");
     without_template(&smol, &plain);
+    let small = dir.path().join("small.gguf");
+    tiny_with_tokenizer(&small);
     let cfg = format!(
-        "{}{}",
+        "{}{}{}",
         llm("smol", &smol, "context = 256\nparallel = 1"),
-        llm("tiny", &plain, "context = 64\nparallel = 1")
+        llm("tiny", &plain, "context = 64\nparallel = 1"),
+        llm("small", &small, "context = 64\nparallel = 1")
     );
     let Some(d) = daemon(&cfg) else { return };
     // 12
@@ -712,11 +837,13 @@ fn cli_details() {
     let help = d.ok(&["image", "--help"]);
     assert!(!help.contains("[default: 0]"), "{help}");
     assert!(help.contains("[default: the model's]"), "{help}");
-    // 16: bench prompts stay inside the vocabulary, and -p 0 is a usage error.
-    let out = d.ok(&["bench", "tiny", "-p", "8", "-n", "4", "-r", "1", "--json"]);
+    // 16: a vocabulary of 256 tokens (bench once sent token 8019), and -p 0 is a usage error.
+    d.ok(&["generate", "small", "ab cd", "--max-tokens", "2"]);
+    let out = d.ok(&["bench", "small", "-p", "40", "-n", "4", "-r", "1", "--json"]);
     let b: Value = serde_json::from_str(&out).unwrap();
     assert!(b["pp_tokens_per_s"].as_f64().unwrap() > 0.0, "{b}");
-    d.fails(&["bench", "tiny", "-p", "0", "-n", "0"], 2);
+    assert!(b["tg_tokens_per_s"].as_f64().unwrap() > 0.0, "{b}");
+    d.fails(&["bench", "small", "-p", "0", "-n", "0"], 2);
 }
 
 /// Items 17 to 19: a corrupt file is an "unusable model file", `halo models` follows the file

@@ -116,6 +116,71 @@ fn an_overflowing_keep_alive_is_a_config_error() {
     );
 }
 
+/// Issue 8, item 17: a load that fails (a model file halo cannot use) is logged by the daemon,
+/// not only answered to the client, and the answer marks it as a model-file problem.
+#[test]
+fn a_failed_load_is_logged_and_marked_as_a_model_file_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    // The tiny fixture's header is sound (it has an estimate), but it carries no tokenizer, so
+    // only the load itself fails.
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/tiny-llama-F32.gguf");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[[models]]\nname = \"notok\"\nkind = \"llm\"\npath = {:?}\n",
+            model.display().to_string()
+        ),
+    );
+    let sock = dir.path().join("halod.sock");
+    let mut child = spawn(&cfg, &sock);
+    let addr = halo_proto::Addr::Unix(sock.clone());
+    let (gpu, status) = rt().block_on(async {
+        let mut c = halo_proto::connect(&addr).await.unwrap();
+        let s = c
+            .status(halo_proto::v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let r = c
+            .load(halo_proto::v1::LoadRequest {
+                model: "notok".into(),
+                pin: false,
+            })
+            .await;
+        (s.runtime_error.is_empty() && s.device.is_some(), r.err())
+    });
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    if !gpu {
+        assert!(
+            std::env::var("HALO_REQUIRE_VULKAN").as_deref() != Ok("1"),
+            "no GPU runtime"
+        );
+        eprintln!("skipping: without a GPU runtime an LLM's files are only mapped");
+        return;
+    }
+    let status = status.expect("the load fails");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.metadata().get(halo_proto::ERROR_REASON_KEY).unwrap(),
+        "model-file"
+    );
+    assert!(
+        status.message().contains("tokenizer"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        log.contains("loading the model failed")
+            && log.contains("notok")
+            && log.contains("tokenizer"),
+        "{log}"
+    );
+}
+
 #[test]
 fn missing_config_file_exits_2() {
     let out = Command::new(HALOD)
