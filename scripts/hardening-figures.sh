@@ -65,7 +65,8 @@ for step in 256 64; do
   long=$!
   until "$bin/halo" jobs --json | grep -q '"running"'; do sleep 0.05; done
   sleep 1
-  job=$("$bin/halo" jobs --json | tr '{' '\n' | grep '"running"' | sed 's/.*"id":\([0-9]*\).*/\1/' | head -1)
+  job=$("$bin/halo" jobs --json | python3 -c \
+    'import json, sys; print([j["id"] for j in json.load(sys.stdin) if j["state"] == "running"][0])')
   t0=$(now); "$bin/halo" cancel "$job" >/dev/null; wait "$long" || true; t1=$(now)
   printf '%-12s %-28s %s\n' "$step" "cancel takes effect" "$(secs "$t0" "$t1")"
   stop_daemon
