@@ -10,25 +10,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{text, TestDaemon};
+use common::{json_lines, model, text, TestDaemon};
 use serde_json::Value;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
-    }
-    eprintln!("skipping: {} is missing", p.display());
-    None
-}
 
 /// A copy of the tiny random llama (vocabulary 256, no tokenizer in its GGUF) with a small
 /// SentencePiece-style vocabulary added, so the daemon can load it: a real model file far below
@@ -198,12 +184,6 @@ const COUNTING: [&str; 8] = [
     "200",
     "--json",
 ];
-
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-        .collect()
-}
 
 fn greedy_tokens(d: &TestDaemon, model: &str, n: u32) -> Vec<u64> {
     let out = d.ok(&[

@@ -9,29 +9,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{text, TestDaemon};
+use common::{json_lines, model, text, TestDaemon};
 use serde_json::Value;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
-    }
-    eprintln!("skipping: {} is missing", p.display());
-    None
-}
 
 fn gpu_required() -> bool {
     std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1")
@@ -52,12 +37,6 @@ fn smol_daemon(extra: &str) -> Option<TestDaemon> {
         return None;
     }
     Some(d)
-}
-
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-        .collect()
 }
 
 #[test]

@@ -182,6 +182,29 @@ pub fn safetensors(len: u64) -> Vec<u8> {
     }
 }
 
+/// A real model fetched by scripts/fetch-models.sh, or None (skip) when it is missing; with
+/// HALO_REQUIRE_MODELS=1 a missing model fails the test instead.
+pub fn model(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("HALO_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing; run scripts/fetch-models.sh", p.display());
+    }
+    eprintln!("skipping: {} is missing", p.display());
+    None
+}
+
+/// Parses `--json` output: one JSON object per line.
+pub fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -666,6 +666,28 @@ impl std::fmt::Debug for Buffer {
 }
 
 impl Buffer {
+    /// A buffer over memory the allocator placed (not imported).
+    fn allocated(
+        shared: &Arc<Shared>,
+        (placement, address, mapped): Located,
+        owner: OwnerId,
+        kind: MemoryKind,
+        len: u64,
+    ) -> Buffer {
+        Buffer {
+            inner: Arc::new(BufferInner {
+                shared: shared.clone(),
+                placement,
+                address,
+                owner,
+                kind,
+                mapped,
+                len,
+                _host: None,
+            }),
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.inner.len
@@ -712,22 +734,10 @@ impl Device {
     pub fn alloc(&self, kind: MemoryKind, len: u64, owner: OwnerId) -> Result<Buffer, VulkanError> {
         self.shared.ensure_alive()?;
         let shared = &self.shared;
-        let (placement, address, mapped) =
-            shared
-                .allocator()
-                .alloc(&shared.device, kind, len, owner, "a buffer")?;
-        Ok(Buffer {
-            inner: Arc::new(BufferInner {
-                shared: shared.clone(),
-                placement,
-                address,
-                owner,
-                kind,
-                mapped,
-                len,
-                _host: None,
-            }),
-        })
+        let located = shared
+            .allocator()
+            .alloc(&shared.device, kind, len, owner, "a buffer")?;
+        Ok(Buffer::allocated(shared, located, owner, kind, len))
     }
 
     /// Allocates a group of buffers for `owner` in chunks of exactly their total size: what a
@@ -746,18 +756,7 @@ impl Device {
         Ok(placed
             .into_iter()
             .zip(requests)
-            .map(|((placement, address, mapped), &(kind, len))| Buffer {
-                inner: Arc::new(BufferInner {
-                    shared: shared.clone(),
-                    placement,
-                    address,
-                    owner,
-                    kind,
-                    mapped,
-                    len,
-                    _host: None,
-                }),
-            })
+            .map(|(located, &(kind, len))| Buffer::allocated(shared, located, owner, kind, len))
             .collect())
     }
 
