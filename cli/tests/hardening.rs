@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{json_lines, model, text, TestDaemon};
+use common::{json_lines, model, text, TestDaemon, COUNTING};
 use serde_json::Value;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -173,18 +173,6 @@ fn llm(name: &str, path: &std::path::Path, extra: &str) -> String {
     )
 }
 
-/// A generation that runs to its token limit: greedy counting does not stop early.
-const COUNTING: [&str; 8] = [
-    "generate",
-    "smol",
-    "Count to 500: 1, 2, 3, 4, 5, 6, 7,",
-    "--temperature",
-    "0",
-    "--max-tokens",
-    "200",
-    "--json",
-];
-
 fn greedy_tokens(d: &TestDaemon, model: &str, n: u32) -> Vec<u64> {
     let out = d.ok(&[
         "generate",
@@ -309,6 +297,13 @@ fn a_model_file_changed_under_the_daemon_is_taken_out_of_service() {
     wait_for("the model to leave memory", Duration::from_secs(30), || {
         d.resident().is_empty()
     });
+    // The old copy was charged until its job ended; now nothing is held or charged.
+    let s = d.json(&["status", "--json"]);
+    assert_eq!(
+        (s["gpu_allocated_bytes"].as_u64(), s["used_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
 
     // Now the writer gets through (once the executor has let go of the model); the next load
     // reads the truncated file and says so.

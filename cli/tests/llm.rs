@@ -12,7 +12,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{json_lines, model, text, TestDaemon};
+use common::{json_lines, model, text, TestDaemon, COUNTING};
 use serde_json::Value;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -318,18 +318,7 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
     let Some(d) = smol_daemon("") else { return };
     d.ok(&["load", "smol"]);
     let held = d.json(&["ps", "--json"])[0]["bytes"].as_u64().unwrap();
-    let child = d
-        .command(&[
-            "generate",
-            "smol",
-            "Tell me a long story.",
-            "--max-tokens",
-            "200",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = d.command(&COUNTING).stdout(Stdio::piped()).spawn().unwrap();
     let id = running_job(&d);
     d.ok(&["cancel", &id.to_string()]);
     let out = child.wait_with_output().unwrap();
@@ -351,17 +340,7 @@ fn cancelling_stops_the_job_and_returns_its_sequence() {
     );
     assert_eq!(d.json(&["ps", "--json"])[0]["running_jobs"], 0);
     // A client that goes away is the same as a cancel: its job stops and frees its sequence.
-    let mut child = d
-        .command(&[
-            "generate",
-            "smol",
-            "Tell me another long story.",
-            "--max-tokens",
-            "200",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.command(&COUNTING).stdout(Stdio::null()).spawn().unwrap();
     let id = running_job(&d);
     child.kill().unwrap();
     child.wait().unwrap();

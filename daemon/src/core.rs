@@ -9,7 +9,7 @@
 //! handlers never touch it directly. No engine exists yet: a job that reaches the front of its
 //! queue gets its model loaded and then ends with UNIMPLEMENTED, naming what is missing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -345,6 +345,9 @@ pub struct Core {
     executor: Executor,
     job_params: HashMap<JobId, GenerateParams>,
     stop_flags: HashMap<JobId, Arc<StopFlag>>,
+    /// Running jobs whose model was withdrawn under them (its file changed): they end on the
+    /// old copy, whose memory residency charges until the last of them is reported.
+    withdrawn_jobs: HashSet<JobId>,
     /// Set once shutdown began: stopped jobs end with finish_reason "shutdown".
     stopping: bool,
     load_waiters: HashMap<String, Vec<LoadWaiter>>,
@@ -382,6 +385,7 @@ pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::tas
         executor: Executor::spawn(ended_tx),
         job_params: HashMap::new(),
         stop_flags: HashMap::new(),
+        withdrawn_jobs: HashSet::new(),
         stopping: false,
         load_waiters: HashMap::new(),
         job_streams: HashMap::new(),
@@ -892,6 +896,13 @@ impl Core {
             .collect();
         for (name, why) in changed {
             warn!(model = %name, reason = %why, "model file changed; taking the model out of service");
+            self.withdrawn_jobs.extend(
+                self.scheduler
+                    .jobs()
+                    .into_iter()
+                    .filter(|j| j.model == name && j.state == JobState::Running)
+                    .map(|j| j.id),
+            );
             self.residency.withdraw(&name);
             self.drop_model(&name, "its file changed on disk");
             if let Some(e) = self.catalog.get_mut(&name) {
@@ -1079,6 +1090,11 @@ impl Core {
         }
         self.stop_flags.remove(&job);
         self.scheduler.job_finished(job, outcome, now);
+        if self.withdrawn_jobs.remove(&job) {
+            // It ran on a copy taken out of service; its end releases that copy's charge.
+            self.residency.withdrawn_job_finished(model);
+            return;
+        }
         for name in self.residency.job_finished(model, now) {
             self.drop_model(&name, "removed from the config");
         }

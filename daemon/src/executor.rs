@@ -187,7 +187,11 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
                     if let Some(seq) = job.seq.take() {
                         job.job.engine.return_sequence(seq);
                     }
-                    let _ = ended.send((job.job.id, outcome));
+                    let id = job.job.id;
+                    // The job's engine reference goes first: when the core hears of the end,
+                    // a withdrawn model's memory is already released.
+                    drop(job);
+                    let _ = ended.send((id, outcome));
                 }
             }
         }

@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML config and its validation.
 //! - [`models`]: model files on disk (which files, how many bytes, mapping them); [`gguf`]: the
 //!   GGUF reader.
-//! - [`memory`]: how big the memory budget is.
+//! - [`memory`]: how big the memory budget is; [`heap`]: giving freed heap back after large
+//!   requests.
 //! - [`residency`], [`scheduler`]: the pure cores (no I/O, no clock, no tokio).
 //! - [`core`]: the one task that owns both cores and applies their decisions.
 //! - [`service`]: the gRPC edge.
@@ -16,10 +17,12 @@ pub mod core;
 mod edge_authority;
 pub mod executor;
 pub mod gguf;
+pub mod heap;
 pub mod llm;
 pub mod memory;
 pub mod models;
 pub mod residency;
+pub mod safetensors;
 pub mod sampler;
 pub mod scheduler;
 pub mod service;
@@ -214,6 +217,8 @@ pub async fn run(
         models::enable_leases();
     }
     let (core, core_task) = core::spawn(config, facts.clone());
+    // Large requests leave freed memory in malloc's arenas; this gives it back.
+    let trimmer = tokio::spawn(heap::run_trimmer());
     match sigio {
         Ok(mut sigio) => {
             let core = core.clone();
@@ -302,6 +307,7 @@ pub async fn run(
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
         warn!("some connections did not close in time; exiting anyway");
     }
+    trimmer.abort();
     drop(core);
     let _ = core_task.await;
     Ok(())

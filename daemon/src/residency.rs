@@ -121,12 +121,15 @@ pub struct Holder {
     pub busy: u32,
     /// True while the bytes are a reservation for a model being loaded.
     pub loading: bool,
+    /// True for a copy taken out of service whose last jobs are still ending (see
+    /// [`Residency::withdraw`]).
+    pub withdrawn: bool,
 }
 
 impl Holder {
     /// Whether eviction could take these bytes back.
     fn is_evictable(&self) -> bool {
-        !self.pinned && self.busy == 0 && !self.loading
+        !self.pinned && self.busy == 0 && !self.loading && !self.withdrawn
     }
 }
 
@@ -136,6 +139,9 @@ impl fmt::Display for Holder {
         let mut reasons = Vec::new();
         if self.loading {
             reasons.push("loading".to_owned());
+        }
+        if self.withdrawn {
+            reasons.push("withdrawn".to_owned());
         }
         if self.pinned {
             reasons.push("pinned".to_owned());
@@ -425,6 +431,16 @@ pub struct Residency {
     models: BTreeMap<String, Entry>,
     /// Short-lived working memory outside any model (the bandwidth probe's buffers).
     scratch: u64,
+    /// Models taken out of service while jobs ran on them: the bytes those jobs still hold,
+    /// and how many of them are still ending. Charged until the last one ends.
+    draining: BTreeMap<String, Draining>,
+}
+
+/// What a withdrawn model still holds while its last jobs end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Draining {
+    bytes: u64,
+    jobs: u32,
 }
 
 impl Residency {
@@ -434,6 +450,7 @@ impl Residency {
             budget,
             models: BTreeMap::new(),
             scratch: 0,
+            draining: BTreeMap::new(),
         }
     }
 
@@ -442,9 +459,12 @@ impl Residency {
         self.budget
     }
 
-    /// Bytes held by resident models plus reservations for loading ones.
+    /// Bytes held by resident models, reservations for loading ones, scratch, and withdrawn
+    /// models whose jobs are still ending.
     pub fn used(&self) -> u64 {
-        self.models.values().map(|e| e.state.bytes()).sum::<u64>() + self.scratch
+        self.models.values().map(|e| e.state.bytes()).sum::<u64>()
+            + self.scratch
+            + self.draining.values().map(|d| d.bytes).sum::<u64>()
     }
 
     /// Reserves `bytes` of short-lived working memory if the budget has that much free now
@@ -679,16 +699,46 @@ impl Residency {
     }
 
     /// Takes a resident model out of service whatever its pins and jobs: its file changed under
-    /// it, so it must not be used again. Its running jobs still end through `job_finished`; the
-    /// next load starts from scratch. Returns whether it was resident.
+    /// it, so it must not be used again. The model is unloaded at once, so the next load starts
+    /// from scratch (and may run beside the old copy). Jobs still running on the old copy keep
+    /// its memory until they end: its bytes stay charged until each has been reported through
+    /// [`Self::withdrawn_job_finished`] (not `job_finished`). Returns whether it was resident.
     pub fn withdraw(&mut self, name: &str) -> bool {
-        match self.models.get_mut(name) {
-            Some(entry) if entry.is_resident() => {
-                entry.state = ModelState::Unloaded;
-                entry.pinned = false;
-                true
-            }
-            _ => false,
+        let Some(entry) = self.models.get_mut(name).filter(|e| e.is_resident()) else {
+            return false;
+        };
+        let bytes = entry.state.bytes();
+        let jobs = std::mem::take(&mut entry.busy);
+        entry.state = ModelState::Unloaded;
+        entry.pinned = false;
+        // A model removed from the catalog lingered only for its jobs, which are now draining.
+        if entry.removed {
+            self.models.remove(name);
+        }
+        if jobs > 0 {
+            let d = self
+                .draining
+                .entry(name.to_owned())
+                .or_insert(Draining { bytes: 0, jobs: 0 });
+            d.bytes += bytes;
+            d.jobs += jobs;
+        }
+        true
+    }
+
+    /// Records that one of the jobs that were running on `name` when it was withdrawn ended;
+    /// after the last one the old copy's bytes are no longer charged.
+    pub fn withdrawn_job_finished(&mut self, name: &str) {
+        let Some(d) = self.draining.get_mut(name) else {
+            debug_assert!(
+                false,
+                "withdrawn_job_finished({name:?}) with nothing draining"
+            );
+            return;
+        };
+        d.jobs -= 1;
+        if d.jobs == 0 {
+            self.draining.remove(name);
         }
     }
 
@@ -812,7 +862,16 @@ impl Residency {
                 pinned: e.pinned,
                 busy: e.busy,
                 loading: e.is_loading(),
+                withdrawn: false,
             })
+            .chain(self.draining.iter().map(|(name, d)| Holder {
+                name: name.clone(),
+                bytes: d.bytes,
+                pinned: false,
+                busy: d.jobs,
+                loading: false,
+                withdrawn: true,
+            }))
             .collect();
         // Stable sort keeps name order among equal sizes.
         holders.sort_by_key(|h| std::cmp::Reverse(h.bytes));
@@ -1119,6 +1178,46 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_model_stays_charged_until_its_last_job_ends() {
+        let mut r = three_models(8 * GIB);
+        load(&mut r, "a", secs(1));
+        load(&mut r, "b", secs(2));
+        r.pin("a").unwrap();
+        r.job_started("a", secs(3));
+        r.job_started("a", secs(3));
+        assert!(r.withdraw("a"));
+        let a = r.view("a").unwrap();
+        assert_eq!(
+            (a.state, a.pinned, a.busy),
+            (ModelState::Unloaded, false, 0)
+        );
+        // The old copy's jobs still hold its 4 GiB; loading the new copy must evict b.
+        assert_eq!(r.used(), 8 * GIB);
+        assert_eq!(
+            r.begin_load("a", false, secs(4)),
+            Ok(LoadPlan::Load {
+                evict: vec!["b".to_owned()]
+            })
+        );
+        r.finish_load("a", 4 * GIB, secs(5)).unwrap();
+        r.pin("a").unwrap();
+        assert_eq!(r.used(), 8 * GIB);
+        let err = r.begin_load("c", false, secs(6)).unwrap_err();
+        assert!(
+            err.to_string().contains("(withdrawn, running 2 jobs)"),
+            "{err}"
+        );
+        r.withdrawn_job_finished("a");
+        assert_eq!(r.used(), 8 * GIB);
+        r.withdrawn_job_finished("a");
+        assert_eq!(r.used(), 4 * GIB);
+        // An idle model is simply unloaded.
+        assert!(r.withdraw("a"));
+        assert_eq!(r.used(), 0);
+        assert!(!r.withdraw("a"));
+    }
+
+    #[test]
     fn scratch_counts_as_used_until_released() {
         let mut r = three_models(10 * GIB);
         load(&mut r, "a", secs(1));
@@ -1231,6 +1330,14 @@ mod tests {
         JobFinished {
             model: usize,
         },
+        /// The model's file changed: out of service, whatever its pins and jobs.
+        Withdraw {
+            model: usize,
+        },
+        /// A job that ran on a withdrawn copy of the model ended.
+        WithdrawnJobFinished {
+            model: usize,
+        },
         Tick,
         SetBudget {
             budget: u64,
@@ -1262,6 +1369,8 @@ mod tests {
             2 => model.clone().prop_map(|model| Op::Unpin { model }),
             2 => model.clone().prop_map(|model| Op::JobStarted { model }),
             3 => model.clone().prop_map(|model| Op::JobFinished { model }),
+            1 => model.clone().prop_map(|model| Op::Withdraw { model }),
+            2 => model.clone().prop_map(|model| Op::WithdrawnJobFinished { model }),
             2 => Just(Op::Tick),
             1 => (1..400u64).prop_map(|budget| Op::SetBudget { budget }),
             // Drop one model from the catalog, or restore all of them.
@@ -1338,6 +1447,8 @@ mod tests {
             let mut r = Residency::new(budget);
             prop_assert!(r.set_catalog(specs.clone()).is_empty());
             let mut in_catalog: BTreeSet<String> = specs.iter().map(|s| s.name.clone()).collect();
+            // Withdrawn copies whose jobs are still ending: (bytes, jobs) per model.
+            let mut draining: BTreeMap<String, (u64, u32)> = BTreeMap::new();
             let mut now = secs(0);
             let steps = steps.into_iter().flat_map(|(op, advance)| match op {
                 Op::LoadThrough { model, pin, percent } => vec![
@@ -1353,6 +1464,7 @@ mod tests {
                 let budget_before = r.budget();
                 let used_before = r.used();
                 let name_of = |model: usize| specs[model % specs.len()].name.clone();
+                let mut withdrawn = None;
 
                 match op {
                     Op::BeginLoad { model, pin } => {
@@ -1464,6 +1576,34 @@ mod tests {
                             }
                         }
                     }
+                    Op::Withdraw { model } => {
+                        let name = name_of(model);
+                        let view = before.get(&name);
+                        prop_assert_eq!(r.withdraw(&name), is_resident(view));
+                        if let Some(v) = view.filter(|v| is_resident(Some(v))) {
+                            if v.busy > 0 {
+                                let d = draining.entry(name.clone()).or_insert((0, 0));
+                                d.0 += v.state.bytes();
+                                d.1 += v.busy;
+                            }
+                            if let Some(after) = r.view(&name) {
+                                prop_assert_eq!(after.state, ModelState::Unloaded);
+                                prop_assert_eq!(after.busy, 0);
+                                prop_assert!(!after.pinned);
+                            }
+                            withdrawn = Some(name);
+                        }
+                    }
+                    Op::WithdrawnJobFinished { model } => {
+                        let name = name_of(model);
+                        if let Some(d) = draining.get_mut(&name) {
+                            r.withdrawn_job_finished(&name);
+                            d.1 -= 1;
+                            if d.1 == 0 {
+                                draining.remove(&name);
+                            }
+                        }
+                    }
                     Op::Tick => {
                         let expired = r.tick(now);
                         let expected: Vec<String> = before
@@ -1513,9 +1653,21 @@ mod tests {
                 // Global invariants after every operation.
                 let after = by_name(&r);
                 prop_assert!(r.used() <= r.budget(), "used {} > budget {}", r.used(), r.budget());
-                prop_assert_eq!(r.used(), after.values().map(|v| v.state.bytes()).sum::<u64>());
+                prop_assert_eq!(
+                    r.used(),
+                    after.values().map(|v| v.state.bytes()).sum::<u64>()
+                        + draining.values().map(|d| d.0).sum::<u64>()
+                );
+                // Draining copies are holders that eviction cannot take.
+                for (name, (bytes, jobs)) in &draining {
+                    let h = r.holders().into_iter().find(|h| h.withdrawn && &h.name == name);
+                    prop_assert_eq!(h.map(|h| (h.bytes, h.busy)), Some((*bytes, *jobs)));
+                }
                 for (name, view) in &before {
                     let protected = is_resident(Some(view)) && (view.pinned || view.busy > 0);
+                    if !protected || withdrawn.as_ref() == Some(name) {
+                        continue;
+                    }
                     if !protected {
                         continue;
                     }

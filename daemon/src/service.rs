@@ -382,6 +382,7 @@ impl pb::halo_server::Halo for HaloService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = req.into_inner();
+        crate::heap::note(request_text_bytes(&req));
         let model = model_name(&req.model)?;
         match &req.prompt {
             Some(_) if !req.messages.is_empty() => {
@@ -513,6 +514,7 @@ impl pb::halo_server::Halo for HaloService {
         req: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = req.into_inner();
+        crate::heap::note(req.text.len());
         let model = model_name(&req.model)?;
         let rows = self.core.ask(crate::core::Command::Models).await?;
         let row = rows
@@ -687,6 +689,16 @@ pub async fn reload(
         reply,
     })
     .await
+}
+
+/// The text a Generate request carries: its prompt or its chat messages.
+fn request_text_bytes(req: &pb::GenerateRequest) -> usize {
+    let prompt = match &req.prompt {
+        Some(pb::generate_request::Prompt::Text(t)) => t.len(),
+        Some(pb::generate_request::Prompt::Tokens(t)) => t.ids.len() * 4,
+        None => 0,
+    };
+    prompt + req.messages.iter().map(|m| m.content.len()).sum::<usize>()
 }
 
 fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), Status> {

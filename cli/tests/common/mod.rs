@@ -16,6 +16,18 @@ use tokio::sync::mpsc;
 
 pub const MB: u64 = 1_000_000;
 
+/// A generation that runs to its token limit: greedy counting does not stop early.
+pub const COUNTING: [&str; 8] = [
+    "generate",
+    "smol",
+    "Count to 500: 1, 2, 3, 4, 5, 6, 7,",
+    "--temperature",
+    "0",
+    "--max-tokens",
+    "200",
+    "--json",
+];
+
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
