@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod core;
+pub mod diffusion;
 mod edge_authority;
 pub mod executor;
 pub mod gguf;
