@@ -68,7 +68,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             box_muller_16(block.try_into().expect("16 values"));
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -106,13 +106,15 @@ fn box_muller_16(block: &mut [f32; 16]) {
     }
 }
 
-/// A decimal constant as C rounds it: to double first, then to float.
+/// A decimal constant as C rounds it: to double first, then to float. The constants below are
+/// written as the Cephes tables give them, digits beyond f64's precision included.
 const fn c(v: f64) -> f32 {
     v as f32
 }
 
 /// Natural logarithm for x > 0 (the Cephes `logf` polynomial): x = m · 2^e with m in
 /// [√½, √2), ln x = e·ln 2 + ln m, ln 2 split in two parts for precision.
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
 fn cephes_log(x: f32) -> f32 {
     const SQRTHF: f32 = c(0.707106781186547524);
     const P: [f32; 9] = [
@@ -150,6 +152,7 @@ fn cephes_log(x: f32) -> f32 {
 
 /// Sine and cosine (the Cephes `sinf`/`cosf` polynomials, with the argument reduced by π/4 in
 /// three parts).
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
 fn cephes_sincos(x: f32) -> (f32, f32) {
     const FOPI: f32 = c(1.27323954473516);
     const DP: [f32; 3] = [
@@ -270,7 +273,7 @@ mod tests {
                 (cephes_log(u) - u.ln()).abs() <= 2e-7 * u.ln().abs().max(1.0),
                 "{u}"
             );
-            let t = u * 6.283_185;
+            let t = u * std::f32::consts::TAU;
             let (s, c) = cephes_sincos(t);
             assert!(
                 (s - t.sin()).abs() < 1e-6 && (c - t.cos()).abs() < 1e-6,
