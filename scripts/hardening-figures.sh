@@ -7,7 +7,7 @@
 #   2. halod's resident memory (VmRSS) around large Tokenize requests: one near max_request
 #      (served) and one over it (refused), five times each, to see that memory does not ratchet.
 #
-#   scripts/hardening-figures.sh            (prints a table; nothing is asserted)
+#   scripts/hardening-figures.sh [latency|rss]   (both by default; prints figures, asserts nothing)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release
@@ -46,14 +46,23 @@ EOF
 
 stop_daemon() { kill -TERM "$pid"; wait "$pid" || true; }
 
-ids=$(seq 0 399 | awk '{ printf "%s%d", (NR > 1 ? "," : ""), 100 + ($1 * 37) % 5000 }')
+# A different 400-token prompt for each request: a repeated one would reuse the cached prefix.
+n_ids=0
+next_ids() {
+  n_ids=$((n_ids + 1))
+  ids=$(seq 0 399 | awk -v k="$n_ids" '{ printf "%s%d", (NR > 1 ? "," : ""), 100 + ($1 * 37 + k * 101) % 5000 }')
+}
+what=${1:-all}
+if [ "$what" != rss ]; then
 printf '%-12s %-28s %s\n' "step_tokens" "figure" "seconds"
 for step in 256 64; do
   start_daemon "$step"
   # The long prompt alone, for reference.
+  next_ids
   t0=$(now); "$bin/halo" generate smol --tokens "$ids" --max-tokens 1 >/dev/null; t1=$(now)
   printf '%-12s %-28s %s\n' "$step" "400-token prompt alone" "$(secs "$t0" "$t1")"
   # A short request on the other model while the long prompt runs.
+  next_ids
   "$bin/halo" generate smol --tokens "$ids" --max-tokens 1 >/dev/null &
   long=$!
   until "$bin/halo" jobs --json | grep -q '"running"'; do sleep 0.05; done
@@ -61,6 +70,7 @@ for step in 256 64; do
   printf '%-12s %-28s %s\n' "$step" "2-token request meanwhile" "$(secs "$t0" "$t1")"
   wait "$long"
   # Cancelling the long prompt mid-way.
+  next_ids
   "$bin/halo" generate smol --tokens "$ids" --max-tokens 1 >/dev/null &
   long=$!
   until "$bin/halo" jobs --json | grep -q '"running"'; do sleep 0.05; done
@@ -71,6 +81,8 @@ for step in 256 64; do
   printf '%-12s %-28s %s\n' "$step" "cancel takes effect" "$(secs "$t0" "$t1")"
   stop_daemon
 done
+fi
+[ "$what" = latency ] && exit 0
 
 start_daemon 64
 rss() { awk '/VmRSS/ { printf "%.0f MiB", $2 / 1024 }' "/proc/$pid/status"; }
@@ -86,4 +98,7 @@ for i in 1 2 3 4 5; do
   t0=$(now); "$bin/halo" tokenize smol - < "$work/8mib.txt" >/dev/null 2>&1 || true; t1=$(now)
   echo "after refused 8 MiB Tokenize #$i ($(secs "$t0" "$t1") s): $(rss)"
 done
+# halod hands freed heap back a few seconds after a large request (see daemon/src/heap.rs).
+sleep 4
+echo "4 s later: $(rss)"
 stop_daemon

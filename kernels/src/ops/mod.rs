@@ -3,6 +3,8 @@
 //! pipeline, a descriptor or a `vk::` type.
 
 mod elementwise;
+mod image;
+pub use image::*;
 mod nn;
 pub use nn::*;
 mod quant;

@@ -107,7 +107,7 @@ fn row_wg(stream: &Stream, row_len: u64) -> u32 {
 }
 
 /// Records a one-workgroup-per-row kernel over `n_rows` rows.
-fn row_dispatch(
+pub(super) fn row_dispatch(
     stream: &mut Stream,
     kernel: KernelId,
     row_len: u64,

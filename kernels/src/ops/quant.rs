@@ -83,15 +83,15 @@ fn kernel(op: Op, ty: WeightType) -> KernelId {
 }
 
 /// What the checks learned about a weight matrix.
-struct Checked<'a> {
-    row_bytes: u32,
-    access: Access<'a>,
-    address: u64,
+pub(super) struct Checked<'a> {
+    pub(super) row_bytes: u32,
+    pub(super) access: Access<'a>,
+    pub(super) address: u64,
 }
 
 /// Checks that `w` is a whole number of blocks per row, lies inside its buffer, is aligned for
 /// the kernels' loads, and that the device can run the kernels at all.
-fn check_weights<'a>(
+pub(super) fn check_weights<'a>(
     stream: &Stream,
     op: &'static str,
     w: &Weights<'a>,

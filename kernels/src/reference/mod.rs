@@ -1,6 +1,7 @@
 //! Plain-Rust references for every op: the definition each GPU kernel is tested against.
 //! Written for clarity, not speed.
 
+pub mod image;
 pub mod nn;
 pub mod quant;
 

@@ -1,0 +1,282 @@
+//! Image-model ops (UNet, VAE) over NCHW f32 activations: convolution, group norm, ×2 nearest
+//! upsampling.
+
+use super::nn::row_dispatch;
+use super::quant::check_weights;
+use super::{bad, elementwise, grid_1d, to_u32, F32s, Push, Weights};
+use crate::error::VulkanError;
+use crate::quant::WeightType;
+use crate::runtime::{Dispatch, Stream};
+use crate::KernelId;
+
+/// The shape of one 2-D convolution: `n` images of `ci` channels at `h` × `w`, `co` output
+/// channels, a square `k` × `k` kernel, `stride` and zero padding `pad` on every side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub n: u64,
+    pub ci: u64,
+    pub h: u64,
+    pub w: u64,
+    pub co: u64,
+    pub k: u64,
+    pub stride: u64,
+    pub pad: u64,
+}
+
+impl Conv2d {
+    /// Output height and width.
+    pub fn out_hw(&self) -> (u64, u64) {
+        let o = |d: u64| (d + 2 * self.pad).saturating_sub(self.k) / self.stride.max(1) + 1;
+        (o(self.h), o(self.w))
+    }
+
+    pub fn in_len(&self) -> u64 {
+        self.n * self.ci * self.h * self.w
+    }
+
+    pub fn out_len(&self) -> u64 {
+        let (oh, ow) = self.out_hw();
+        self.n * self.co * oh * ow
+    }
+
+    /// Multiply-adds of the whole convolution (for benchmarks).
+    pub fn macs(&self) -> u64 {
+        self.out_len() * self.ci * self.k * self.k
+    }
+}
+
+/// Output tile of conv2d.comp (64 channels × 64 pixels) and its K step (padded rows).
+const CONV_TILE: u32 = 64;
+const CONV_BK_STRIDE: u32 = 33;
+
+/// `y = conv2d(x, w) + bias`. `w` holds `co` rows of `ci · k · k` values (PyTorch's
+/// `[co][ci][kh][kw]`) in f32, f16 or bf16; `bias` has `co` values.
+pub fn conv2d(
+    stream: &mut Stream,
+    shape: Conv2d,
+    w: Weights<'_>,
+    bias: Option<F32s<'_>>,
+    x: F32s<'_>,
+    y: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let kernel = match w.ty {
+        WeightType::F32 => KernelId::Conv2dF32,
+        WeightType::F16 => KernelId::Conv2dF16,
+        WeightType::BF16 => KernelId::Conv2dBf16,
+        other => {
+            return Err(bad(
+                "conv2d",
+                format!("convolution weights must be f32, f16 or bf16, not {other}"),
+            ))
+        }
+    };
+    let op = kernel.name();
+    let Conv2d {
+        n,
+        ci,
+        h,
+        w: width,
+        co,
+        k,
+        stride,
+        pad,
+    } = shape;
+    if k == 0 || stride == 0 || pad >= k || h + 2 * pad < k || width + 2 * pad < k {
+        return Err(bad(
+            op,
+            format!(
+                "a {k}×{k} kernel with stride {stride} and padding {pad} does not fit {h}×{width}"
+            ),
+        ));
+    }
+    if w.rows != co || w.cols != ci * k * k {
+        return Err(bad(
+            op,
+            format!(
+                "weights are {}×{}, expected {co}×{} ({co} channels of {ci}·{k}·{k})",
+                w.rows,
+                w.cols,
+                ci * k * k
+            ),
+        ));
+    }
+    let c = check_weights(stream, op, &w)?;
+    if x.len != shape.in_len() {
+        return Err(bad(
+            op,
+            format!("x has {} values, expected {}", x.len, shape.in_len()),
+        ));
+    }
+    if y.len != shape.out_len() {
+        return Err(bad(
+            op,
+            format!("y has {} values, expected {}", y.len, shape.out_len()),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len != co {
+            return Err(bad(op, format!("bias has {} values, expected {co}", b.len)));
+        }
+    }
+    to_u32(op, "input length", x.len)?;
+    to_u32(op, "output length", y.len)?;
+    let (oh, ow) = shape.out_hw();
+    let pixels = n * oh * ow;
+    if pixels == 0 || co == 0 {
+        return Ok(());
+    }
+    let limits = stream.limits();
+    let wg = (CONV_TILE / 4) * (CONV_TILE / 4);
+    let shared = 2 * CONV_TILE * CONV_BK_STRIDE * 4 + CONV_TILE * 12;
+    if wg > limits.max_compute_workgroup_invocations
+        || shared > limits.max_compute_shared_memory_size
+    {
+        return Err(VulkanError::Unsupported {
+            device: stream.device().info().name.clone(),
+            what: format!("{op} needs {wg} invocations and {shared} bytes of shared memory"),
+        });
+    }
+    let tiles_m = co.div_ceil(CONV_TILE as u64);
+    let tiles = tiles_m * pixels.div_ceil(CONV_TILE as u64);
+    let push = Push::default()
+        .addr(c.address)
+        .addr(x.address())
+        .addr(bias.map_or(0, |b| b.address()))
+        .addr(y.address())
+        .u32(to_u32(op, "ci", ci)?)
+        .u32(to_u32(op, "h", h)?)
+        .u32(to_u32(op, "w", width)?)
+        .u32(to_u32(op, "co", co)?)
+        .u32(to_u32(op, "oh", oh)?)
+        .u32(to_u32(op, "ow", ow)?)
+        .u32(to_u32(op, "k", k)?)
+        .u32(to_u32(op, "stride", stride)?)
+        .u32(to_u32(op, "pad", pad)?)
+        .u32(to_u32(op, "pixels", pixels)?)
+        .u32(to_u32(op, "tiles", tiles_m)?)
+        .u32(bias.is_some() as u32);
+    let mut reads = vec![c.access, x.access()];
+    reads.extend(bias.map(|b| b.access()));
+    stream.dispatch(&Dispatch {
+        kernel,
+        spec: &[wg, limits.subgroup_size],
+        push: push.bytes(),
+        groups: grid_1d(tiles, 1)?,
+        reads: &reads,
+        writes: &[y.access()],
+    })
+}
+
+/// Group norm of `n` images of `channels` channels of `plane` (h · w) values each, in `groups`
+/// groups, with per-channel `weight` and `bias`, then SiLU when `silu` is set. In place is
+/// allowed (`out` may be `x`).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    weight: F32s<'_>,
+    bias: F32s<'_>,
+    out: F32s<'_>,
+    channels: u64,
+    plane: u64,
+    groups: u64,
+    eps: f32,
+    silu: bool,
+) -> Result<(), VulkanError> {
+    let op = "group_norm_f32";
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        return Err(bad(
+            op,
+            format!("{channels} channels do not split into {groups} groups"),
+        ));
+    }
+    let image = channels * plane;
+    if image == 0 || !x.len.is_multiple_of(image) {
+        return Err(bad(
+            op,
+            format!(
+                "x has {} values, not a whole number of {channels}×{plane} images",
+                x.len
+            ),
+        ));
+    }
+    if out.len != x.len {
+        return Err(bad(
+            op,
+            format!("out has {} values, x has {}", out.len, x.len),
+        ));
+    }
+    for (what, p) in [("weight", weight), ("bias", bias)] {
+        if p.len != channels {
+            return Err(bad(
+                op,
+                format!("{what} has {} values, expected {channels}", p.len),
+            ));
+        }
+    }
+    to_u32(op, "length", x.len)?;
+    let per_group = channels / groups;
+    let n_groups = x.len / image * groups;
+    let push = Push::default()
+        .addr(x.address())
+        .addr(weight.address())
+        .addr(bias.address())
+        .addr(out.address())
+        .u32(to_u32(op, "plane", plane)?)
+        .u32(to_u32(op, "per_group", per_group)?)
+        .u32(to_u32(op, "groups", groups)?)
+        .u32(to_u32(op, "n_groups", n_groups)?)
+        .f32(eps)
+        .u32(silu as u32);
+    row_dispatch(
+        stream,
+        KernelId::GroupNormF32,
+        per_group * plane,
+        n_groups,
+        &push,
+        &[x.access(), weight.access(), bias.access()],
+        &[out.access()],
+    )
+}
+
+/// Nearest-neighbour ×2 upsampling of `planes` (images × channels) planes of `h` × `w`.
+pub fn upsample2x(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    out: F32s<'_>,
+    planes: u64,
+    h: u64,
+    w: u64,
+) -> Result<(), VulkanError> {
+    let op = "upsample2x_f32";
+    if x.len != planes * h * w {
+        return Err(bad(
+            op,
+            format!("x has {} values, expected {planes}·{h}·{w}", x.len),
+        ));
+    }
+    if out.len != x.len * 4 {
+        return Err(bad(
+            op,
+            format!("out has {} values, expected {}", out.len, x.len * 4),
+        ));
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(out.address())
+        .u32(to_u32(op, "h", h)?)
+        .u32(to_u32(op, "w", w)?)
+        .u32(to_u32(op, "planes", planes)?);
+    to_u32(op, "output length", out.len)?;
+    if out.len == 0 {
+        return Ok(());
+    }
+    elementwise(
+        stream,
+        KernelId::Upsample2xF32,
+        out.len,
+        &push,
+        &[x.access()],
+        &[out.access()],
+    )
+}

@@ -1,0 +1,94 @@
+//! References for the image-model ops (NCHW f32), in f64 where they accumulate.
+
+/// The convolution of `n` images of `ci` × `h` × `w` with `co` filters of `ci` × `k` × `k`
+/// (`w` row-major `[co][ci][k][k]`), stride and zero padding; plus `bias[co]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    ci: usize,
+    h: usize,
+    wd: usize,
+    co: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
+    let oh = (h + 2 * pad - k) / stride + 1;
+    let ow = (wd + 2 * pad - k) / stride + 1;
+    let mut out = vec![0f32; n * co * oh * ow];
+    for img in 0..n {
+        for o in 0..co {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = bias.map_or(0.0, |b| b[o] as f64);
+                    for c in 0..ci {
+                        for ky in 0..k {
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                if ix < 0 || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x[((img * ci + c) * h + iy as usize) * wd + ix as usize];
+                                let wv = w[((o * ci + c) * k + ky) * k + kx];
+                                acc += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    out[((img * co + o) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Group norm over images of `channels` × `plane` values, per-channel affine, optional SiLU.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    channels: usize,
+    plane: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
+    let per_group = channels / groups;
+    let len = per_group * plane;
+    let mut out = Vec::with_capacity(x.len());
+    for (g, run) in x.chunks(len).enumerate() {
+        let mean = run.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = run.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (i, &v) in run.iter().enumerate() {
+            let c = (g % groups) * per_group + i / plane;
+            let mut y = (v as f64 - mean) * inv * weight[c] as f64 + bias[c] as f64;
+            if silu {
+                y /= 1.0 + (-y).exp();
+            }
+            out.push(y as f32);
+        }
+    }
+    out
+}
+
+/// Nearest-neighbour ×2 upsampling of `planes` planes of `h` × `w`.
+pub fn upsample2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() * 4);
+    for p in 0..planes {
+        for y in 0..2 * h {
+            for xx in 0..2 * w {
+                out.push(x[(p * h + y / 2) * w + xx / 2]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,345 @@
+//! The image-model ops (conv2d in f32/f16/bf16, group norm with and without SiLU, ×2 nearest
+//! upsampling) against their references in `reference::image`, over sweeps of shapes. Skips
+//! (with a message) when no Vulkan device exists, unless HALO_REQUIRE_VULKAN=1.
+
+mod common;
+
+use common::device;
+
+use halo_kernels::ops::{self, Conv2d, F32s, Weights};
+use halo_kernels::quant::{self, WeightType};
+use halo_kernels::reference::image as r;
+use halo_kernels::reference::{max_rel_diff, Rng};
+use halo_kernels::{Buffer, Device, MemoryKind, OwnerId, VulkanError};
+
+const OWNER: OwnerId = OwnerId(12);
+
+fn upload_bytes(dev: &Device, bytes: &[u8]) -> Buffer {
+    let mut b = dev
+        .alloc(MemoryKind::Device, bytes.len().max(4) as u64, OWNER)
+        .unwrap();
+    dev.write(&mut b, 0, bytes).unwrap();
+    b
+}
+
+fn upload(dev: &Device, v: &[f32]) -> Buffer {
+    upload_bytes(
+        dev,
+        &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+}
+
+fn zeros(dev: &Device, n: usize) -> Buffer {
+    dev.alloc(MemoryKind::Device, (n.max(1) * 4) as u64, OWNER)
+        .unwrap()
+}
+
+fn run(dev: &Device, f: impl FnOnce(&mut halo_kernels::Stream) -> Result<(), VulkanError>) {
+    let mut s = dev.stream().unwrap();
+    f(&mut s).unwrap();
+    s.finish().unwrap();
+}
+
+/// Weights of `ty` as the GPU reads them and as f32 (dequantized) for the reference.
+fn weights(ty: WeightType, n: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let bytes = quant::random_weights(ty, n, seed);
+    let mut f = vec![0.0; n];
+    quant::dequantize(ty, &bytes, &mut f).unwrap();
+    (bytes, f)
+}
+
+/// The GPU sums the taps in another order, in f32; |Δ| ≤ 2e-5 · Σ|w·x| per output is far above
+/// that rounding and far below an indexing mistake.
+fn check_conv(what: &str, got: &[f32], x: &[f32], w: &[f32], shape: Conv2d) {
+    let want = r::conv2d(
+        x,
+        w,
+        None,
+        shape.n as usize,
+        shape.ci as usize,
+        shape.h as usize,
+        shape.w as usize,
+        shape.co as usize,
+        shape.k as usize,
+        shape.stride as usize,
+        shape.pad as usize,
+    );
+    let absx: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let absw: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+    let scale = r::conv2d(
+        &absx,
+        &absw,
+        None,
+        shape.n as usize,
+        shape.ci as usize,
+        shape.h as usize,
+        shape.w as usize,
+        shape.co as usize,
+        shape.k as usize,
+        shape.stride as usize,
+        shape.pad as usize,
+    );
+    assert_eq!(got.len(), want.len());
+    for i in 0..got.len() {
+        let tol = 2e-5 * scale[i] + 1e-30;
+        assert!(
+            (got[i] - want[i]).abs() <= tol,
+            "{what}: output {i} is {}, reference {} (tolerance {tol:e})",
+            got[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn conv2d_matches_the_reference() {
+    let Some(dev) = device() else { return };
+    // (n, ci, h, w, co, k, stride, pad): SDXL's 3×3 same-size and stride-2 downsampling, 1×1
+    // projections, one input channel, odd sizes, more channels than one tile, non-square.
+    let shapes = [
+        (1, 4, 8, 8, 32, 3, 1, 1),
+        (2, 3, 5, 7, 5, 3, 1, 1),
+        (1, 16, 9, 9, 16, 3, 2, 1),
+        (1, 32, 8, 6, 70, 1, 1, 0),
+        (1, 1, 3, 3, 1, 3, 1, 1),
+        (1, 20, 17, 13, 130, 3, 1, 1),
+        (3, 8, 4, 12, 8, 3, 2, 1),
+    ];
+    let mut rng = Rng::new(3);
+    for (i, &(n, ci, h, w, co, k, stride, pad)) in shapes.iter().enumerate() {
+        let shape = Conv2d {
+            n,
+            ci,
+            h,
+            w,
+            co,
+            k,
+            stride,
+            pad,
+        };
+        let x = rng.f32s(shape.in_len() as usize, 1.0);
+        for ty in [WeightType::F32, WeightType::F16, WeightType::BF16] {
+            let (wb, wf) = weights(ty, (co * ci * k * k) as usize, 100 + i as u64);
+            let bias = rng.f32s(co as usize, 0.5);
+            let (xb, wbuf, bb) = (
+                upload(&dev, &x),
+                upload_bytes(&dev, &wb),
+                upload(&dev, &bias),
+            );
+            let y = zeros(&dev, shape.out_len() as usize);
+            let wv = Weights {
+                buffer: &wbuf,
+                offset: 0,
+                ty,
+                rows: co,
+                cols: ci * k * k,
+            };
+            run(&dev, |s| {
+                ops::conv2d(
+                    s,
+                    shape,
+                    wv,
+                    Some(F32s::all(&bb)),
+                    F32s::all(&xb),
+                    F32s::all(&y),
+                )
+            });
+            let got = dev.read_f32(&y, 0, shape.out_len()).unwrap();
+            // Take the bias off so the check scales with the products alone.
+            let (oh, ow) = shape.out_hw();
+            let plane = (oh * ow) as usize;
+            let got: Vec<f32> = got
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v - bias[(j / plane) % co as usize])
+                .collect();
+            check_conv(&format!("{shape:?} {ty}"), &got, &x, &wf, shape);
+        }
+    }
+}
+
+#[test]
+fn conv2d_refuses_bad_shapes() {
+    let Some(dev) = device() else { return };
+    let shape = Conv2d {
+        n: 1,
+        ci: 2,
+        h: 4,
+        w: 4,
+        co: 3,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let wbuf = zeros(&dev, 54);
+    let x = zeros(&dev, 32);
+    let y = zeros(&dev, 48);
+    let mut s = dev.stream().unwrap();
+    let w = |rows, cols, ty| Weights {
+        buffer: &wbuf,
+        offset: 0,
+        ty,
+        rows,
+        cols,
+    };
+    let cases = [
+        (
+            ops::conv2d(
+                &mut s,
+                shape,
+                w(3, 17, WeightType::F32),
+                None,
+                F32s::all(&x),
+                F32s::all(&y),
+            ),
+            "weights are 3×17",
+        ),
+        (
+            ops::conv2d(
+                &mut s,
+                shape,
+                w(3, 18, WeightType::Q8_0),
+                None,
+                F32s::all(&x),
+                F32s::all(&y),
+            ),
+            "must be f32, f16 or bf16",
+        ),
+        (
+            ops::conv2d(
+                &mut s,
+                Conv2d {
+                    k: 7,
+                    pad: 0,
+                    ..shape
+                },
+                w(3, 98, WeightType::F32),
+                None,
+                F32s::all(&x),
+                F32s::all(&y),
+            ),
+            "does not fit",
+        ),
+        (
+            ops::conv2d(
+                &mut s,
+                shape,
+                w(3, 18, WeightType::F32),
+                None,
+                F32s::all(&x).sub(0, 31),
+                F32s::all(&y),
+            ),
+            "x has 31 values",
+        ),
+    ];
+    for (result, want) in cases {
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains(want), "{e:?} does not contain {want:?}");
+    }
+}
+
+#[test]
+fn group_norm_matches_the_reference() {
+    let Some(dev) = device() else { return };
+    // (images, channels, plane, groups): SDXL-like 32 groups, the tiny model's 8, one channel
+    // per group, a group larger than the workgroup many times over, a single group.
+    let shapes = [
+        (1, 64, 64, 32),
+        (2, 16, 9, 8),
+        (1, 8, 5, 8),
+        (1, 32, 4096, 4),
+        (3, 6, 10, 1),
+    ];
+    let mut rng = Rng::new(5);
+    for &(n, c, plane, groups) in &shapes {
+        // An offset mean tests the two-pass variance.
+        let x: Vec<f32> = rng
+            .f32s(n * c * plane, 2.0)
+            .iter()
+            .map(|v| v + 3.0)
+            .collect();
+        let w = rng.f32s(c, 1.0);
+        let b = rng.f32s(c, 1.0);
+        for silu in [false, true] {
+            let (xb, wb, bb) = (upload(&dev, &x), upload(&dev, &w), upload(&dev, &b));
+            let out = zeros(&dev, x.len());
+            run(&dev, |s| {
+                ops::group_norm(
+                    s,
+                    F32s::all(&xb),
+                    F32s::all(&wb),
+                    F32s::all(&bb),
+                    F32s::all(&out),
+                    c as u64,
+                    plane as u64,
+                    groups as u64,
+                    1e-5,
+                    silu,
+                )
+            });
+            let got = dev.read_f32(&out, 0, x.len() as u64).unwrap();
+            let want = r::group_norm(&x, &w, &b, c, plane, groups, 1e-5, silu);
+            let d = max_rel_diff(&got, &want);
+            assert!(d < 1e-4, "({n}, {c}, {plane}, {groups}) silu={silu}: {d:e}");
+        }
+    }
+    // In place.
+    let x = rng.f32s(2 * 8 * 16, 1.0);
+    let (w, b) = (vec![1.5; 8], vec![0.25; 8]);
+    let (xb, wb, bb) = (upload(&dev, &x), upload(&dev, &w), upload(&dev, &b));
+    run(&dev, |s| {
+        ops::group_norm(
+            s,
+            F32s::all(&xb),
+            F32s::all(&wb),
+            F32s::all(&bb),
+            F32s::all(&xb),
+            8,
+            16,
+            4,
+            1e-6,
+            true,
+        )
+    });
+    let got = dev.read_f32(&xb, 0, x.len() as u64).unwrap();
+    assert!(max_rel_diff(&got, &r::group_norm(&x, &w, &b, 8, 16, 4, 1e-6, true)) < 1e-4);
+    let mut s = dev.stream().unwrap();
+    let e = ops::group_norm(
+        &mut s,
+        F32s::all(&xb),
+        F32s::all(&wb),
+        F32s::all(&bb),
+        F32s::all(&xb),
+        8,
+        16,
+        3,
+        1e-6,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("do not split into 3 groups"), "{e}");
+}
+
+#[test]
+fn upsample2x_matches_the_reference() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(9);
+    for &(planes, h, w) in &[(1, 1, 1), (3, 5, 7), (8, 32, 32), (2, 1, 300)] {
+        let x = rng.f32s(planes * h * w, 1.0);
+        let xb = upload(&dev, &x);
+        let out = zeros(&dev, x.len() * 4);
+        run(&dev, |s| {
+            ops::upsample2x(
+                s,
+                F32s::all(&xb),
+                F32s::all(&out),
+                planes as u64,
+                h as u64,
+                w as u64,
+            )
+        });
+        let got = dev.read_f32(&out, 0, x.len() as u64 * 4).unwrap();
+        assert_eq!(got, r::upsample2x(&x, planes, h, w), "({planes}, {h}, {w})");
+    }
+}
