@@ -1,0 +1,207 @@
+//! The diffusion parts against the tiny SDXL pipeline and diffusers' recorded outputs
+//! (fixtures/diffusion, made by gen_tiny_sdxl.py): its files parse, its configs resolve to the
+//! shapes diffusers built, and both CLIP tokenizers give diffusers' token ids.
+
+use std::path::PathBuf;
+
+use halod::diffusion::clip_tokenizer::ClipTokenizer;
+use halod::diffusion::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
+use halod::safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusion")
+}
+
+fn pipeline() -> PathBuf {
+    dir().join("tiny-sdxl")
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(dir().join("tiny-sdxl-refs.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+/// The recorded int32 tensor `name`.
+fn ids(refs: &[u8], st: &SafeTensors, name: &str) -> Vec<u32> {
+    let t = st
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} is not recorded"));
+    assert_eq!(t.dtype, Dtype::I32);
+    st.data(refs, t)
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+#[test]
+fn every_weight_file_of_the_pipeline_parses() {
+    let mut tensors = 0;
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        let files: Vec<PathBuf> = std::fs::read_dir(pipeline().join(part))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        assert_eq!(files.len(), 1, "{part}");
+        let bytes = std::fs::read(&files[0]).unwrap();
+        let st = SafeTensors::parse(&bytes).unwrap();
+        assert!(st.tensors().iter().all(|t| t.dtype == Dtype::F32), "{part}");
+        // The tensors tile the data section: nothing between or after them.
+        let mut at = st.data_start;
+        for t in st.tensors() {
+            assert_eq!(t.range.start, at, "{part}: {}", t.name);
+            at = t.range.end;
+        }
+        assert_eq!(at, bytes.len() as u64);
+        tensors += st.len();
+    }
+    assert!(tensors > 300, "{tensors}");
+}
+
+#[test]
+fn configs_resolve_to_the_shapes_diffusers_built() {
+    let unet_path = pipeline().join("unet/config.json");
+    let unet: UnetConfig = config::read(&unet_path).unwrap();
+    let shape = unet.shape(&unet_path).unwrap();
+    assert_eq!(shape.groups, 4);
+    assert_eq!(shape.context_dim, 64);
+    assert_eq!(shape.text_time, Some((8, 88)));
+    assert_eq!(shape.time_embed_dim, 32);
+    assert_eq!(shape.mid_transformer_depth, 2);
+    let levels: Vec<(u32, u32, u32, u32)> = shape
+        .levels
+        .iter()
+        .map(|l| (l.channels, l.transformer_depth, l.heads, l.head_dim))
+        .collect();
+    assert_eq!(levels, [(8, 0, 1, 0), (16, 1, 2, 8), (32, 2, 2, 16)]);
+    assert!(shape.linear_projection && shape.flip_sin_to_cos);
+
+    let vae: VaeConfig = config::read(&pipeline().join("vae/config.json")).unwrap();
+    assert_eq!(
+        (
+            vae.latent_channels,
+            vae.norm_num_groups,
+            vae.block_out_channels.len()
+        ),
+        (4, 4, 4)
+    );
+    assert_eq!(vae.scaling_factor, 0.13025);
+    let te1: ClipTextConfig = config::read(&pipeline().join("text_encoder/config.json")).unwrap();
+    let te2: ClipTextConfig = config::read(&pipeline().join("text_encoder_2/config.json")).unwrap();
+    assert_eq!(
+        (te1.hidden_size, te1.hidden_act.as_str()),
+        (24, "quick_gelu")
+    );
+    assert_eq!(
+        (te2.hidden_size, te2.hidden_act.as_str(), te2.projection_dim),
+        (40, "gelu", Some(40))
+    );
+    let sched: SchedulerConfig =
+        config::read(&pipeline().join("scheduler/scheduler_config.json")).unwrap();
+    assert_eq!(
+        (
+            sched.beta_schedule.as_str(),
+            sched.timestep_spacing.as_str(),
+            sched.steps_offset
+        ),
+        ("scaled_linear", "leading", 1)
+    );
+}
+
+#[test]
+fn a_config_halo_cannot_run_is_an_error_naming_the_key() {
+    let path = pipeline().join("unet/config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (from, to, want) in [
+        (
+            "\"norm_num_groups\": 4",
+            "\"norm_num_groups\": 3",
+            "not a multiple of norm_num_groups = 3",
+        ),
+        (
+            "\"act_fn\": \"silu\"",
+            "\"act_fn\": \"gelu\"",
+            "act_fn \"gelu\"",
+        ),
+        (
+            "\"CrossAttnDownBlock2D\"",
+            "\"SimpleCrossAttnDownBlock2D\"",
+            "is not supported",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let p = tmp.path().join("config.json");
+        std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+        let c: UnetConfig = config::read(&p).unwrap();
+        let e = c.shape(&p).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("config.json"), "{e}");
+    }
+    let p = tmp.path().join("broken.json");
+    std::fs::write(&p, "{\"block_out_channels\": ").unwrap();
+    let e = config::read::<UnetConfig>(&p).unwrap_err().to_string();
+    assert!(e.contains("broken.json: not a valid config"), "{e}");
+}
+
+fn tokenizer(part: &str) -> ClipTokenizer {
+    ClipTokenizer::from_folder(&pipeline().join(part)).unwrap()
+}
+
+#[test]
+fn both_tokenizers_give_diffusers_ids() {
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    let (t1, t2) = (tokenizer("tokenizer"), tokenizer("tokenizer_2"));
+    let mut checked = 0;
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        for (text, key) in [(&case["prompt"], ""), (&case["negative"], "neg_")] {
+            let text = text.as_str().unwrap();
+            if text.is_empty() {
+                continue;
+            }
+            for (i, t) in [(1, &t1), (2, &t2)] {
+                let want = ids(&refs, &st, &format!("{name}.{key}ids{i}"));
+                assert_eq!(
+                    t.encode(text).unwrap(),
+                    want,
+                    "{name} {key}ids{i}: {text:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 16, "{checked}");
+}
+
+#[test]
+fn tokenizing_normalizes_and_truncates_like_clip() {
+    let t = tokenizer("tokenizer");
+    let a = t.encode("A  Photograph\tof an ASTRONAUT").unwrap();
+    let b = t.encode("a photograph of an astronaut").unwrap();
+    assert_eq!(a, b);
+    let long = "horse ".repeat(200);
+    let ids = t.encode(&long).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!(ids[76], t.eos());
+    assert_ne!(ids[75], t.eos());
+}
+
+#[test]
+fn a_broken_tokenizer_folder_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = ClipTokenizer::from_folder(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vocab.json"), "{e}");
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(pipeline().join("tokenizer").join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(tmp.path().join("merges.txt"), "#version: 0.2\na b c\n").unwrap();
+    let e = ClipTokenizer::from_folder(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2 is not a pair"), "{e}");
+}
