@@ -205,3 +205,63 @@ fn a_broken_tokenizer_folder_says_what_is_missing() {
         .to_string();
     assert!(e.contains("line 2 is not a pair"), "{e}");
 }
+
+/// A recorded f32 tensor.
+fn floats(refs: &[u8], st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} is not recorded"));
+    assert_eq!(t.dtype, Dtype::F32);
+    st.data(refs, t)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// max |a − b| / max |b|: the difference relative to the tensor's scale.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn samplers_follow_diffusers_step_by_step() {
+    use halod::diffusion::rng::TorchRng;
+    use halod::diffusion::sampler::{Sampler, SamplerKind, Schedule};
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    let sched: SchedulerConfig =
+        config::read(&pipeline().join("scheduler/scheduler_config.json")).unwrap();
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let kind = SamplerKind::parse(case["sampler"].as_str().unwrap()).unwrap();
+        let schedule = Schedule::parse(case["scheduler"].as_str().unwrap()).unwrap();
+        let steps = case["steps"].as_u64().unwrap() as u32;
+        let mut s = Sampler::new(&sched, kind, schedule, steps).unwrap();
+        let want_sigmas = floats(&refs, &st, &format!("{name}.sigmas"));
+        let want_ts = floats(&refs, &st, &format!("{name}.timesteps"));
+        assert!(
+            rel(s.sigmas(), &want_sigmas) < 1e-6,
+            "{name}: sigmas {:?} vs {want_sigmas:?}",
+            s.sigmas()
+        );
+        assert!(
+            rel(s.timesteps(), &want_ts) < 1e-6,
+            "{name}: timesteps {:?} vs {want_ts:?}",
+            s.timesteps()
+        );
+        // Start from the recorded noise, feed the recorded guided predictions, compare each step.
+        let mut rng = TorchRng::new(case["seed"].as_u64().unwrap());
+        let noise = floats(&refs, &st, &format!("{name}.latents0"));
+        assert_eq!(rng.randn(noise.len()), noise, "{name}: starting noise");
+        let mut x: Vec<f32> = noise.iter().map(|v| v * s.init_noise_sigma()).collect();
+        for i in 0..steps as usize {
+            let eps = floats(&refs, &st, &format!("{name}.eps_step{}", i + 1));
+            s.step(i, &eps, &mut x, &mut rng);
+            let want = floats(&refs, &st, &format!("{name}.latents_step{}", i + 1));
+            let d = rel(&x, &want);
+            assert!(d < 1e-5, "{name}: step {} differs by {d:e}", i + 1);
+        }
+    }
+}
