@@ -343,3 +343,74 @@ fn upsample2x_matches_the_reference() {
         assert_eq!(got, r::upsample2x(&x, planes, h, w), "({planes}, {h}, {w})");
     }
 }
+
+#[test]
+fn seq_attention_matches_the_reference() {
+    use halo_kernels::ops::SeqAttention;
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(21);
+    // (batch, heads, head_dim, n_q, n_kv, causal, fused): UNet self-attention (8 heads of 40
+    // on a few hundred pixels), cross-attention to 77 text tokens, the VAE's single 512-wide
+    // head, CLIP's causal 77 tokens in a fused qkv buffer, a batch of two (CFG), odd sizes.
+    let cases = [
+        (1, 8, 40, 300, 300, false, false),
+        (2, 4, 16, 64, 77, false, false),
+        (1, 1, 512, 70, 70, false, false),
+        (2, 4, 8, 77, 77, true, true),
+        (1, 3, 5, 9, 9, false, true),
+        (1, 2, 64, 33, 1, false, false),
+    ];
+    for &(b, h, d, nq, nkv, causal, fused) in &cases {
+        let width = h * d;
+        let (q, k, v, qs, kvs) = if fused {
+            // One buffer of rows [q | k | v]; the views start at each part's first column.
+            let qkv = rng.f32s(b * nq * 3 * width, 1.0);
+            let k = qkv[width..].to_vec();
+            let v = qkv[2 * width..].to_vec();
+            (qkv, k, v, 3 * width, 3 * width)
+        } else {
+            (
+                rng.f32s(b * nq * width, 1.0),
+                rng.f32s(b * nkv * width, 1.0),
+                rng.f32s(b * nkv * width, 1.0),
+                width,
+                width,
+            )
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let p = SeqAttention {
+            batch: b as u32,
+            n_heads: h as u32,
+            head_dim: d as u32,
+            n_q: nq as u32,
+            n_kv: nkv as u32,
+            q_stride: qs as u32,
+            kv_stride: kvs as u32,
+            o_stride: width as u32,
+            scale,
+            causal,
+        };
+        let want = r::seq_attention(&q, &k, &v, b, h, d, nq, nkv, qs, kvs, width, scale, causal);
+        let (qb, kb, vb) = (upload(&dev, &q), upload(&dev, &k), upload(&dev, &v));
+        let out = zeros(&dev, want.len());
+        let qlen = ((b * nq - 1) * qs + width) as u64;
+        let kvlen = ((b * nkv - 1) * kvs + width) as u64;
+        run(&dev, |s| {
+            ops::seq_attention(
+                s,
+                &p,
+                F32s::all(&qb).sub(0, qlen),
+                F32s::all(&kb).sub(0, kvlen),
+                F32s::all(&vb).sub(0, kvlen),
+                F32s::all(&out),
+            )
+        });
+        let got = dev.read_f32(&out, 0, want.len() as u64).unwrap();
+        let diff = max_rel_diff(&got, &want);
+        assert!(
+            diff < 1e-5,
+            "{:?}: {diff:e}",
+            (b, h, d, nq, nkv, causal, fused)
+        );
+    }
+}

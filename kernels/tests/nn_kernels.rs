@@ -170,14 +170,30 @@ fn activations_match_the_reference() {
         let up = rng.f32s(n, 2.0);
         let gx = dev.upload_f32(&x, OWNER).unwrap();
         let gu = dev.upload_f32(&up, OWNER).unwrap();
-        let outs: Vec<Buffer> = (0..4).map(|_| zeros(&dev, n)).collect();
+        let outs: Vec<Buffer> = (0..7).map(|_| zeros(&dev, n)).collect();
         let mut s = dev.stream().unwrap();
         let (x_, u_) = (F32s::all(&gx), F32s::all(&gu));
         ops::silu(&mut s, x_, F32s::all(&outs[0])).unwrap();
         ops::gelu_tanh(&mut s, x_, F32s::all(&outs[1])).unwrap();
         ops::swiglu(&mut s, x_, u_, F32s::all(&outs[2])).unwrap();
         ops::geglu(&mut s, x_, u_, F32s::all(&outs[3])).unwrap();
+        ops::gelu(&mut s, x_, F32s::all(&outs[4])).unwrap();
+        ops::quick_gelu(&mut s, x_, F32s::all(&outs[5])).unwrap();
+        ops::geglu_erf(&mut s, x_, u_, F32s::all(&outs[6])).unwrap();
         s.finish().unwrap();
+        check("gelu", &read(&dev, &outs[4], n), &r::gelu(&x), 1e-5);
+        check(
+            "quick_gelu",
+            &read(&dev, &outs[5], n),
+            &r::quick_gelu(&x),
+            1e-5,
+        );
+        check(
+            "geglu_erf",
+            &read(&dev, &outs[6], n),
+            &r::geglu_erf(&x, &up),
+            1e-5,
+        );
         check("silu", &read(&dev, &outs[0], n), &r::silu(&x), 1e-5);
         check(
             "gelu_tanh",

@@ -280,3 +280,153 @@ pub fn upsample2x(
         &[out.access()],
     )
 }
+
+/// One multi-head attention over whole sequences (see attention.comp): `batch` × `n_heads`
+/// heads of `head_dim`, `n_q` query rows against `n_kv` key/value rows per batch. Row r of a
+/// tensor starts `stride` floats after row r − 1 (so q, k and v may be column ranges of one
+/// fused projection, each view starting at its first column); head h is the `head_dim` columns
+/// from h · head_dim. `causal`: query row i sees keys 0..=i only (CLIP's text encoder).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqAttention {
+    pub batch: u32,
+    pub n_heads: u32,
+    pub head_dim: u32,
+    pub n_q: u32,
+    pub n_kv: u32,
+    pub q_stride: u32,
+    pub kv_stride: u32,
+    pub o_stride: u32,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+/// Output values each invocation accumulates (`MAX_OUT` in image/attention.comp).
+const SEQ_ATTN_MAX_OUT: u32 = 16;
+const SEQ_ATTN_WG: u32 = 128;
+/// The largest head this kernel takes (the VAE's single 512-wide head fits with room).
+pub const SEQ_ATTN_MAX_HEAD_DIM: u32 = 1024;
+
+/// out = softmax(scale · q kᵀ) v per (batch, head), without storing the score matrix.
+pub fn seq_attention(
+    stream: &mut Stream,
+    p: &SeqAttention,
+    q: F32s<'_>,
+    k: F32s<'_>,
+    v: F32s<'_>,
+    out: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let op = "attention_seq_f32";
+    let d = p.head_dim as u64;
+    if p.head_dim == 0 || p.head_dim > SEQ_ATTN_MAX_HEAD_DIM || p.n_heads == 0 {
+        return Err(bad(
+            op,
+            format!(
+                "{} heads of {} (head_dim must be 1..={SEQ_ATTN_MAX_HEAD_DIM})",
+                p.n_heads, p.head_dim
+            ),
+        ));
+    }
+    if p.causal && p.n_q != p.n_kv {
+        return Err(bad(
+            op,
+            "causal attention needs as many keys as queries".into(),
+        ));
+    }
+    let width = p.n_heads as u64 * d;
+    let need = |what: &str, view: F32s<'_>, rows: u64, stride: u32| {
+        if (stride as u64) < width {
+            return Err(bad(
+                op,
+                format!("{what} rows are {stride} apart, less than {width} columns of heads"),
+            ));
+        }
+        let len = if rows == 0 {
+            0
+        } else {
+            (rows - 1) * stride as u64 + width
+        };
+        if view.len < len {
+            return Err(bad(
+                op,
+                format!("{what} has {} values, needs {len}", view.len),
+            ));
+        }
+        to_u32(op, what, view.len)
+    };
+    let (bq, bkv) = (
+        p.batch as u64 * p.n_q as u64,
+        p.batch as u64 * p.n_kv as u64,
+    );
+    need("q", q, bq, p.q_stride)?;
+    need("k", k, bkv, p.kv_stride)?;
+    need("v", v, bkv, p.kv_stride)?;
+    need("out", out, bq, p.o_stride)?;
+    if bq == 0 {
+        return Ok(());
+    }
+    if p.n_kv == 0 {
+        return Err(bad(op, "no keys to attend to".into()));
+    }
+    let l = stream.limits();
+    let wg = SEQ_ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
+    let rows_cap = (SEQ_ATTN_MAX_OUT * wg / p.head_dim).min(64);
+    if rows_cap == 0 {
+        return Err(bad(
+            op,
+            format!(
+                "head_dim = {} needs a larger workgroup than the device allows",
+                p.head_dim
+            ),
+        ));
+    }
+    let rows = (p.n_q as u64).next_power_of_two().min(rows_cap as u64);
+    // Keys per tile: what shared memory holds next to q and the row statistics (and the shared
+    // reduction scratch of nn.glsl).
+    let shared_floats = (l.max_compute_shared_memory_size / 4) as u64;
+    let fixed = rows * (d + 3) + 64;
+    let per_key = 2 * d + 1 + rows;
+    let mut tile = shared_floats.saturating_sub(fixed) / per_key;
+    tile = tile.min(64);
+    if tile >= 8 {
+        tile -= tile % 8;
+    }
+    if tile == 0 {
+        return Err(bad(
+            op,
+            format!("head_dim = {} does not fit in shared memory", p.head_dim),
+        ));
+    }
+    let n_blocks = (p.n_q as u64).div_ceil(rows);
+    let mut groups = grid_1d(n_blocks, 1)?;
+    let bh = p.batch as u64 * p.n_heads as u64;
+    // Vulkan guarantees 65535 workgroups along z.
+    if bh > 65535 {
+        return Err(bad(
+            op,
+            format!("{bh} (batch, head) pairs is too many for one dispatch"),
+        ));
+    }
+    groups[2] = bh as u32;
+    let push = Push::default()
+        .addr(q.address())
+        .addr(k.address())
+        .addr(v.address())
+        .addr(out.address())
+        .u32(p.n_heads)
+        .u32(p.n_q)
+        .u32(p.n_kv)
+        .u32(p.q_stride)
+        .u32(p.kv_stride)
+        .u32(p.o_stride)
+        .f32(p.scale)
+        .u32(p.causal as u32)
+        .u32(to_u32(op, "blocks", n_blocks)?);
+    stream.dispatch(&Dispatch {
+        kernel: KernelId::AttentionSeqF32,
+        spec: &[wg, l.subgroup_size, p.head_dim, rows as u32, tile as u32],
+        push: push.bytes(),
+        groups,
+        reads: &[q.access(), k.access(), v.access()],
+        writes: &[out.access()],
+    })
+}

@@ -256,6 +256,26 @@ pub fn gelu_tanh(stream: &mut Stream, x: F32s<'_>, out: F32s<'_>) -> Result<(), 
     activation(stream, KernelId::GeluTanhF32, x, None, out)
 }
 
+/// The exact gelu, out = x/2 · (1 + erf(x / √2)) (PyTorch's default `gelu`). `out` may be `x`.
+pub fn gelu(stream: &mut Stream, x: F32s<'_>, out: F32s<'_>) -> Result<(), VulkanError> {
+    activation(stream, KernelId::GeluF32, x, None, out)
+}
+
+/// CLIP's quick gelu, out = x · sigmoid(1.702 x). `out` may be `x`.
+pub fn quick_gelu(stream: &mut Stream, x: F32s<'_>, out: F32s<'_>) -> Result<(), VulkanError> {
+    activation(stream, KernelId::QuickGeluF32, x, None, out)
+}
+
+/// out = gelu(gate) · up with the exact gelu (diffusers' GEGLU). `out` may be `gate` or `up`.
+pub fn geglu_erf(
+    stream: &mut Stream,
+    gate: F32s<'_>,
+    up: F32s<'_>,
+    out: F32s<'_>,
+) -> Result<(), VulkanError> {
+    activation(stream, KernelId::GegluErfF32, gate, Some(up), out)
+}
+
 /// out = silu(gate) · up. `out` may be `gate` or `up`.
 pub fn swiglu(
     stream: &mut Stream,

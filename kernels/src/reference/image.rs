@@ -92,3 +92,53 @@ pub fn upsample2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     }
     out
 }
+
+/// Attention per (batch, head) over rows with the given strides (see `ops::SeqAttention`), in
+/// f64 with a max-subtracted softmax.
+#[allow(clippy::too_many_arguments)]
+pub fn seq_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    heads: usize,
+    d: usize,
+    n_q: usize,
+    n_kv: usize,
+    q_stride: usize,
+    kv_stride: usize,
+    o_stride: usize,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
+    let mut out = vec![0f32; ((batch * n_q).max(1) - 1) * o_stride + heads * d];
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..n_q {
+                let qi = (b * n_q + i) * q_stride + h * d;
+                let keys = if causal { i + 1 } else { n_kv };
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        let kj = (b * n_kv + j) * kv_stride + h * d;
+                        (0..d)
+                            .map(|c| q[qi + c] as f64 * k[kj + c] as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                let oi = (b * n_q + i) * o_stride + h * d;
+                for c in 0..d {
+                    let mut acc = 0.0;
+                    for (j, wj) in w.iter().enumerate() {
+                        acc += wj * v[(b * n_kv + j) * kv_stride + h * d + c] as f64;
+                    }
+                    out[oi + c] = (acc / total) as f32;
+                }
+            }
+        }
+    }
+    out
+}

@@ -70,6 +70,64 @@ pub fn gelu_tanh(x: &[f32]) -> Vec<f32> {
     x.iter().map(|v| gelu1(*v as f64) as f32).collect()
 }
 
+/// The exact gelu, x/2 · (1 + erf(x / √2)), with erf from libm.
+pub fn gelu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| gelu_erf1(*v as f64) as f32).collect()
+}
+
+/// x · sigmoid(1.702 x).
+pub fn quick_gelu(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|v| {
+            let x = *v as f64;
+            (x / (1.0 + (-1.702 * x).exp())) as f32
+        })
+        .collect()
+}
+
+/// gelu(gate) · up with the exact gelu.
+pub fn geglu_erf(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| (gelu_erf1(*g as f64) * *u as f64) as f32)
+        .collect()
+}
+
+fn gelu_erf1(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))
+}
+
+/// erf in f64 by its Maclaurin series for small |x| and its continued fraction beyond (both far
+/// more accurate than the shader's approximation, which is what they check).
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 2.5 {
+        // erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut term = a;
+        let mut sum = a;
+        let x2 = a * a;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(x) = e^(-x²)/√π · 1/(x + 1/2/(x + 1/(x + 3/2/(x + ...))))
+        let mut f = a;
+        for k in (1..60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * f)
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
 /// silu(gate) · up.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter()
@@ -356,4 +414,26 @@ pub fn moe_combine(rows: &[f32], w: &[f32], k: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod erf_tests {
+    #[test]
+    fn erf_matches_known_values() {
+        // Values from tables of the error function.
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.0, 0.999_977_909_503_001_4),
+            (-1.5, -0.966_105_146_475_310_7),
+        ] {
+            assert!(
+                (super::erf(x) - want).abs() < 1e-14,
+                "erf({x}) = {}",
+                super::erf(x)
+            );
+        }
+    }
 }
