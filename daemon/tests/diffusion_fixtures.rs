@@ -2,6 +2,8 @@
 //! (fixtures/diffusion, made by gen_tiny_sdxl.py): its files parse, its configs resolve to the
 //! shapes diffusers built, and both CLIP tokenizers give diffusers' token ids.
 
+mod common;
+
 use std::path::PathBuf;
 
 use halod::diffusion::clip_tokenizer::ClipTokenizer;
@@ -264,4 +266,100 @@ fn samplers_follow_diffusers_step_by_step() {
             assert!(d < 1e-5, "{name}: step {} differs by {d:e}", i + 1);
         }
     }
+}
+
+#[test]
+fn the_text_encoders_give_diffusers_embeddings() {
+    use halod::diffusion::clip::ClipTextEncoder;
+    let Some(dev) = common::device() else { return };
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    let owner = halo_kernels::OwnerId(40);
+    let load = |part: &str| {
+        let cfg: ClipTextConfig = config::read(&pipeline().join(part).join("config.json")).unwrap();
+        ClipTextEncoder::load(
+            &dev,
+            &pipeline().join(part).join("model.safetensors"),
+            "",
+            cfg,
+            halo_kernels::LoadStrategy::Copy,
+            owner,
+        )
+        .unwrap()
+    };
+    let (e1, e2) = (load("text_encoder"), load("text_encoder_2"));
+    assert_eq!((e1.projection_dim(), e2.projection_dim()), (None, Some(40)));
+    let (t1, t2) = (tokenizer("tokenizer"), tokenizer("tokenizer_2"));
+    let mut checked = 0;
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        for (text, embeds, pooled) in [
+            (&case["prompt"], "prompt_embeds", "pooled"),
+            (&case["negative"], "negative_embeds", "negative_pooled"),
+        ] {
+            let want = floats(&refs, &st, &format!("{name}.{embeds}"));
+            let want_pooled = floats(&refs, &st, &format!("{name}.{pooled}"));
+            let text = text.as_str().unwrap();
+            if text.is_empty() {
+                // SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros.
+                assert!(want.iter().chain(&want_pooled).all(|&v| v == 0.0), "{name}");
+                continue;
+            }
+            let a = e1
+                .encode(&t1.encode(text).unwrap(), t1.eos(), false, owner)
+                .unwrap();
+            let b = e2
+                .encode(&t2.encode(text).unwrap(), t2.eos(), true, owner)
+                .unwrap();
+            // SDXL's context: both penultimate states side by side, per token.
+            let (c1, c2) = (e1.hidden_size() as usize, e2.hidden_size() as usize);
+            let got: Vec<f32> = (0..77)
+                .flat_map(|i| {
+                    a.penultimate[i * c1..(i + 1) * c1]
+                        .iter()
+                        .chain(&b.penultimate[i * c2..(i + 1) * c2])
+                        .copied()
+                        .collect::<Vec<f32>>()
+                })
+                .collect();
+            let d = rel(&got, &want);
+            assert!(d < 1e-4, "{name} {embeds}: {d:e}");
+            let d = rel(b.pooled.as_ref().unwrap(), &want_pooled);
+            assert!(d < 1e-4, "{name} {pooled}: {d:e}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+    // A batch of two prompts gives each prompt's own result.
+    let ids: Vec<u32> = ["a red fox", "a lighthouse"]
+        .iter()
+        .flat_map(|p| t2.encode(p).unwrap())
+        .collect();
+    let both = e2.encode(&ids, t2.eos(), true, owner).unwrap();
+    let one = e2.encode(&ids[77..], t2.eos(), true, owner).unwrap();
+    assert!(rel(&both.pooled.unwrap()[40..], &one.pooled.unwrap()) < 1e-6);
+}
+
+#[test]
+fn a_text_encoder_file_with_a_wrong_shape_is_refused_naming_the_tensor() {
+    use halod::diffusion::clip::ClipTextEncoder;
+    let Some(dev) = common::device() else { return };
+    let mut cfg: ClipTextConfig =
+        config::read(&pipeline().join("text_encoder/config.json")).unwrap();
+    cfg.intermediate_size += 1;
+    let e = ClipTextEncoder::load(
+        &dev,
+        &pipeline().join("text_encoder/model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Copy,
+        halo_kernels::OwnerId(41),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("fc1.weight") && e.contains("model.safetensors"),
+        "{e}"
+    );
 }

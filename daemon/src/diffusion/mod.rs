@@ -1,9 +1,12 @@
 //! The diffusion engine's parts. Built so far: [`rng`], the starting noise that matches
 //! PyTorch's CPU generator; [`clip_tokenizer`], the text encoders' tokenizer; [`config`], the
-//! pipeline's shapes from a diffusers folder; [`sampler`], diffusers' schedulers. The text encoders, UNet, VAE and samplers come
-//! next; until they exist an image job answers UNIMPLEMENTED.
+//! pipeline's shapes from a diffusers folder; [`sampler`], diffusers' schedulers; [`tensors`],
+//! a safetensors file's tensors on the device; [`clip`], the CLIP text encoders. The UNet and
+//! the VAE come next; until they exist an image job answers UNIMPLEMENTED.
 
+pub mod clip;
 pub mod clip_tokenizer;
 pub mod config;
 pub mod rng;
 pub mod sampler;
+pub mod tensors;
