@@ -363,3 +363,30 @@ fn a_text_encoder_file_with_a_wrong_shape_is_refused_naming_the_tensor() {
         "{e}"
     );
 }
+
+#[test]
+fn pixels_are_diffusers_pixels() {
+    use halod::diffusion::png::to_rgb8;
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let image = floats(&refs, &st, &format!("{name}.image"));
+        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!(
+            (info.width as usize, info.height as usize),
+            (w, h),
+            "{name}"
+        );
+        assert_eq!(to_rgb8(&image, w, h), &buf[..info.buffer_size()], "{name}");
+    }
+}

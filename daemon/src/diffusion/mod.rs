@@ -7,6 +7,7 @@
 pub mod clip;
 pub mod clip_tokenizer;
 pub mod config;
+pub mod png;
 pub mod rng;
 pub mod sampler;
 pub mod tensors;
