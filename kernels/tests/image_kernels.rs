@@ -414,3 +414,54 @@ fn seq_attention_matches_the_reference() {
         );
     }
 }
+
+#[test]
+fn transpose_and_add_channel_match_the_reference() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(31);
+    for &(b, rows, cols) in &[(1, 1, 1), (2, 3, 5), (1, 64, 300), (3, 17, 1)] {
+        let x = rng.f32s(b * rows * cols, 1.0);
+        let xb = upload(&dev, &x);
+        let out = zeros(&dev, x.len());
+        run(&dev, |s| {
+            ops::transpose(
+                s,
+                F32s::all(&xb),
+                F32s::all(&out),
+                b as u64,
+                rows as u64,
+                cols as u64,
+            )
+        });
+        let got = dev.read_f32(&out, 0, x.len() as u64).unwrap();
+        let mut want = vec![0.0; x.len()];
+        for i in 0..b {
+            for r in 0..rows {
+                for c in 0..cols {
+                    want[i * rows * cols + c * rows + r] = x[i * rows * cols + r * cols + c];
+                }
+            }
+        }
+        assert_eq!(got, want, "({b}, {rows}, {cols})");
+    }
+    let (planes, plane) = (6, 37);
+    let x = rng.f32s(planes * plane, 1.0);
+    let bias = rng.f32s(planes, 1.0);
+    let (xb, bb) = (upload(&dev, &x), upload(&dev, &bias));
+    run(&dev, |s| {
+        ops::add_channel(
+            s,
+            F32s::all(&xb),
+            F32s::all(&bb),
+            F32s::all(&xb),
+            plane as u64,
+        )
+    });
+    let got = dev.read_f32(&xb, 0, x.len() as u64).unwrap();
+    let want: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i / plane])
+        .collect();
+    assert_eq!(got, want);
+}

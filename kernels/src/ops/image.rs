@@ -430,3 +430,82 @@ pub fn seq_attention(
         writes: &[out.access()],
     })
 }
+
+/// out[b] = x[b]ᵀ for `batch` row-major matrices of `rows` × `cols`.
+pub fn transpose(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    out: F32s<'_>,
+    batch: u64,
+    rows: u64,
+    cols: u64,
+) -> Result<(), VulkanError> {
+    let op = "transpose_f32";
+    let n = batch * rows * cols;
+    if x.len != n || out.len != n {
+        return Err(bad(
+            op,
+            format!(
+                "x has {} and out {} values, expected {batch}·{rows}·{cols}",
+                x.len, out.len
+            ),
+        ));
+    }
+    to_u32(op, "length", n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(out.address())
+        .u32(to_u32(op, "rows", rows)?)
+        .u32(to_u32(op, "cols", cols)?)
+        .u32(to_u32(op, "batch", batch)?);
+    elementwise(
+        stream,
+        KernelId::TransposeF32,
+        n,
+        &push,
+        &[x.access()],
+        &[out.access()],
+    )
+}
+
+/// out[i] = x[i] + b[i / plane]: one value of `b` per (image, channel) plane of NCHW `x`. `out`
+/// may be `x`.
+pub fn add_channel(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    b: F32s<'_>,
+    out: F32s<'_>,
+    plane: u64,
+) -> Result<(), VulkanError> {
+    let op = "add_channel_f32";
+    if plane == 0 || x.len != b.len * plane || out.len != x.len {
+        return Err(bad(
+            op,
+            format!(
+                "x has {} values, out {}, b {}: expected b × {plane}",
+                x.len, out.len, b.len
+            ),
+        ));
+    }
+    to_u32(op, "length", x.len)?;
+    if x.len == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(b.address())
+        .addr(out.address())
+        .u32(to_u32(op, "plane", plane)?)
+        .u32(to_u32(op, "n", x.len)?);
+    elementwise(
+        stream,
+        KernelId::AddChannelF32,
+        x.len,
+        &push,
+        &[x.access(), b.access()],
+        &[out.access()],
+    )
+}
