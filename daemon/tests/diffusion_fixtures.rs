@@ -390,3 +390,59 @@ fn pixels_are_diffusers_pixels() {
         assert_eq!(to_rgb8(&image, w, h), &buf[..info.buffer_size()], "{name}");
     }
 }
+
+#[test]
+fn one_unet_call_equals_diffusers() {
+    use halod::diffusion::unet::{Unet, UnetInput};
+    let Some(dev) = common::device() else { return };
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    let cfg_path = pipeline().join("unet/config.json");
+    let shape = config::read::<UnetConfig>(&cfg_path)
+        .unwrap()
+        .shape(&cfg_path)
+        .unwrap();
+    let owner = halo_kernels::OwnerId(42);
+    let unet = Unet::load(
+        &dev,
+        &pipeline().join("unet/diffusion_pytorch_model.safetensors"),
+        "",
+        shape,
+        halo_kernels::LoadStrategy::Copy,
+        owner,
+    )
+    .unwrap();
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize / 8,
+            case["height"].as_u64().unwrap() as usize / 8,
+        );
+        let f = |k: &str| floats(&refs, &st, &format!("{name}.unet_{k}"));
+        let (sample, context) = (f("sample"), f("context"));
+        let (text_embeds, time_ids) = (f("text_embeds"), f("time_ids"));
+        let want = f("out");
+        let got = unet
+            .forward(
+                &UnetInput {
+                    batch: 2,
+                    height: h,
+                    width: w,
+                    sample: &sample,
+                    timestep: f("timestep")[0],
+                    context: &context,
+                    context_tokens: 77,
+                    text_embeds: &text_embeds,
+                    time_ids: &time_ids,
+                },
+                owner,
+            )
+            .unwrap();
+        let d = rel(&got, &want);
+        eprintln!("{name}: UNet output within {d:e} of diffusers'");
+        assert!(
+            d < 1e-3,
+            "{name}: the UNet's output differs by {d:e} of its scale"
+        );
+    }
+}

@@ -465,3 +465,25 @@ fn transpose_and_add_channel_match_the_reference() {
         .collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn upsample_to_a_size_picks_the_nearest_source() {
+    let Some(dev) = device() else { return };
+    // 3 → 5 (a UNet level upsampled to an odd skip size): sources 0, 0, 1, 1, 2.
+    let x: Vec<f32> = (0..2 * 3 * 2).map(|v| v as f32).collect();
+    let xb = upload(&dev, &x);
+    let out = zeros(&dev, 2 * 5 * 4);
+    run(&dev, |s| {
+        ops::upsample_nearest(s, F32s::all(&xb), F32s::all(&out), 2, (3, 2), (5, 4))
+    });
+    let got = dev.read_f32(&out, 0, 40).unwrap();
+    let mut want = Vec::new();
+    for p in 0..2 {
+        for y in [0, 0, 1, 1, 2] {
+            for xx in [0, 0, 1, 1] {
+                want.push(x[(p * 3 + y) * 2 + xx]);
+            }
+        }
+    }
+    assert_eq!(got, want);
+}

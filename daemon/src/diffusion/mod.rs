@@ -1,8 +1,8 @@
 //! The diffusion engine's parts. Built so far: [`rng`], the starting noise that matches
 //! PyTorch's CPU generator; [`clip_tokenizer`], the text encoders' tokenizer; [`config`], the
 //! pipeline's shapes from a diffusers folder; [`sampler`], diffusers' schedulers; [`tensors`],
-//! a safetensors file's tensors on the device; [`clip`], the CLIP text encoders. The UNet and
-//! the VAE come next; until they exist an image job answers UNIMPLEMENTED.
+//! a safetensors file's tensors on the device; [`clip`], the CLIP text encoders; [`unet`], SDXL's UNet.
+//! The VAE comes next; until they exist an image job answers UNIMPLEMENTED.
 
 pub mod clip;
 pub mod clip_tokenizer;
@@ -11,3 +11,4 @@ pub mod png;
 pub mod rng;
 pub mod sampler;
 pub mod tensors;
+pub mod unet;

@@ -179,6 +179,12 @@ impl DeviceTensors {
         self.matrices.contains_key(&full) || self.vectors.contains_key(&full)
     }
 
+    /// The PyTorch shape of matrix `name`, if the file has it.
+    pub fn matrix_shape(&self, name: &str) -> Option<&[u64]> {
+        let full = format!("{}{name}", self.prefix);
+        self.matrices.get(&full).map(|(_, t)| t.shape.as_slice())
+    }
+
     /// Matrix `name` of PyTorch shape `shape` ([out, in] or [out, in, kh, kw]) as rows × cols
     /// weights: rows = shape[0], cols = the product of the rest.
     pub fn matrix(&self, name: &str, shape: &[u64]) -> Result<Weights<'_>, TensorError> {

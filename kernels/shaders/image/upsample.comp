@@ -1,24 +1,26 @@
 #version 460
-// Nearest-neighbour ×2 upsampling of NCHW activations: out[nc, y, x] = in[nc, y / 2, x / 2].
-// One invocation per output value.
+// Nearest-neighbour upsampling of NCHW planes of h × w to oh × ow: out[y, x] = in[y·h / oh,
+// x·w / ow] (integer division: PyTorch's "nearest" for these sizes, ×2 included). One
+// invocation per output value.
 #include "common.glsl"
 
 layout(push_constant) uniform Push {
     F32In x;
     F32Buf out_;
-    uint h;           // input height
-    uint w;           // input width
-    uint planes;      // images · channels
+    uint h;
+    uint w;
+    uint oh;
+    uint ow;
+    uint planes;
 } p;
 
 void main() {
     uint i = flat_index();
-    uint ow = p.w * 2u;
-    uint per_plane = p.h * 2u * ow;
+    uint per_plane = p.oh * p.ow;
     if (i >= p.planes * per_plane) return;
     uint plane = i / per_plane;
     uint r = i % per_plane;
-    uint y = (r / ow) / 2u;
-    uint x = (r % ow) / 2u;
+    uint y = (r / p.ow) * p.h / p.oh;
+    uint x = (r % p.ow) * p.w / p.ow;
     p.out_.v[i] = p.x.v[(plane * p.h + y) * p.w + x];
 }

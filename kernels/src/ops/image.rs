@@ -248,17 +248,35 @@ pub fn upsample2x(
     h: u64,
     w: u64,
 ) -> Result<(), VulkanError> {
+    upsample_nearest(stream, x, out, planes, (h, w), (2 * h, 2 * w))
+}
+
+/// Nearest-neighbour upsampling of `planes` planes from `from` = (h, w) to `to` = (oh, ow), no
+/// smaller: output (y, x) reads input (y·h / oh, x·w / ow). The UNet upsamples to its skip's
+/// size when a latent side is not a multiple of the total downscale.
+pub fn upsample_nearest(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    out: F32s<'_>,
+    planes: u64,
+    from: (u64, u64),
+    to: (u64, u64),
+) -> Result<(), VulkanError> {
     let op = "upsample2x_f32";
+    let ((h, w), (oh, ow)) = (from, to);
+    if oh < h || ow < w {
+        return Err(bad(op, format!("cannot upsample {h}×{w} to {oh}×{ow}")));
+    }
     if x.len != planes * h * w {
         return Err(bad(
             op,
             format!("x has {} values, expected {planes}·{h}·{w}", x.len),
         ));
     }
-    if out.len != x.len * 4 {
+    if out.len != planes * oh * ow {
         return Err(bad(
             op,
-            format!("out has {} values, expected {}", out.len, x.len * 4),
+            format!("out has {} values, expected {planes}·{oh}·{ow}", out.len),
         ));
     }
     let push = Push::default()
@@ -266,6 +284,8 @@ pub fn upsample2x(
         .addr(out.address())
         .u32(to_u32(op, "h", h)?)
         .u32(to_u32(op, "w", w)?)
+        .u32(to_u32(op, "oh", oh)?)
+        .u32(to_u32(op, "ow", ow)?)
         .u32(to_u32(op, "planes", planes)?);
     to_u32(op, "output length", out.len)?;
     if out.len == 0 {
