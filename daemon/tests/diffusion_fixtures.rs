@@ -446,3 +446,54 @@ fn one_unet_call_equals_diffusers() {
         );
     }
 }
+
+#[test]
+fn the_vae_decodes_to_diffusers_images() {
+    use halod::diffusion::png::to_rgb8;
+    use halod::diffusion::vae::Vae;
+    let Some(dev) = common::device() else { return };
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    let cfg: VaeConfig = config::read(&pipeline().join("vae/config.json")).unwrap();
+    let owner = halo_kernels::OwnerId(43);
+    let vae = Vae::load(
+        &dev,
+        &pipeline().join("vae/diffusion_pytorch_model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Copy,
+        owner,
+    )
+    .unwrap();
+    assert_eq!(vae.scale(), 8);
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let steps = case["steps"].as_u64().unwrap();
+        let latents = floats(&refs, &st, &format!("{name}.latents_step{steps}"));
+        let got = vae.decode(&latents, 1, h / 8, w / 8, owner).unwrap();
+        let want = floats(&refs, &st, &format!("{name}.image"));
+        let d = rel(&got, &want);
+        eprintln!("{name}: VAE output within {d:e} of diffusers'");
+        assert!(d < 1e-3, "{name}: the decode differs by {d:e}");
+        // And the pixels: within a mean absolute difference of 1 of diffusers' PNG.
+        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        let ours = to_rgb8(&got, w, h);
+        let theirs = &buf[..info.buffer_size()];
+        let mad = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / ours.len() as f64;
+        assert!(mad < 1.0, "{name}: mean absolute pixel difference {mad}");
+    }
+}
