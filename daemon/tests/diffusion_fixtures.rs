@@ -497,3 +497,61 @@ fn the_vae_decodes_to_diffusers_images() {
         assert!(mad < 1.0, "{name}: mean absolute pixel difference {mad}");
     }
 }
+
+#[test]
+fn the_whole_pipeline_makes_diffusers_images() {
+    use halod::diffusion::png::to_rgb8;
+    use halod::diffusion::sampler::{SamplerKind, Schedule};
+    use halod::diffusion::sdxl::{SdxlPipeline, SdxlRequest};
+    let Some(dev) = common::device() else { return };
+    let owner = halo_kernels::OwnerId(44);
+    let pipe =
+        SdxlPipeline::load_folder(&dev, &pipeline(), halo_kernels::LoadStrategy::Auto, owner)
+            .unwrap();
+    let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
+    let st = SafeTensors::parse(&refs).unwrap();
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let steps = case["steps"].as_u64().unwrap() as u32;
+        let req = SdxlRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative: Some(case["negative"].as_str().unwrap().into()),
+            width: w,
+            height: h,
+            steps,
+            cfg: case["cfg"].as_f64().unwrap() as f32,
+            sampler: SamplerKind::parse(case["sampler"].as_str().unwrap()).unwrap(),
+            schedule: Schedule::parse(case["scheduler"].as_str().unwrap()).unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: 1,
+        };
+        let mut seen = Vec::new();
+        let images = pipe
+            .generate(&req, owner, |i, n| seen.push((i, n)))
+            .unwrap();
+        assert_eq!(seen.last(), Some(&(steps as usize, steps as usize)));
+        let want = floats(&refs, &st, &format!("{name}.image"));
+        let d = rel(&images[0], &want);
+        eprintln!("{name}: the image tensor is within {d:e} of diffusers'");
+        assert!(d < 1e-3, "{name}: {d:e}");
+        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        let ours = to_rgb8(&images[0], w, h);
+        let mad = ours
+            .iter()
+            .zip(&buf[..info.buffer_size()])
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / ours.len() as f64;
+        eprintln!("{name}: mean absolute pixel difference {mad:.4}");
+        assert!(mad < 1.0, "{name}: mean absolute pixel difference {mad}");
+    }
+}

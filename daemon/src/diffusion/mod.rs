@@ -12,6 +12,7 @@ mod graph;
 pub mod png;
 pub mod rng;
 pub mod sampler;
+pub mod sdxl;
 pub mod tensors;
 pub mod unet;
 pub mod vae;

@@ -1,0 +1,297 @@
+//! An SDXL pipeline from a diffusers folder, composed as diffusers' StableDiffusionXLPipeline
+//! composes it: both tokenizers and text encoders (penultimate states side by side as the
+//! context, the second encoder's pooled projection), zeros for an absent negative prompt
+//! (`force_zeros_for_empty_prompt`), the added time ids `[h, w, 0, 0, h, w]`, torch-cpu noise
+//! for the whole batch at once, classifier-free guidance as one UNet call on the batch
+//! `[uncond…, cond…]`, the sampler, and the VAE decode.
+//!
+//! This is the engine's numerical core; the daemon's image job (memory reservation, steps the
+//! executor interleaves with other work, progress, cancellation) builds on it.
+
+use std::path::{Path, PathBuf};
+
+use halo_kernels::{Device, LoadStrategy, OwnerId};
+
+use super::clip::ClipTextEncoder;
+use super::clip_tokenizer::ClipTokenizer;
+use super::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
+use super::rng::TorchRng;
+use super::sampler::{Sampler, SamplerKind, Schedule};
+use super::unet::{Unet, UnetInput};
+use super::vae::Vae;
+
+#[derive(Debug)]
+pub struct SdxlError(pub String);
+
+impl std::fmt::Display for SdxlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SdxlError {}
+
+fn err(e: impl std::fmt::Display) -> SdxlError {
+    SdxlError(e.to_string())
+}
+
+pub struct SdxlPipeline {
+    tok1: ClipTokenizer,
+    tok2: ClipTokenizer,
+    te1: ClipTextEncoder,
+    te2: ClipTextEncoder,
+    unet: Unet,
+    vae: Vae,
+    scheduler: SchedulerConfig,
+    latent_channels: usize,
+}
+
+/// What to make.
+#[derive(Clone, Debug)]
+pub struct SdxlRequest {
+    pub prompt: String,
+    /// None or empty: zeros (SDXL's force_zeros_for_empty_prompt).
+    pub negative: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: u32,
+    pub cfg: f32,
+    pub sampler: SamplerKind,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+/// The one weight file of a diffusers component folder.
+fn weights_in(dir: &Path) -> Result<PathBuf, SdxlError> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| SdxlError(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(SdxlError(format!(
+            "{}: no .safetensors file",
+            dir.display()
+        ))),
+        // fp16 variants sit beside the full files; prefer the plain name diffusers loads.
+        _ => found
+            .iter()
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    n == "model.safetensors" || n == "diffusion_pytorch_model.safetensors"
+                })
+            })
+            .cloned()
+            .ok_or_else(|| {
+                SdxlError(format!(
+                    "{}: several .safetensors files and none is the default",
+                    dir.display()
+                ))
+            }),
+    }
+}
+
+impl SdxlPipeline {
+    /// Loads a diffusers SDXL folder.
+    pub fn load_folder(
+        device: &Device,
+        dir: &Path,
+        strategy: LoadStrategy,
+        owner: OwnerId,
+    ) -> Result<SdxlPipeline, SdxlError> {
+        let part = |p: &str| dir.join(p);
+        let tok1 = ClipTokenizer::from_folder(&part("tokenizer")).map_err(err)?;
+        let tok2 = ClipTokenizer::from_folder(&part("tokenizer_2")).map_err(err)?;
+        let te = |p: &str| -> Result<ClipTextEncoder, SdxlError> {
+            let cfg: ClipTextConfig = config::read(&part(p).join("config.json")).map_err(err)?;
+            ClipTextEncoder::load(device, &weights_in(&part(p))?, "", cfg, strategy, owner)
+                .map_err(err)
+        };
+        let (te1, te2) = (te("text_encoder")?, te("text_encoder_2")?);
+        if te2.projection_dim().is_none() {
+            return Err(SdxlError(format!(
+                "{}: the second text encoder has no text_projection (SDXL's pooled embedding)",
+                part("text_encoder_2").display()
+            )));
+        }
+        let unet_cfg_path = part("unet").join("config.json");
+        let unet_cfg: UnetConfig = config::read(&unet_cfg_path).map_err(err)?;
+        let shape = unet_cfg.shape(&unet_cfg_path).map_err(err)?;
+        if shape.context_dim != te1.hidden_size() + te2.hidden_size() {
+            return Err(SdxlError(format!(
+                "{}: cross_attention_dim {} is not the two text encoders' {} + {}",
+                unet_cfg_path.display(),
+                shape.context_dim,
+                te1.hidden_size(),
+                te2.hidden_size()
+            )));
+        }
+        let unet = Unet::load(
+            device,
+            &weights_in(&part("unet"))?,
+            "",
+            shape,
+            strategy,
+            owner,
+        )
+        .map_err(err)?;
+        let vae_cfg: VaeConfig = config::read(&part("vae").join("config.json")).map_err(err)?;
+        let latent_channels = vae_cfg.latent_channels as usize;
+        let vae = Vae::load(
+            device,
+            &weights_in(&part("vae"))?,
+            "",
+            vae_cfg,
+            strategy,
+            owner,
+        )
+        .map_err(err)?;
+        let scheduler: SchedulerConfig =
+            config::read(&part("scheduler").join("scheduler_config.json")).map_err(err)?;
+        Ok(SdxlPipeline {
+            tok1,
+            tok2,
+            te1,
+            te2,
+            unet,
+            vae,
+            scheduler,
+            latent_channels,
+        })
+    }
+
+    /// Device bytes of all weights.
+    pub fn bytes(&self) -> u64 {
+        self.te1.bytes() + self.te2.bytes() + self.unet.bytes() + self.vae.bytes()
+    }
+
+    pub fn vae_scale(&self) -> usize {
+        self.vae.scale()
+    }
+
+    /// (context 77 × (c1 + c2), pooled) for one prompt.
+    fn encode_one(&self, text: &str, owner: OwnerId) -> Result<(Vec<f32>, Vec<f32>), SdxlError> {
+        let a = self
+            .te1
+            .encode(
+                &self.tok1.encode(text).map_err(err)?,
+                self.tok1.eos(),
+                false,
+                owner,
+            )
+            .map_err(err)?;
+        let b = self
+            .te2
+            .encode(
+                &self.tok2.encode(text).map_err(err)?,
+                self.tok2.eos(),
+                true,
+                owner,
+            )
+            .map_err(err)?;
+        let (c1, c2) = (
+            self.te1.hidden_size() as usize,
+            self.te2.hidden_size() as usize,
+        );
+        let mut ctx = Vec::with_capacity(77 * (c1 + c2));
+        for i in 0..77 {
+            ctx.extend(&a.penultimate[i * c1..(i + 1) * c1]);
+            ctx.extend(&b.penultimate[i * c2..(i + 1) * c2]);
+        }
+        Ok((ctx, b.pooled.expect("the second encoder has a projection")))
+    }
+
+    /// Runs the whole pipeline; `on_step(i, n)` after each denoising step. Returns each image
+    /// as 3 × height × width values in about [-1, 1].
+    pub fn generate(
+        &self,
+        req: &SdxlRequest,
+        owner: OwnerId,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Vec<Vec<f32>>, SdxlError> {
+        let scale = self.vae_scale();
+        if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
+            return Err(SdxlError(format!(
+                "{}×{} is not a multiple of {scale}, or the batch is empty",
+                req.width, req.height
+            )));
+        }
+        let (lh, lw) = (req.height / scale, req.width / scale);
+        let (cond_ctx, cond_pool) = self.encode_one(&req.prompt, owner)?;
+        let guided = req.cfg > 1.0;
+        let (unc_ctx, unc_pool) = match req.negative.as_deref().filter(|n| !n.is_empty()) {
+            Some(n) => self.encode_one(n, owner)?,
+            None => (vec![0.0; cond_ctx.len()], vec![0.0; cond_pool.len()]),
+        };
+        let n = req.batch;
+        let rows = if guided { 2 * n } else { n };
+        let mut context = Vec::with_capacity(rows * cond_ctx.len());
+        let mut pooled = Vec::with_capacity(rows * cond_pool.len());
+        if guided {
+            for _ in 0..n {
+                context.extend(&unc_ctx);
+                pooled.extend(&unc_pool);
+            }
+        }
+        for _ in 0..n {
+            context.extend(&cond_ctx);
+            pooled.extend(&cond_pool);
+        }
+        let (h, w) = (req.height as f32, req.width as f32);
+        let time_ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+
+        let mut sampler =
+            Sampler::new(&self.scheduler, req.sampler, req.schedule, req.steps).map_err(err)?;
+        let mut rng = TorchRng::new(req.seed);
+        let per = self.latent_channels * lh * lw;
+        let mut x: Vec<f32> = rng
+            .randn(n * per)
+            .iter()
+            .map(|v| v * sampler.init_noise_sigma())
+            .collect();
+        let steps = sampler.timesteps().len();
+        for i in 0..steps {
+            let s = sampler.input_scale(i);
+            let scaled: Vec<f32> = x.iter().map(|v| v * s).collect();
+            let input: Vec<f32> = if guided {
+                scaled.iter().chain(&scaled).copied().collect()
+            } else {
+                scaled
+            };
+            let out = self
+                .unet
+                .forward(
+                    &UnetInput {
+                        batch: rows,
+                        height: lh,
+                        width: lw,
+                        sample: &input,
+                        timestep: sampler.timesteps()[i],
+                        context: &context,
+                        context_tokens: 77,
+                        text_embeds: &pooled,
+                        time_ids: &time_ids,
+                    },
+                    owner,
+                )
+                .map_err(err)?;
+            let eps: Vec<f32> = if guided {
+                let (u, c) = out.split_at(n * per);
+                u.iter()
+                    .zip(c)
+                    .map(|(u, c)| u + req.cfg * (c - u))
+                    .collect()
+            } else {
+                out
+            };
+            sampler.step(i, &eps, &mut x, &mut rng);
+            on_step(i + 1, steps);
+        }
+        let images = self.vae.decode(&x, n, lh, lw, owner).map_err(err)?;
+        let per_image = images.len() / n;
+        Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
+    }
+}
