@@ -55,6 +55,13 @@ impl Cx<'_> {
         Ok(Act { buf, ..*a })
     }
 
+    /// Runs what is recorded and waits: the buffers only that work used go back to the
+    /// allocator. Called after each block, which bounds a call's memory to its live tensors
+    /// (the current one and the skips) plus one block's temporaries.
+    pub(crate) fn flush(&mut self) -> Result<(), TensorError> {
+        Ok(self.s.finish()?)
+    }
+
     /// rows × in → rows × out: y = x Wᵀ + b.
     pub(crate) fn linear(
         &mut self,
@@ -221,6 +228,7 @@ impl Cx<'_> {
             view(&skip.buf, n),
             view(&h.buf, n),
         )?;
+        self.flush()?;
         Ok(h)
     }
 
@@ -262,6 +270,7 @@ impl Cx<'_> {
             c,
         )?;
         ops::add(&mut self.s, view(&back, n), view(&x.buf, n), view(&back, n))?;
+        self.flush()?;
         Ok(Act { buf: back, ..*x })
     }
 
