@@ -1,8 +1,8 @@
 //! One safetensors file's tensors on the device, the way the diffusion models use them:
 //! matrices (linear and convolution weights, embedding tables) stay in the file's float type and
 //! are read in place by the kernels; vectors (biases, norm weights) are converted to f32 into one
-//! small buffer at load, because the elementwise and norm kernels read f32. fp8 files are not
-//! read yet.
+//! small buffer at load, because the elementwise and norm kernels read f32. fp8 matrices
+//! (F8_E4M3, F8_E5M2) are converted to f16 at load, exactly: every fp8 value is an f16 value.
 //!
 //! Every name can carry a prefix (a single-file checkpoint keeps each component under its own,
 //! `conditioner.embedders.0.transformer.` and so on), and every lookup checks the shape the
@@ -18,6 +18,31 @@ use halo_kernels::{Buffer, Device, LoadStrategy, LoadedWeights, OwnerId};
 
 use crate::models::Mapping;
 use crate::safetensors::{Dtype, SafeTensors, Tensor};
+
+/// The f16 bits of an fp8 value: E5M2 is f16's top byte; E4M3 (OCP "FN": no infinities, one
+/// NaN per sign) widens exactly, subnormals included.
+pub fn fp8_to_f16(b: u8, dtype: Dtype) -> u16 {
+    let sign = ((b & 0x80) as u16) << 8;
+    if dtype == Dtype::F8E5M2 {
+        return (b as u16) << 8;
+    }
+    let (e, m) = ((b >> 3) & 0xf, (b & 0x7) as u16);
+    if e == 0xf && m == 0x7 {
+        return sign | 0x7e00; // NaN
+    }
+    if e != 0 {
+        // Bias 7 → bias 15.
+        return sign | ((e as u16 + 8) << 10) | (m << 7);
+    }
+    if m == 0 {
+        return sign;
+    }
+    // A subnormal m/8 · 2^-6 is normal in f16: shift the mantissa's top bit to the implicit 1.
+    let shift = m.leading_zeros() - 12; // 1 for m in 4..8, 2 for 2..4, 3 for 1
+    let mant = (m << shift) & 0x7;
+    let exp = 15 - 6 - shift as u16;
+    sign | (exp << 10) | (mant << 7)
+}
 
 #[derive(Debug)]
 pub enum TensorError {
@@ -74,6 +99,8 @@ pub struct DeviceTensors {
     weights: LoadedWeights,
     /// Matrices by full name: their index in `weights` and their header entry.
     matrices: HashMap<String, (usize, Tensor)>,
+    /// fp8 matrices converted to f16, each in its own buffer, by full name.
+    converted: HashMap<String, (Buffer, Tensor)>,
     /// f32 copies of the vectors, and where each starts and how long it is.
     params: Option<Buffer>,
     vectors: HashMap<String, (u64, u64)>,
@@ -106,15 +133,24 @@ impl DeviceTensors {
         let mut matrices = HashMap::new();
         let mut host_params: Vec<f32> = Vec::new();
         let mut vectors = HashMap::new();
+        let mut converted = HashMap::new();
         for t in st.tensors().iter().filter(|t| t.name.starts_with(prefix)) {
             if t.dtype == Dtype::F8E4M3 || t.dtype == Dtype::F8E5M2 {
-                return Err(TensorError::File(
-                    path.into(),
-                    format!(
-                        "tensor {:?} is {}; fp8 weights are not supported yet",
-                        t.name, t.dtype
-                    ),
-                ));
+                let bytes: Vec<u8> = st
+                    .data(map.bytes(), t)
+                    .iter()
+                    .flat_map(|&b| fp8_to_f16(b, t.dtype).to_le_bytes())
+                    .collect();
+                let mut buf = device.alloc(
+                    halo_kernels::MemoryKind::Device,
+                    bytes.len().max(2) as u64,
+                    owner,
+                )?;
+                device.write(&mut buf, 0, &bytes)?;
+                let mut as_f16 = t.clone();
+                as_f16.dtype = Dtype::F16;
+                converted.insert(t.name.clone(), (buf, as_f16));
+                continue;
             }
             let Some(_) = weight_type(t.dtype) else {
                 continue;
@@ -157,6 +193,7 @@ impl DeviceTensors {
             prefix: prefix.into(),
             weights,
             matrices,
+            converted,
             params,
             vectors,
         })
@@ -176,20 +213,29 @@ impl DeviceTensors {
     /// Whether the file has `name` (under the prefix).
     pub fn has(&self, name: &str) -> bool {
         let full = format!("{}{name}", self.prefix);
-        self.matrices.contains_key(&full) || self.vectors.contains_key(&full)
+        self.matrices.contains_key(&full)
+            || self.converted.contains_key(&full)
+            || self.vectors.contains_key(&full)
     }
 
     /// The PyTorch shape of matrix `name`, if the file has it.
     pub fn matrix_shape(&self, name: &str) -> Option<&[u64]> {
         let full = format!("{}{name}", self.prefix);
-        self.matrices.get(&full).map(|(_, t)| t.shape.as_slice())
+        self.matrices
+            .get(&full)
+            .map(|(_, t)| t.shape.as_slice())
+            .or_else(|| self.converted.get(&full).map(|(_, t)| t.shape.as_slice()))
     }
 
     /// Matrix `name` of PyTorch shape `shape` ([out, in] or [out, in, kh, kw]) as rows × cols
     /// weights: rows = shape[0], cols = the product of the rest.
     pub fn matrix(&self, name: &str, shape: &[u64]) -> Result<Weights<'_>, TensorError> {
         let full = format!("{}{name}", self.prefix);
-        let (i, t) = self.matrices.get(&full).ok_or_else(|| self.missing(name))?;
+        let (place, t) = match (self.matrices.get(&full), self.converted.get(&full)) {
+            (Some((i, t)), _) => (self.weights.tensor(*i).expect("every matrix was loaded"), t),
+            (None, Some((buf, t))) => ((buf, 0), t),
+            (None, None) => return Err(self.missing(name)),
+        };
         if t.shape != shape {
             return Err(TensorError::Shape {
                 path: self.path.clone(),
@@ -198,7 +244,7 @@ impl DeviceTensors {
                 got: t.shape.clone(),
             });
         }
-        let (buffer, offset) = self.weights.tensor(*i).expect("every matrix was loaded");
+        let (buffer, offset) = place;
         Ok(Weights {
             buffer,
             offset,
@@ -226,6 +272,38 @@ impl DeviceTensors {
 
     /// Device bytes held: the weights plus the f32 vectors.
     pub fn bytes(&self) -> u64 {
-        self.weights.bytes + self.params.as_ref().map_or(0, |p| p.len())
+        self.weights.bytes
+            + self.converted.values().map(|(b, _)| b.len()).sum::<u64>()
+            + self.params.as_ref().map_or(0, |p| p.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_widens_to_torchs_values() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/diffusion/fp8.json"
+        );
+        let refs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for (key, dtype) in [("F8_E4M3", Dtype::F8E4M3), ("F8_E5M2", Dtype::F8E5M2)] {
+            for (code, want) in refs[key].as_array().unwrap().iter().enumerate() {
+                let want = f32::from_bits(want.as_u64().unwrap() as u32);
+                let got = halo_kernels::quant::f16_to_f32(fp8_to_f16(code as u8, dtype));
+                if want.is_nan() {
+                    assert!(got.is_nan(), "{key} {code:#04x}: {got}");
+                } else {
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{key} {code:#04x}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
