@@ -212,6 +212,18 @@ impl SdxlPipeline {
         owner: OwnerId,
         mut on_step: impl FnMut(usize, usize),
     ) -> Result<Vec<Vec<f32>>, SdxlError> {
+        let mut job = self.start(req, owner)?;
+        while !job.denoised() {
+            self.step(&mut job)?;
+            on_step(job.steps_done(), job.total_steps());
+        }
+        self.decode(&job)
+    }
+
+    /// The first part of a job: checks the request, encodes the prompts, draws the noise and
+    /// sets up the sampler. The job then advances one UNet call at a time ([`Self::step`]) and
+    /// ends with [`Self::decode`], so other work can run between its steps.
+    pub fn start(&self, req: &SdxlRequest, owner: OwnerId) -> Result<SdxlJob, SdxlError> {
         let scale = self.vae_scale();
         if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
             return Err(SdxlError(format!(
@@ -242,56 +254,122 @@ impl SdxlPipeline {
         }
         let (h, w) = (req.height as f32, req.width as f32);
         let time_ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-
-        let mut sampler =
+        let sampler =
             Sampler::new(&self.scheduler, req.sampler, req.schedule, req.steps).map_err(err)?;
         let mut rng = TorchRng::new(req.seed);
         let per = self.latent_channels * lh * lw;
-        let mut x: Vec<f32> = rng
+        let latents: Vec<f32> = rng
             .randn(n * per)
             .iter()
             .map(|v| v * sampler.init_noise_sigma())
             .collect();
-        let steps = sampler.timesteps().len();
-        for i in 0..steps {
-            let s = sampler.input_scale(i);
-            let scaled: Vec<f32> = x.iter().map(|v| v * s).collect();
-            let input: Vec<f32> = if guided {
-                scaled.iter().chain(&scaled).copied().collect()
-            } else {
-                scaled
-            };
-            let out = self
-                .unet
-                .forward(
-                    &UnetInput {
-                        batch: rows,
-                        height: lh,
-                        width: lw,
-                        sample: &input,
-                        timestep: sampler.timesteps()[i],
-                        context: &context,
-                        context_tokens: 77,
-                        text_embeds: &pooled,
-                        time_ids: &time_ids,
-                    },
-                    owner,
-                )
-                .map_err(err)?;
-            let eps: Vec<f32> = if guided {
-                let (u, c) = out.split_at(n * per);
-                u.iter()
-                    .zip(c)
-                    .map(|(u, c)| u + req.cfg * (c - u))
-                    .collect()
-            } else {
-                out
-            };
-            sampler.step(i, &eps, &mut x, &mut rng);
-            on_step(i + 1, steps);
+        Ok(SdxlJob {
+            owner,
+            batch: n,
+            rows,
+            guided,
+            cfg: req.cfg,
+            latent_hw: (lh, lw),
+            context,
+            pooled,
+            time_ids,
+            sampler,
+            rng,
+            latents,
+            done: 0,
+        })
+    }
+
+    /// One denoising step: one UNet call on the guidance batch, the sampler's update.
+    pub fn step(&self, job: &mut SdxlJob) -> Result<(), SdxlError> {
+        let i = job.done;
+        if job.denoised() {
+            return Err(SdxlError("every step is done".into()));
         }
-        let images = self.vae.decode(&x, n, lh, lw, owner).map_err(err)?;
-        let per_image = images.len() / n;
+        let s = job.sampler.input_scale(i);
+        let scaled: Vec<f32> = job.latents.iter().map(|v| v * s).collect();
+        let input: Vec<f32> = if job.guided {
+            scaled.iter().chain(&scaled).copied().collect()
+        } else {
+            scaled
+        };
+        let (lh, lw) = job.latent_hw;
+        let out = self
+            .unet
+            .forward(
+                &UnetInput {
+                    batch: job.rows,
+                    height: lh,
+                    width: lw,
+                    sample: &input,
+                    timestep: job.sampler.timesteps()[i],
+                    context: &job.context,
+                    context_tokens: 77,
+                    text_embeds: &job.pooled,
+                    time_ids: &job.time_ids,
+                },
+                job.owner,
+            )
+            .map_err(err)?;
+        let eps: Vec<f32> = if job.guided {
+            let (u, c) = out.split_at(job.latents.len());
+            u.iter()
+                .zip(c)
+                .map(|(u, c)| u + job.cfg * (c - u))
+                .collect()
+        } else {
+            out
+        };
+        job.sampler.step(i, &eps, &mut job.latents, &mut job.rng);
+        job.done += 1;
+        Ok(())
+    }
+
+    /// The images of a job whose steps are done (or its current latents, decoded).
+    pub fn decode(&self, job: &SdxlJob) -> Result<Vec<Vec<f32>>, SdxlError> {
+        let (lh, lw) = job.latent_hw;
+        let images = self
+            .vae
+            .decode(&job.latents, job.batch, lh, lw, job.owner)
+            .map_err(err)?;
+        let per_image = images.len() / job.batch;
         Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
+    }
+}
+
+/// A job in progress: its conditioning, sampler, generator and latents.
+pub struct SdxlJob {
+    owner: OwnerId,
+    batch: usize,
+    /// UNet batch: 2 × batch with guidance.
+    rows: usize,
+    guided: bool,
+    cfg: f32,
+    latent_hw: (usize, usize),
+    context: Vec<f32>,
+    pooled: Vec<f32>,
+    time_ids: Vec<f32>,
+    sampler: Sampler,
+    rng: TorchRng,
+    latents: Vec<f32>,
+    done: usize,
+}
+
+impl SdxlJob {
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.sampler.timesteps().len()
+    }
+
+    pub fn denoised(&self) -> bool {
+        self.done == self.total_steps()
+    }
+
+    /// The current latents (batch × channels × h × w), for previews.
+    pub fn latents(&self) -> &[f32] {
+        &self.latents
     }
 }
