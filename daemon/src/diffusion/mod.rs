@@ -10,6 +10,7 @@ pub mod clip_tokenizer;
 pub mod config;
 mod graph;
 pub mod png;
+pub mod preview;
 pub mod rng;
 pub mod sampler;
 pub mod sdxl;
