@@ -227,6 +227,53 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// A case's image size in pixels (width, height).
+fn size(case: &Value) -> (usize, usize) {
+    (
+        case["width"].as_u64().unwrap() as usize,
+        case["height"].as_u64().unwrap() as usize,
+    )
+}
+
+/// The pixels of diffusers' PNG for a case.
+fn png_pixels(case: &Value) -> Vec<u8> {
+    let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width as usize, info.height as usize), size(case));
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// Mean absolute difference of two images' bytes.
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+fn load_vae(
+    dev: &halo_kernels::Device,
+    owner: halo_kernels::OwnerId,
+) -> halod::diffusion::vae::Vae {
+    let cfg: VaeConfig = config::read(&pipeline().join("vae/config.json")).unwrap();
+    halod::diffusion::vae::Vae::load(
+        dev,
+        &pipeline().join("vae/diffusion_pytorch_model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Copy,
+        owner,
+    )
+    .unwrap()
+}
+
 #[test]
 fn samplers_follow_diffusers_step_by_step() {
     use halod::diffusion::rng::TorchRng;
@@ -371,23 +418,9 @@ fn pixels_are_diffusers_pixels() {
     let st = SafeTensors::parse(&refs).unwrap();
     for case in cases() {
         let name = case["name"].as_str().unwrap();
-        let (w, h) = (
-            case["width"].as_u64().unwrap() as usize,
-            case["height"].as_u64().unwrap() as usize,
-        );
+        let (w, h) = size(&case);
         let image = floats(&refs, &st, &format!("{name}.image"));
-        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
-        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
-            .read_info()
-            .unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!(
-            (info.width as usize, info.height as usize),
-            (w, h),
-            "{name}"
-        );
-        assert_eq!(to_rgb8(&image, w, h), &buf[..info.buffer_size()], "{name}");
+        assert_eq!(to_rgb8(&image, w, h), png_pixels(&case), "{name}");
     }
 }
 
@@ -450,28 +483,15 @@ fn one_unet_call_equals_diffusers() {
 #[test]
 fn the_vae_decodes_to_diffusers_images() {
     use halod::diffusion::png::to_rgb8;
-    use halod::diffusion::vae::Vae;
     let Some(dev) = common::device() else { return };
     let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
     let st = SafeTensors::parse(&refs).unwrap();
-    let cfg: VaeConfig = config::read(&pipeline().join("vae/config.json")).unwrap();
     let owner = halo_kernels::OwnerId(43);
-    let vae = Vae::load(
-        &dev,
-        &pipeline().join("vae/diffusion_pytorch_model.safetensors"),
-        "",
-        cfg,
-        halo_kernels::LoadStrategy::Copy,
-        owner,
-    )
-    .unwrap();
+    let vae = load_vae(&dev, owner);
     assert_eq!(vae.scale(), 8);
     for case in cases() {
         let name = case["name"].as_str().unwrap();
-        let (w, h) = (
-            case["width"].as_u64().unwrap() as usize,
-            case["height"].as_u64().unwrap() as usize,
-        );
+        let (w, h) = size(&case);
         let steps = case["steps"].as_u64().unwrap();
         let latents = floats(&refs, &st, &format!("{name}.latents_step{steps}"));
         let got = vae.decode(&latents, 1, h / 8, w / 8, owner).unwrap();
@@ -480,20 +500,7 @@ fn the_vae_decodes_to_diffusers_images() {
         eprintln!("{name}: VAE output within {d:e} of diffusers'");
         assert!(d < 1e-3, "{name}: the decode differs by {d:e}");
         // And the pixels: within a mean absolute difference of 1 of diffusers' PNG.
-        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
-        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
-            .read_info()
-            .unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        let ours = to_rgb8(&got, w, h);
-        let theirs = &buf[..info.buffer_size()];
-        let mad = ours
-            .iter()
-            .zip(theirs)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .sum::<f64>()
-            / ours.len() as f64;
+        let mad = mean_abs_diff(&to_rgb8(&got, w, h), &png_pixels(&case));
         assert!(mad < 1.0, "{name}: mean absolute pixel difference {mad}");
     }
 }
@@ -512,10 +519,7 @@ fn the_whole_pipeline_makes_diffusers_images() {
     let st = SafeTensors::parse(&refs).unwrap();
     for case in cases() {
         let name = case["name"].as_str().unwrap();
-        let (w, h) = (
-            case["width"].as_u64().unwrap() as usize,
-            case["height"].as_u64().unwrap() as usize,
-        );
+        let (w, h) = size(&case);
         let steps = case["steps"].as_u64().unwrap() as u32;
         let req = SdxlRequest {
             prompt: case["prompt"].as_str().unwrap().into(),
@@ -538,19 +542,7 @@ fn the_whole_pipeline_makes_diffusers_images() {
         let d = rel(&images[0], &want);
         eprintln!("{name}: the image tensor is within {d:e} of diffusers'");
         assert!(d < 1e-3, "{name}: {d:e}");
-        let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
-        let mut reader = png::Decoder::new(std::io::Cursor::new(file))
-            .read_info()
-            .unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        let ours = to_rgb8(&images[0], w, h);
-        let mad = ours
-            .iter()
-            .zip(&buf[..info.buffer_size()])
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .sum::<f64>()
-            / ours.len() as f64;
+        let mad = mean_abs_diff(&to_rgb8(&images[0], w, h), &png_pixels(&case));
         eprintln!("{name}: mean absolute pixel difference {mad:.4}");
         assert!(mad < 1.0, "{name}: mean absolute pixel difference {mad}");
     }
@@ -559,27 +551,14 @@ fn the_whole_pipeline_makes_diffusers_images() {
 #[test]
 fn tiled_decoding_follows_diffusers_and_stays_close_to_untiled() {
     use halod::diffusion::png::to_rgb8;
-    use halod::diffusion::vae::Vae;
     let Some(dev) = common::device() else { return };
     let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
     let st = SafeTensors::parse(&refs).unwrap();
-    let cfg: VaeConfig = config::read(&pipeline().join("vae/config.json")).unwrap();
     let owner = halo_kernels::OwnerId(45);
-    let vae = Vae::load(
-        &dev,
-        &pipeline().join("vae/diffusion_pytorch_model.safetensors"),
-        "",
-        cfg,
-        halo_kernels::LoadStrategy::Copy,
-        owner,
-    )
-    .unwrap();
+    let vae = load_vae(&dev, owner);
     for case in cases() {
         let name = case["name"].as_str().unwrap();
-        let (w, h) = (
-            case["width"].as_u64().unwrap() as usize,
-            case["height"].as_u64().unwrap() as usize,
-        );
+        let (w, h) = size(&case);
         let steps = case["steps"].as_u64().unwrap();
         let latents = floats(&refs, &st, &format!("{name}.latents_step{steps}"));
         let tiled = vae
@@ -595,12 +574,7 @@ fn tiled_decoding_follows_diffusers_and_stays_close_to_untiled() {
         // narrower view differs.
         let whole = floats(&refs, &st, &format!("{name}.image"));
         let (a, b) = (to_rgb8(&tiled, w, h), to_rgb8(&whole, w, h));
-        let mad = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (*x as f64 - *y as f64).abs())
-            .sum::<f64>()
-            / a.len() as f64;
+        let mad = mean_abs_diff(&a, &b);
         // Against what tiling cannot explain: the image beside itself mirrored.
         let mirrored: Vec<u8> = (0..h)
             .flat_map(|y| {
@@ -610,12 +584,7 @@ fn tiled_decoding_follows_diffusers_and_stays_close_to_untiled() {
             })
             .map(|i| b[i])
             .collect();
-        let unrelated = mirrored
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (*x as f64 - *y as f64).abs())
-            .sum::<f64>()
-            / b.len() as f64;
+        let unrelated = mean_abs_diff(&mirrored, &b);
         eprintln!("{name}: tiled vs untiled, mean absolute pixel difference {mad:.3} (mirrored: {unrelated:.3})");
         assert!(
             mad < unrelated / 2.0,
@@ -626,12 +595,7 @@ fn tiled_decoding_follows_diffusers_and_stays_close_to_untiled() {
             let wide = vae
                 .decode_tiled(&latents, 1, h / 8, w / 8, t, owner)
                 .unwrap();
-            let m = to_rgb8(&wide, w, h)
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (*x as f64 - *y as f64).abs())
-                .sum::<f64>()
-                / b.len() as f64;
+            let m = mean_abs_diff(&to_rgb8(&wide, w, h), &b);
             eprintln!("{name}: {t}-pixel tiles vs untiled: {m:.3}");
         }
         let whole_tile = vae

@@ -389,33 +389,9 @@ pub fn seq_attention(
     }
     let l = stream.limits();
     let wg = SEQ_ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
-    let rows_cap = (SEQ_ATTN_MAX_OUT * wg / p.head_dim).min(64);
-    if rows_cap == 0 {
-        return Err(bad(
-            op,
-            format!(
-                "head_dim = {} needs a larger workgroup than the device allows",
-                p.head_dim
-            ),
-        ));
-    }
-    let rows = (p.n_q as u64).next_power_of_two().min(rows_cap as u64);
-    // Keys per tile: what shared memory holds next to q and the row statistics (and the shared
-    // reduction scratch of nn.glsl).
-    let shared_floats = (l.max_compute_shared_memory_size / 4) as u64;
-    let fixed = rows * (d + 3) + 64;
-    let per_key = 2 * d + 1 + rows;
-    let mut tile = shared_floats.saturating_sub(fixed) / per_key;
-    tile = tile.min(64);
-    if tile >= 8 {
-        tile -= tile % 8;
-    }
-    if tile == 0 {
-        return Err(bad(
-            op,
-            format!("head_dim = {} does not fit in shared memory", p.head_dim),
-        ));
-    }
+    let (rows, tile) =
+        super::nn::attention_plan(stream, op, p.head_dim, p.n_q as u64, SEQ_ATTN_MAX_OUT, wg)?;
+    let rows = rows as u64;
     let n_blocks = (p.n_q as u64).div_ceil(rows);
     let mut groups = grid_1d(n_blocks, 1)?;
     let bh = p.batch as u64 * p.n_heads as u64;
@@ -443,7 +419,7 @@ pub fn seq_attention(
         .u32(to_u32(op, "blocks", n_blocks)?);
     stream.dispatch(&Dispatch {
         kernel: KernelId::AttentionSeqF32,
-        spec: &[wg, l.subgroup_size, p.head_dim, rows as u32, tile as u32],
+        spec: &[wg, l.subgroup_size, p.head_dim, rows as u32, tile],
         push: push.bytes(),
         groups,
         reads: &[q.access(), k.access(), v.access()],

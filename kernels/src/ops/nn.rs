@@ -580,34 +580,8 @@ pub fn attention(
     let wg = ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
     let group = (p.n_heads / p.n_kv_heads) as u64;
     let n_rows = p.n_q_tokens as u64 * group;
-    // Rows per workgroup: as many as the accumulators hold (MAX_OUT per invocation), but no
-    // more than there are. Vulkan guarantees 128 invocations, which covers head_dim 256.
-    let rows_cap = (ATTN_MAX_OUT * wg / p.head_dim).min(64);
-    if rows_cap == 0 {
-        return Err(bad(
-            op,
-            format!(
-                "head_dim = {} needs a larger workgroup than the device allows",
-                p.head_dim
-            ),
-        ));
-    }
-    let rows_per_wg = n_rows.next_power_of_two().min(rows_cap as u64) as u32;
-    // Keys per tile: as many as shared memory holds (q, K padded by one, V, scores, 3 per row).
-    let shared_floats = (l.max_compute_shared_memory_size / 4) as u64;
-    let fixed = rows_per_wg as u64 * (d + 3);
-    let per_key = 2 * d + 1 + rows_per_wg as u64;
-    let mut tile = shared_floats.saturating_sub(fixed) / per_key;
-    tile = tile.min(64);
-    if tile >= 8 {
-        tile -= tile % 8;
-    }
-    if tile == 0 {
-        return Err(bad(
-            op,
-            format!("head_dim = {} does not fit in shared memory", p.head_dim),
-        ));
-    }
+    // Vulkan guarantees 128 invocations, which covers head_dim 256.
+    let (rows_per_wg, tile) = attention_plan(stream, op, p.head_dim, n_rows, ATTN_MAX_OUT, wg)?;
     let n_blocks = n_rows.div_ceil(rows_per_wg as u64);
     let mut groups = grid_1d(n_blocks, 1)?;
     groups[2] = p.n_kv_heads;
@@ -627,7 +601,7 @@ pub fn attention(
         .f32(p.softcap.unwrap_or(0.0))
         .u32(k_cache.f16 as u32 | (v_cache.f16 as u32) << 1)
         .u32(to_u32(op, "blocks", n_blocks)?);
-    let spec = [wg, l.subgroup_size, p.head_dim, rows_per_wg, tile as u32];
+    let spec = [wg, l.subgroup_size, p.head_dim, rows_per_wg, tile];
     stream.dispatch(&Dispatch {
         kernel: KernelId::AttentionF32,
         spec: &spec,
@@ -640,6 +614,44 @@ pub fn attention(
         ],
         writes: &[out.access()],
     })
+}
+
+/// Rows per workgroup and keys per tile for the flash-attention kernels (attention.comp and
+/// image/attention.comp): rows as many as the accumulators hold (`max_out` per invocation of a
+/// `wg`-wide workgroup), no more than `rows_wanted` (to a power of two) and 64; keys per tile as
+/// many as shared memory holds beside them (q, K padded by one, V, the scores, three floats per
+/// row, and nn.glsl's 64 reduction partials), at most 64 and a multiple of 8 from 8 up.
+pub(super) fn attention_plan(
+    stream: &Stream,
+    op: &'static str,
+    head_dim: u32,
+    rows_wanted: u64,
+    max_out: u32,
+    wg: u32,
+) -> Result<(u32, u32), VulkanError> {
+    let rows_cap = (max_out * wg / head_dim).min(64);
+    if rows_cap == 0 {
+        return Err(bad(
+            op,
+            format!("head_dim = {head_dim} needs a larger workgroup than the device allows"),
+        ));
+    }
+    let rows = rows_wanted.next_power_of_two().min(rows_cap as u64);
+    let d = head_dim as u64;
+    let shared_floats = (stream.limits().max_compute_shared_memory_size / 4) as u64;
+    let fixed = rows * (d + 3) + MAX_PARTIALS as u64;
+    let per_key = 2 * d + 1 + rows;
+    let mut tile = (shared_floats.saturating_sub(fixed) / per_key).min(64);
+    if tile >= 8 {
+        tile -= tile % 8;
+    }
+    if tile == 0 {
+        return Err(bad(
+            op,
+            format!("head_dim = {head_dim} does not fit in shared memory"),
+        ));
+    }
+    Ok((rows as u32, tile as u32))
 }
 
 /// Writes `n_tokens` new K or V rows from `src` (n_tokens × n_kv_heads × head_dim, f32) into
