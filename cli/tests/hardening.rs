@@ -882,3 +882,33 @@ fn model_file_problems_are_reported_right() {
     assert_eq!(state("later").0, "unloaded");
     d.ok(&["load", "later"]);
 }
+
+/// A diffusers SDXL folder (the tiny fixture) loads onto the GPU: the estimate `halo models`
+/// shows is what `halo ps` holds and what the device's ledger charges, to the byte; an image job
+/// says plainly that the engine is not wired to jobs yet; unloading returns every byte.
+#[test]
+fn an_sdxl_folder_loads_onto_the_gpu_at_its_estimate() {
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../daemon/tests/fixtures/diffusion/tiny-sdxl");
+    let cfg = format!(
+        "[[models]]\nname = \"tiny\"\nkind = \"sdxl\"\npath = {:?}\n",
+        folder.display().to_string()
+    );
+    let Some(d) = daemon(&cfg) else { return };
+    let estimate = d.json(&["models", "--json"])[0]["estimated_bytes"].clone();
+    d.ok(&["load", "tiny"]);
+    let ps = d.json(&["ps", "--json"]);
+    assert_eq!(ps[0]["bytes"], estimate, "{ps}");
+    let s = d.json(&["status", "--json"]);
+    assert_eq!(s["gpu_allocated_bytes"], s["used_bytes"], "{s}");
+    assert_eq!(s["used_bytes"], estimate, "{s}");
+    let err = d.fails(&["image", "tiny", "a fox"], 4);
+    assert!(err.contains("not wired to jobs"), "{err}");
+    d.ok(&["unload", "tiny"]);
+    let s = d.json(&["status", "--json"]);
+    assert_eq!(
+        (s["gpu_allocated_bytes"].as_u64(), s["used_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+}

@@ -251,9 +251,11 @@ enum Internal {
     ClientGone(JobId),
 }
 
-/// A model in memory: an LLM on the GPU, or files mapped for an engine still to come.
+/// A model in memory: an LLM on the GPU, an SDXL pipeline on the GPU (its jobs are not run
+/// yet), or files mapped for an engine still to come.
 pub enum Loaded {
     Llm(Arc<LlmEngine>),
+    Sdxl(Arc<crate::diffusion::sdxl::SdxlPipeline>),
     Mapped(MappedModel),
 }
 
@@ -267,6 +269,7 @@ impl Loaded {
                 e.parallel,
                 e.context
             ),
+            Loaded::Sdxl(_) => "SDXL pipeline on the GPU (weights copied)".to_string(),
             Loaded::Mapped(m) => format!("{} files mapped", m.files()),
         }
     }
@@ -784,7 +787,7 @@ impl Core {
                 // bytes otherwise.
                 let owner = self.owner(&model);
                 let bytes = match &loaded {
-                    Loaded::Llm(_) => self
+                    Loaded::Llm(_) | Loaded::Sdxl(_) => self
                         .facts
                         .runtime
                         .as_ref()
@@ -891,7 +894,7 @@ impl Core {
             .iter()
             .filter_map(|(name, m)| match m {
                 Loaded::Llm(e) => e.file_changed().map(|why| (name.clone(), why)),
-                Loaded::Mapped(_) => None,
+                Loaded::Sdxl(_) | Loaded::Mapped(_) => None,
             })
             .collect();
         for (name, why) in changed {
@@ -1053,6 +1056,11 @@ impl Core {
                                 Some(ModelKind::Llm) => CoreError::FailedPrecondition(
                                     "the job lost its request or its client".into(),
                                 ),
+                                _ if matches!(self.loaded.get(&model), Some(Loaded::Sdxl(_))) => {
+                                    CoreError::Unimplemented(format!(
+                                        "image jobs are not run yet: halod loaded the SDXL pipeline {model:?} on the GPU, but its engine is not wired to jobs"
+                                    ))
+                                }
                                 _ => CoreError::Unimplemented(format!(
                                     "the diffusion engine is not built yet: halod loaded {model:?} but cannot run it"
                                 )),
@@ -1265,11 +1273,22 @@ impl Core {
 }
 
 /// Bytes a model will take: for LLMs on a GPU, weights plus the sequence pool, computed from the
-/// GGUF header and the config (the same sizes the loader allocates); otherwise the files' size.
+/// GGUF header and the config (the same sizes the loader allocates); for an SDXL folder on a GPU,
+/// its weights as the loader places them, from the safetensors headers; otherwise the files'
+/// size.
 fn estimate_model(
     m: &ModelConfig,
     gpu: Option<halo_kernels::WeightLayout>,
 ) -> Result<u64, ModelFileError> {
+    if let (ModelKind::Sdxl, Some(layout), true) = (m.kind, gpu, m.path.is_dir()) {
+        models::estimate(m)?; // the folder's layout first, with its own wording
+        return crate::diffusion::sdxl::SdxlPipeline::estimate_folder(&m.path, layout).map_err(
+            |e| ModelFileError::Invalid {
+                path: m.path.clone(),
+                message: e.to_string(),
+            },
+        );
+    }
     let Some(layout) = gpu.filter(|_| m.kind == ModelKind::Llm) else {
         return models::estimate(m);
     };
@@ -1294,7 +1313,8 @@ fn estimate_model(
     })
 }
 
-/// Loads a model: an LLM onto the GPU when there is one, otherwise its files mapped.
+/// Loads a model: an LLM or an SDXL diffusers folder onto the GPU when there is one, otherwise
+/// its files mapped.
 fn load_model(
     m: &ModelConfig,
     device: Option<&halo_kernels::Device>,
@@ -1314,6 +1334,22 @@ fn load_model(
                 owner,
             )
             .map(|e| Loaded::Llm(Arc::new(e)))
+            .map_err(|e| ModelFileError::Invalid {
+                path: m.path.clone(),
+                message: e.to_string(),
+            })
+        }
+        // A diffusers folder; its weights are copied (the files hold no lease yet, so they
+        // must not be the weights). Single-file checkpoints are still only mapped.
+        (ModelKind::Sdxl, Some(dev)) if m.path.is_dir() => {
+            models::estimate(m)?;
+            crate::diffusion::sdxl::SdxlPipeline::load_folder(
+                dev,
+                &m.path,
+                halo_kernels::LoadStrategy::Copy,
+                owner,
+            )
+            .map(|p| Loaded::Sdxl(Arc::new(p)))
             .map_err(|e| ModelFileError::Invalid {
                 path: m.path.clone(),
                 message: e.to_string(),

@@ -515,6 +515,10 @@ fn the_whole_pipeline_makes_diffusers_images() {
     let pipe =
         SdxlPipeline::load_folder(&dev, &pipeline(), halo_kernels::LoadStrategy::Auto, owner)
             .unwrap();
+    // The estimate from the headers is what the device holds, to the byte.
+    let estimate = SdxlPipeline::estimate_folder(&pipeline(), dev.weight_layout()).unwrap();
+    assert_eq!(estimate, pipe.bytes());
+    assert_eq!(dev.ledger().owner(owner), pipe.bytes());
     let refs = std::fs::read(dir().join("tiny-sdxl-refs.safetensors")).unwrap();
     let st = SafeTensors::parse(&refs).unwrap();
     for case in cases() {

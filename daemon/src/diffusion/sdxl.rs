@@ -10,13 +10,17 @@
 
 use std::path::{Path, PathBuf};
 
-use halo_kernels::{Device, LoadStrategy, OwnerId};
+use halo_kernels::{Device, LoadStrategy, OwnerId, WeightLayout};
+
+use crate::models::Mapping;
+use crate::safetensors::SafeTensors;
 
 use super::clip::ClipTextEncoder;
 use super::clip_tokenizer::ClipTokenizer;
 use super::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use super::rng::TorchRng;
 use super::sampler::{Sampler, SamplerKind, Schedule};
+use super::tensors::DeviceTensors;
 use super::unet::{Unet, UnetInput};
 use super::vae::Vae;
 
@@ -161,6 +165,21 @@ impl SdxlPipeline {
             scheduler,
             latent_channels,
         })
+    }
+
+    /// Device bytes [`Self::load_folder`] will hold for the folder `dir` on a device with this
+    /// weight layout, from the weight files' headers alone.
+    pub fn estimate_folder(dir: &Path, layout: WeightLayout) -> Result<u64, SdxlError> {
+        let mut total = 0u64;
+        for part in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+            let path = weights_in(&dir.join(part))?;
+            let map =
+                Mapping::open(&path).map_err(|e| SdxlError(format!("{}: {e}", path.display())))?;
+            let st = SafeTensors::parse(map.bytes())
+                .map_err(|e| SdxlError(format!("{}: {e}", path.display())))?;
+            total += DeviceTensors::estimate(&st, "", layout).map_err(err)?;
+        }
+        Ok(total)
     }
 
     /// Device bytes of all weights.

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use halo_kernels::ops::{F32s, Weights};
 use halo_kernels::quant::{bf16_to_f32, f16_to_f32, WeightType};
-use halo_kernels::{Buffer, Device, LoadStrategy, LoadedWeights, OwnerId};
+use halo_kernels::{
+    charged_bytes, Buffer, Device, LoadStrategy, LoadedWeights, MemoryKind, OwnerId, WeightLayout,
+};
 
 use crate::models::Mapping;
 use crate::safetensors::{Dtype, SafeTensors, Tensor};
@@ -115,10 +117,79 @@ fn weight_type(d: Dtype) -> Option<WeightType> {
     }
 }
 
+/// How a file's tensors are placed: matrices read in place, fp8 matrices converted to f16,
+/// vectors as f32. Integer tensors (position ids) are skipped.
+struct Plan<'a> {
+    matrices: Vec<&'a Tensor>,
+    fp8: Vec<&'a Tensor>,
+    vectors: Vec<&'a Tensor>,
+}
+
+/// The allocation group of a plan: each fp8 matrix as f16, then one buffer of all vectors.
+fn group_requests(p: &Plan<'_>) -> Vec<(MemoryKind, u64)> {
+    let mut r: Vec<(MemoryKind, u64)> = p
+        .fp8
+        .iter()
+        .map(|t| (MemoryKind::Device, 2 * t.elements().max(1)))
+        .collect();
+    let n: u64 = p.vectors.iter().map(|t| t.elements()).sum();
+    if n > 0 {
+        r.push((MemoryKind::Device, 4 * n));
+    }
+    r
+}
+
+fn is_fp8(d: Dtype) -> bool {
+    d == Dtype::F8E4M3 || d == Dtype::F8E5M2
+}
+
+fn plan<'a>(st: &'a SafeTensors, prefix: &str) -> Plan<'a> {
+    let mut p = Plan {
+        matrices: Vec::new(),
+        fp8: Vec::new(),
+        vectors: Vec::new(),
+    };
+    for t in st.tensors().iter().filter(|t| t.name.starts_with(prefix)) {
+        let float = weight_type(t.dtype).is_some() || is_fp8(t.dtype);
+        match (float, t.shape.len() >= 2, is_fp8(t.dtype)) {
+            (false, _, _) => {}
+            (true, true, true) => p.fp8.push(t),
+            (true, true, false) => p.matrices.push(t),
+            (true, false, _) => p.vectors.push(t),
+        }
+    }
+    p
+}
+
+/// The value of element `i` of a float vector tensor's bytes, as f32.
+fn element(bytes: &[u8], dtype: Dtype, i: usize) -> f32 {
+    match dtype {
+        Dtype::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes")),
+        Dtype::F16 => f16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
+        Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
+        d => f16_to_f32(fp8_to_f16(bytes[i], d)),
+    }
+}
+
 impl DeviceTensors {
-    /// Loads every float tensor of `path` whose name starts with `prefix`: tensors of two or
-    /// more dimensions as matrices, the rest as f32 vectors. Integer tensors (position ids) are
-    /// skipped.
+    /// Device bytes [`Self::load`] will hold for this header with this layout: the matrices as
+    /// the weight loader lays them out, and the converted fp8 matrices and the f32 vectors as one
+    /// group (charged exactly).
+    pub fn estimate(
+        st: &SafeTensors,
+        prefix: &str,
+        layout: WeightLayout,
+    ) -> Result<u64, TensorError> {
+        let p = plan(st, prefix);
+        let ranges: Vec<_> = p.matrices.iter().map(|t| t.range.clone()).collect();
+        let group: u64 = group_requests(&p)
+            .iter()
+            .map(|&(_, len)| charged_bytes(len))
+            .sum();
+        Ok(layout.bytes(&ranges)? + group)
+    }
+
+    /// Loads every float tensor of `path` whose name starts with `prefix` (see [`Plan`]).
     pub fn load(
         device: &Device,
         path: &Path,
@@ -129,65 +200,46 @@ impl DeviceTensors {
         let map = Arc::new(Mapping::open(path).map_err(|e| TensorError::Io(path.into(), e))?);
         let st = SafeTensors::parse(map.bytes())
             .map_err(|e| TensorError::File(path.into(), e.to_string()))?;
-        let mut ranges = Vec::new();
-        let mut matrices = HashMap::new();
+        let p = plan(&st, prefix);
+        let ranges: Vec<_> = p.matrices.iter().map(|t| t.range.clone()).collect();
+        let matrices = p
+            .matrices
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), (i, (*t).clone())))
+            .collect();
+        // One group for the converted matrices and the vectors.
+        let mut buffers = device.alloc_many(&group_requests(&p), owner)?.into_iter();
+        let mut converted = HashMap::new();
+        for t in &p.fp8 {
+            let bytes: Vec<u8> = st
+                .data(map.bytes(), t)
+                .iter()
+                .flat_map(|&b| fp8_to_f16(b, t.dtype).to_le_bytes())
+                .collect();
+            let mut buf = buffers.next().expect("a buffer per fp8 matrix");
+            device.write(&mut buf, 0, &bytes)?;
+            let mut as_f16 = (*t).clone();
+            as_f16.dtype = Dtype::F16;
+            converted.insert(t.name.clone(), (buf, as_f16));
+        }
         let mut host_params: Vec<f32> = Vec::new();
         let mut vectors = HashMap::new();
-        let mut converted = HashMap::new();
-        for t in st.tensors().iter().filter(|t| t.name.starts_with(prefix)) {
-            if t.dtype == Dtype::F8E4M3 || t.dtype == Dtype::F8E5M2 {
-                let bytes: Vec<u8> = st
-                    .data(map.bytes(), t)
-                    .iter()
-                    .flat_map(|&b| fp8_to_f16(b, t.dtype).to_le_bytes())
-                    .collect();
-                let mut buf = device.alloc(
-                    halo_kernels::MemoryKind::Device,
-                    bytes.len().max(2) as u64,
-                    owner,
-                )?;
-                device.write(&mut buf, 0, &bytes)?;
-                let mut as_f16 = t.clone();
-                as_f16.dtype = Dtype::F16;
-                converted.insert(t.name.clone(), (buf, as_f16));
-                continue;
-            }
-            let Some(_) = weight_type(t.dtype) else {
-                continue;
-            };
-            if t.shape.len() >= 2 {
-                matrices.insert(t.name.clone(), (ranges.len(), t.clone()));
-                ranges.push(t.range.clone());
-            } else {
-                let bytes = st.data(map.bytes(), t);
-                let start = host_params.len() as u64;
-                match t.dtype {
-                    Dtype::F32 => host_params.extend(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                    ),
-                    Dtype::F16 => host_params.extend(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
-                    ),
-                    _ => host_params.extend(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
-                    ),
-                }
-                vectors.insert(t.name.clone(), (start, t.elements()));
-            }
+        for t in &p.vectors {
+            let bytes = st.data(map.bytes(), t);
+            let start = host_params.len() as u64;
+            host_params.extend((0..t.elements() as usize).map(|i| element(bytes, t.dtype, i)));
+            vectors.insert(t.name.clone(), (start, t.elements()));
         }
+        let params = match buffers.next() {
+            Some(mut b) => {
+                device.write_f32(&mut b, 0, &host_params)?;
+                Some(b)
+            }
+            None => None,
+        };
         let host: Arc<dyn halo_kernels::HostMemory> = map;
         let weights = device.load_weights(host, &ranges, strategy, owner)?;
-        let params = if host_params.is_empty() {
-            None
-        } else {
-            Some(device.upload_f32(&host_params, owner)?)
-        };
         Ok(DeviceTensors {
             path: path.into(),
             prefix: prefix.into(),
@@ -273,8 +325,12 @@ impl DeviceTensors {
     /// Device bytes held: the weights plus the f32 vectors.
     pub fn bytes(&self) -> u64 {
         self.weights.bytes
-            + self.converted.values().map(|(b, _)| b.len()).sum::<u64>()
-            + self.params.as_ref().map_or(0, |p| p.len())
+            + self
+                .converted
+                .values()
+                .map(|(b, _)| charged_bytes(b.len()))
+                .sum::<u64>()
+            + self.params.as_ref().map_or(0, |p| charged_bytes(p.len()))
     }
 }
 
