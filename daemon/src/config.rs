@@ -49,7 +49,7 @@ pub enum BudgetSetting {
 
 /// One `[[models]]` entry after validation. Relative paths are resolved against the config
 /// file's folder.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub name: String,
     pub kind: ModelKind,
@@ -62,6 +62,19 @@ pub struct ModelConfig {
     pub parallel: u32,
     /// LLMs: the KV cache's element type.
     pub kv_cache: KvCacheType,
+    /// Image models: the defaults of their jobs.
+    pub image: ImageDefaults,
+}
+
+/// What an image model's jobs use when a request leaves a value out (`None`: halo's default).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageDefaults {
+    pub steps: Option<u32>,
+    pub cfg: Option<f32>,
+    pub sampler: Option<crate::diffusion::sampler::SamplerKind>,
+    pub scheduler: Option<crate::diffusion::sampler::Schedule>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
 }
 
 /// The element type of an LLM's KV cache: f16 (the default: half the memory) or f32 (exact
@@ -104,7 +117,7 @@ impl std::str::FromStr for KvCacheType {
 }
 
 /// The resolved configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The file it came from; `None` for built-in defaults.
     pub source: Option<PathBuf>,
@@ -247,6 +260,115 @@ struct RawModel {
     keep_alive: Option<KeepAlive>,
     parallel: Option<Spanned<u32>>,
     kv_cache: Option<Spanned<String>>,
+    steps: Option<Spanned<u32>>,
+    cfg: Option<Spanned<f64>>,
+    sampler: Option<Spanned<String>>,
+    scheduler: Option<Spanned<String>>,
+    width: Option<Spanned<u32>>,
+    height: Option<Spanned<u32>>,
+}
+
+/// An entry's image-job keys, as the TOML gave them.
+struct RawImage {
+    steps: Option<Spanned<u32>>,
+    cfg: Option<Spanned<f64>>,
+    sampler: Option<Spanned<String>>,
+    scheduler: Option<Spanned<String>>,
+    width: Option<Spanned<u32>>,
+    height: Option<Spanned<u32>>,
+}
+
+/// The job defaults of an image model's entry, each checked; set on an LLM, an error naming the
+/// key.
+fn image_defaults(
+    m: RawImage,
+    kind: ModelKind,
+    i: usize,
+    err_at: &dyn Fn(usize, String, String) -> ConfigError,
+) -> Result<ImageDefaults, ConfigError> {
+    use crate::diffusion::sampler::{SamplerKind, Schedule};
+    let at = |offset: usize, key: &str, message: String| {
+        err_at(offset, format!("models[{i}].{key}"), message)
+    };
+    let image_only = |key: &str, offset: usize| {
+        at(
+            offset,
+            key,
+            format!("{key} applies to image models (sdxl, flux) only, not llm"),
+        )
+    };
+    let llm = kind == ModelKind::Llm;
+    let mut d = ImageDefaults::default();
+    if let Some(v) = &m.steps {
+        if llm {
+            return Err(image_only("steps", v.span().start));
+        }
+        if !(1..=1000).contains(v.get_ref()) {
+            return Err(at(
+                v.span().start,
+                "steps",
+                "steps must be 1 to 1000".into(),
+            ));
+        }
+        d.steps = Some(*v.get_ref());
+    }
+    if let Some(v) = &m.cfg {
+        if llm {
+            return Err(image_only("cfg", v.span().start));
+        }
+        let c = *v.get_ref();
+        if !(c.is_finite() && (0.0..=30.0).contains(&c)) {
+            return Err(at(v.span().start, "cfg", "cfg must be 0 to 30".into()));
+        }
+        d.cfg = Some(c as f32);
+    }
+    for (key, v, slot) in [
+        ("width", &m.width, &mut d.width),
+        ("height", &m.height, &mut d.height),
+    ] {
+        if let Some(v) = v {
+            if llm {
+                return Err(image_only(key, v.span().start));
+            }
+            let px = *v.get_ref();
+            if px % 8 != 0 || !(64..=4096).contains(&px) {
+                return Err(at(
+                    v.span().start,
+                    key,
+                    format!("{key} must be a multiple of 8 from 64 to 4096, not {px}"),
+                ));
+            }
+            *slot = Some(px);
+        }
+    }
+    if let Some(v) = &m.sampler {
+        if llm {
+            return Err(image_only("sampler", v.span().start));
+        }
+        d.sampler = Some(SamplerKind::parse(v.get_ref()).ok_or_else(|| {
+            at(
+                v.span().start,
+                "sampler",
+                format!(
+                    "unknown sampler {:?}: use euler, euler_a or dpmpp_2m",
+                    v.get_ref()
+                ),
+            )
+        })?);
+    }
+    if let Some(v) = &m.scheduler {
+        if llm {
+            return Err(image_only("scheduler", v.span().start));
+        }
+        d.scheduler = Some(Schedule::parse(v.get_ref()).ok_or_else(|| {
+            at(
+                v.span().start,
+                "scheduler",
+                format!("unknown scheduler {:?}: use normal or karras", v.get_ref()),
+            )
+        })?);
+    }
+    Ok(d)
 }
 
 // ---- value parsers (also used by tests and by the CLI-facing code) ---------------------------
@@ -537,6 +659,19 @@ impl Config {
         let mut models: Vec<ModelConfig> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
             let name_at = m.name.span().start;
+            let image = image_defaults(
+                RawImage {
+                    steps: m.steps,
+                    cfg: m.cfg,
+                    sampler: m.sampler,
+                    scheduler: m.scheduler,
+                    width: m.width,
+                    height: m.height,
+                },
+                m.kind,
+                i,
+                &err_at,
+            )?;
             let name = m.name.into_inner();
             if !valid_name(&name) {
                 return Err(err_at(
@@ -605,6 +740,7 @@ impl Config {
                 keep_alive: m.keep_alive.unwrap_or(keep_alive),
                 parallel: model_parallel.unwrap_or(parallel),
                 kv_cache,
+                image,
             });
         }
 
@@ -696,6 +832,21 @@ impl Config {
             if m.kind == ModelKind::Llm {
                 out.push_str(&format!("parallel = {}\n", m.parallel));
                 out.push_str(&format!("kv_cache = {}\n", q(m.kv_cache.as_str())));
+            }
+            let d = &m.image;
+            for (key, v) in [("steps", d.steps), ("width", d.width), ("height", d.height)] {
+                if let Some(v) = v {
+                    out.push_str(&format!("{key} = {v}\n"));
+                }
+            }
+            if let Some(c) = d.cfg {
+                out.push_str(&format!("cfg = {c:?}\n"));
+            }
+            if let Some(s) = d.sampler {
+                out.push_str(&format!("sampler = {}\n", q(s.as_str())));
+            }
+            if let Some(s) = d.scheduler {
+                out.push_str(&format!("scheduler = {}\n", q(s.as_str())));
             }
         }
         out
@@ -832,6 +983,9 @@ kind = "sdxl"
 path = "/srv/sdxl"
 pinned = true
 keep_alive = "-1"
+steps = 20
+cfg = 5.5
+sampler = "euler_a"
 "#,
         )
         .unwrap();
@@ -858,6 +1012,10 @@ keep_alive = "-1"
         assert_eq!(c.models[1].kv_cache, KvCacheType::F16);
         assert_eq!(c.models[1].keep_alive, KeepAlive::Forever);
         assert!(c.models[1].pinned);
+        assert_eq!(
+            (c.models[1].image.steps, c.models[1].image.cfg),
+            (Some(20), Some(5.5))
+        );
         // The printed form parses back to the same config.
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again.models, c.models);
@@ -941,6 +1099,52 @@ keep_alive = "-1"
         assert!(parse_size("GiB").is_err());
         assert_eq!(size_str(110 << 30), "110GiB");
         assert_eq!(size_str(1000), "1000B");
+    }
+
+    #[test]
+    fn image_models_take_job_defaults_and_llms_refuse_them() {
+        use crate::diffusion::sampler::{SamplerKind, Schedule};
+        let c = parse(
+            "[[models]]\nname = \"x\"\nkind = \"sdxl\"\npath = \"x\"\nsteps = 25\ncfg = 6.5\nsampler = \"dpmpp_2m\"\nscheduler = \"karras\"\nwidth = 832\nheight = 1216\n",
+        )
+        .unwrap();
+        let d = &c.models[0].image;
+        assert_eq!(
+            (d.steps, d.cfg, d.sampler, d.scheduler, d.width, d.height),
+            (
+                Some(25),
+                Some(6.5),
+                Some(SamplerKind::DpmPp2m),
+                Some(Schedule::Karras),
+                Some(832),
+                Some(1216)
+            )
+        );
+        for (line, key, want) in [
+            ("steps = 0", "steps", "1 to 1000"),
+            ("cfg = 31.0", "cfg", "0 to 30"),
+            ("sampler = \"ddim\"", "sampler", "unknown sampler \"ddim\""),
+            ("scheduler = \"exp\"", "scheduler", "unknown scheduler"),
+            ("width = 100", "width", "multiple of 8"),
+            ("height = 8", "height", "from 64 to 4096"),
+        ] {
+            let e = parse(&format!(
+                "[[models]]\nname = \"x\"\nkind = \"sdxl\"\npath = \"x\"\n{line}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some(format!("models[0].{key}").as_str()),
+                "{e}"
+            );
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let e = parse("[[models]]\nname = \"l\"\nkind = \"llm\"\npath = \"l\"\nsteps = 20\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("image models (sdxl, flux) only"),
+            "{e}"
+        );
     }
 
     #[test]

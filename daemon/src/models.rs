@@ -424,6 +424,7 @@ mod tests {
             keep_alive: KeepAlive::Forever,
             parallel: 1,
             kv_cache: Default::default(),
+            image: Default::default(),
         }
     }
 

@@ -54,6 +54,13 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schedule::Normal => "normal",
+            Schedule::Karras => "karras",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Schedule> {
         Some(match s {
             "normal" => Schedule::Normal,
