@@ -356,6 +356,8 @@ pub struct Core {
     load_waiters: HashMap<String, Vec<LoadWaiter>>,
     job_streams: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
     job_errors: HashMap<JobId, CoreError>,
+    /// The summary events of jobs the executor finished, sent once their end is recorded.
+    summaries: HashMap<JobId, JobEvent>,
     internal_tx: mpsc::UnboundedSender<Internal>,
 }
 
@@ -393,6 +395,7 @@ pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::tas
         load_waiters: HashMap::new(),
         job_streams: HashMap::new(),
         job_errors: HashMap::new(),
+        summaries: HashMap::new(),
         internal_tx,
     };
     core.install_catalog(config);
@@ -1114,8 +1117,14 @@ impl Core {
             return;
         };
         let outcome = match how {
-            Ended::Done => (Outcome::Done, None),
-            Ended::Cancelled => (Outcome::Cancelled, None),
+            Ended::Done(summary) => {
+                self.summaries.insert(job, summary);
+                (Outcome::Done, None)
+            }
+            Ended::Cancelled(summary) => {
+                self.summaries.insert(job, summary);
+                (Outcome::Cancelled, None)
+            }
             Ended::Failed(e) => (Outcome::Failed(e.to_string()), Some(e)),
         };
         self.end_job(job, &view.model, outcome.0, outcome.1);
@@ -1135,6 +1144,10 @@ impl Core {
             .collect();
         for id in ended {
             let tx = self.job_streams.remove(&id).expect("listed above");
+            if let Some(summary) = self.summaries.remove(&id) {
+                let _ = tx.send(summary);
+                continue;
+            }
             let view = self.scheduler.job(id);
             let ev = match view.as_ref().map(|j| j.state) {
                 Some(JobState::Cancelled) => JobEvent::Cancelled(if self.stopping {
@@ -1155,6 +1168,8 @@ impl Core {
             let _ = tx.send(ev);
         }
         self.job_errors
+            .retain(|id, _| self.job_streams.contains_key(id));
+        self.summaries
             .retain(|id, _| self.job_streams.contains_key(id));
     }
 

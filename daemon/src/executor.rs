@@ -42,11 +42,13 @@ pub enum Prompt {
     Chat(Vec<Message>),
 }
 
-/// How a job ended.
+/// How a job ended. A job that ran carries its summary event: the core sends it to the client
+/// only after it has recorded the end, so a client that has its summary finds the job ended in
+/// `halo jobs`.
 #[derive(Debug)]
 pub enum Ended {
-    Done,
-    Cancelled,
+    Done(JobEvent),
+    Cancelled(JobEvent),
     Failed(CoreError),
 }
 
@@ -272,8 +274,7 @@ impl Running {
         };
         if let Some(why) = stop {
             // The client still gets a summary of what it was sent before the stop.
-            self.summary(why.as_str());
-            return Some(Ended::Cancelled);
+            return Some(Ended::Cancelled(self.summary(why.as_str())));
         }
         // The weights may be the model file's own pages: never touch them once the file is
         // being changed (the writer waits on our lease until the model is dropped).
@@ -481,12 +482,11 @@ impl Running {
     }
 
     fn done(&mut self, reason: &str) -> Ended {
-        self.summary(reason);
-        Ended::Done
+        Ended::Done(self.summary(reason))
     }
 
-    /// Sends the held-back text and the job's summary line.
-    fn summary(&mut self, reason: &str) {
+    /// Sends the held-back text and returns the job's summary line (for the core to send).
+    fn summary(&mut self, reason: &str) -> JobEvent {
         if !self.held.is_empty() || !self.partial.is_empty() {
             let mut text = std::mem::take(&mut self.held);
             text.push_str(&String::from_utf8_lossy(&std::mem::take(&mut self.partial)));
@@ -494,7 +494,7 @@ impl Running {
                 let _ = self.job.events.send(JobEvent::Text(text));
             }
         }
-        let _ = self.job.events.send(JobEvent::Done {
+        JobEvent::Done {
             finish_reason: reason.to_string(),
             prompt_tokens: self.prompt.len() as u32,
             cached_tokens: self.cached,
@@ -504,6 +504,6 @@ impl Running {
                 .decode_started
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
-        });
+        }
     }
 }
