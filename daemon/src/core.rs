@@ -1122,7 +1122,9 @@ impl Core {
                 (Outcome::Done, None)
             }
             Ended::Cancelled(summary) => {
-                self.summaries.insert(job, summary);
+                if let Some(summary) = summary {
+                    self.summaries.insert(job, summary);
+                }
                 (Outcome::Cancelled, None)
             }
             Ended::Failed(e) => (Outcome::Failed(e.to_string()), Some(e)),

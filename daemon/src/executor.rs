@@ -48,7 +48,9 @@ pub enum Prompt {
 #[derive(Debug)]
 pub enum Ended {
     Done(JobEvent),
-    Cancelled(JobEvent),
+    /// None when the summary was sent already: on shutdown the core stops without waiting for
+    /// the executor, so the executor tells the client itself.
+    Cancelled(Option<JobEvent>),
     Failed(CoreError),
 }
 
@@ -274,7 +276,12 @@ impl Running {
         };
         if let Some(why) = stop {
             // The client still gets a summary of what it was sent before the stop.
-            return Some(Ended::Cancelled(self.summary(why.as_str())));
+            let summary = self.summary(why.as_str());
+            if why == StopReason::Shutdown {
+                let _ = self.job.events.send(summary);
+                return Some(Ended::Cancelled(None));
+            }
+            return Some(Ended::Cancelled(Some(summary)));
         }
         // The weights may be the model file's own pages: never touch them once the file is
         // being changed (the writer waits on our lease until the model is dropped).
