@@ -12,6 +12,7 @@ use halo_kernels::ops::{self, F32s, SeqAttention, U32s};
 use halo_kernels::{Buffer, Device, LoadStrategy, MemoryKind, OwnerId};
 
 use super::config::ClipTextConfig;
+use super::plan::Sim;
 use super::tensors::{DeviceTensors, TensorError};
 
 pub struct ClipTextEncoder {
@@ -135,6 +136,31 @@ impl ClipTextEncoder {
     /// Device bytes of the weights.
     pub fn bytes(&self) -> u64 {
         self.tensors.bytes()
+    }
+
+    /// Device bytes [`Self::encode`] holds at most for `prompts` prompts (all its buffers live
+    /// to the end), charged as the allocator charges them.
+    pub fn peak_bytes(&self, prompts: usize, pooled: bool) -> u64 {
+        let n_ctx = self.cfg.max_position_embeddings as u64;
+        let rows = prompts as u64 * n_ctx;
+        let (c, f) = (
+            self.cfg.hidden_size as u64,
+            self.cfg.intermediate_size as u64,
+        );
+        let mut sim = Sim::default();
+        // Token ids and positions (u32, as wide as f32).
+        sim.keep(rows);
+        sim.keep(rows);
+        for _ in 0..7 {
+            sim.keep(rows * c);
+        }
+        sim.keep(rows * f);
+        if let (true, Some(pd)) = (pooled, self.projection_dim()) {
+            sim.keep(prompts as u64);
+            sim.keep(prompts as u64 * c);
+            sim.keep(prompts as u64 * pd);
+        }
+        sim.peak()
     }
 
     /// Encodes `ids` (batch × 77 token ids). With `pooled`, also the projected embedding of

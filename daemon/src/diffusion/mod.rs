@@ -9,6 +9,7 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod config;
 mod graph;
+mod plan;
 pub mod png;
 pub mod preview;
 pub mod rng;

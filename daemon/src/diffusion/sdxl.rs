@@ -21,7 +21,7 @@ use super::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig
 use super::rng::TorchRng;
 use super::sampler::{Sampler, SamplerKind, Schedule};
 use super::tensors::DeviceTensors;
-use super::unet::{Unet, UnetInput};
+use super::unet::{Unet, UnetCall, UnetInput};
 use super::vae::Vae;
 
 #[derive(Debug)]
@@ -296,40 +296,61 @@ impl SdxlPipeline {
             rng,
             latents,
             done: 0,
+            call: None,
         })
     }
 
     /// One denoising step: one UNet call on the guidance batch, the sampler's update.
     pub fn step(&self, job: &mut SdxlJob) -> Result<(), SdxlError> {
+        while !self.advance(job)? {}
+        Ok(())
+    }
+
+    /// Runs the next chunk of the job's current UNet call (starting the call if none is under
+    /// way); true when that finished a denoising step (guidance and the sampler's update
+    /// applied). Other work can run between two calls.
+    pub fn advance(&self, job: &mut SdxlJob) -> Result<bool, SdxlError> {
         let i = job.done;
         if job.denoised() {
             return Err(SdxlError("every step is done".into()));
         }
-        let s = job.sampler.input_scale(i);
-        let scaled: Vec<f32> = job.latents.iter().map(|v| v * s).collect();
-        let input: Vec<f32> = if job.guided {
-            scaled.iter().chain(&scaled).copied().collect()
-        } else {
-            scaled
+        let mut call = match job.call.take() {
+            Some(call) => call,
+            None => {
+                let s = job.sampler.input_scale(i);
+                let scaled: Vec<f32> = job.latents.iter().map(|v| v * s).collect();
+                let input: Vec<f32> = if job.guided {
+                    scaled.iter().chain(&scaled).copied().collect()
+                } else {
+                    scaled
+                };
+                let (lh, lw) = job.latent_hw;
+                let call = self
+                    .unet
+                    .begin(
+                        &UnetInput {
+                            batch: job.rows,
+                            height: lh,
+                            width: lw,
+                            sample: &input,
+                            timestep: job.sampler.timesteps()[i],
+                            context: &job.context,
+                            context_tokens: 77,
+                            text_embeds: &job.pooled,
+                            time_ids: &job.time_ids,
+                        },
+                        job.owner,
+                    )
+                    .map_err(err)?;
+                job.call = Some(call);
+                return Ok(false);
+            }
         };
-        let (lh, lw) = job.latent_hw;
-        let out = self
-            .unet
-            .forward(
-                &UnetInput {
-                    batch: job.rows,
-                    height: lh,
-                    width: lw,
-                    sample: &input,
-                    timestep: job.sampler.timesteps()[i],
-                    context: &job.context,
-                    context_tokens: 77,
-                    text_embeds: &job.pooled,
-                    time_ids: &job.time_ids,
-                },
-                job.owner,
-            )
-            .map_err(err)?;
+        let Some(out) = self.unet.advance(&mut call).map_err(err)? else {
+            job.call = Some(call);
+            return Ok(false);
+        };
+        drop(call);
         let eps: Vec<f32> = if job.guided {
             let (u, c) = out.split_at(job.latents.len());
             u.iter()
@@ -341,18 +362,99 @@ impl SdxlPipeline {
         };
         job.sampler.step(i, &eps, &mut job.latents, &mut job.rng);
         job.done += 1;
-        Ok(())
+        Ok(true)
     }
 
-    /// The images of a job whose steps are done (or its current latents, decoded).
+    /// UNet chunks per denoising step (one [`Self::advance`] each).
+    pub fn chunks_per_step(&self) -> usize {
+        self.unet.chunks()
+    }
+
+    /// The images of a job whose steps are done (or its current latents, decoded), whole or
+    /// in tiles of `tile` pixels.
     pub fn decode(&self, job: &SdxlJob) -> Result<Vec<Vec<f32>>, SdxlError> {
+        self.decode_with(job, None)
+    }
+
+    pub fn decode_with(
+        &self,
+        job: &SdxlJob,
+        tile: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>, SdxlError> {
         let (lh, lw) = job.latent_hw;
-        let images = self
-            .vae
-            .decode(&job.latents, job.batch, lh, lw, job.owner)
-            .map_err(err)?;
+        let images = match tile {
+            None => self
+                .vae
+                .decode(&job.latents, job.batch, lh, lw, job.owner)
+                .map_err(err)?,
+            Some(t) => self
+                .vae
+                .decode_tiled(&job.latents, job.batch, lh, lw, t, job.owner)
+                .map_err(err)?,
+        };
         let per_image = images.len() / job.batch;
         Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
+    }
+
+    /// What a job for `req` will hold on the device, phase by phase, decoding whole
+    /// (`tile` None) or in tiles of `tile` pixels.
+    pub fn plan(&self, req: &SdxlRequest, tile: Option<usize>) -> JobPlan {
+        let scale = self.vae_scale();
+        let (lh, lw) = (req.height / scale, req.width / scale);
+        let rows = if req.cfg > 1.0 {
+            2 * req.batch
+        } else {
+            req.batch
+        };
+        let encode = self
+            .te1
+            .peak_bytes(1, false)
+            .max(self.te2.peak_bytes(1, true));
+        let context_dim = (self.te1.hidden_size() + self.te2.hidden_size()) as usize;
+        let denoise = self.unet.peak_bytes(rows, lh, lw, 77, context_dim);
+        let (decode, largest) = match tile {
+            None => (
+                self.vae.peak_bytes(req.batch, lh, lw),
+                self.vae.largest_buffer(lh, lw) * req.batch as u64,
+            ),
+            Some(t) => {
+                let tl = (t / scale).max(1);
+                (
+                    self.vae.tiled_peak_bytes(lh, lw, t),
+                    self.vae.largest_buffer(lh.min(tl), lw.min(tl)),
+                )
+            }
+        };
+        JobPlan {
+            encode,
+            denoise,
+            decode,
+            tile,
+            largest_decode_buffer: largest,
+        }
+    }
+
+    /// Decode choices for `req` from the whole image down to small tiles (`forced` names one),
+    /// each as its plan; the caller takes the first that fits its memory. Choices whose largest
+    /// buffer exceeds `max_buffer` (the device's limit) are left out.
+    pub fn plans(&self, req: &SdxlRequest, forced: Option<usize>, max_buffer: u64) -> Vec<JobPlan> {
+        let scale = self.vae_scale();
+        let options: Vec<Option<usize>> = match forced {
+            Some(t) => vec![Some(t)],
+            None => std::iter::once(None)
+                .chain(
+                    [1024, 768, 512, 384, 256, 128]
+                        .into_iter()
+                        .filter(|&t| t < req.width.max(req.height) && t >= 2 * scale)
+                        .map(Some),
+                )
+                .collect(),
+        };
+        options
+            .into_iter()
+            .map(|t| self.plan(req, t))
+            .filter(|p| forced.is_some() || p.largest_decode_buffer <= max_buffer)
+            .collect()
     }
 }
 
@@ -372,6 +474,30 @@ pub struct SdxlJob {
     rng: TorchRng,
     latents: Vec<f32>,
     done: usize,
+    /// The UNet call under way, between chunks.
+    call: Option<UnetCall>,
+}
+
+/// Device bytes a job holds in each phase (its activations only; the weights are the model's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobPlan {
+    /// Both text encoders (one prompt at a time).
+    pub encode: u64,
+    /// One UNet call on the guidance batch.
+    pub denoise: u64,
+    /// The VAE decode, whole or one tile at a time.
+    pub decode: u64,
+    /// The VAE tile in pixels; None for a whole decode.
+    pub tile: Option<usize>,
+    /// The largest single buffer of the decode.
+    pub largest_decode_buffer: u64,
+}
+
+impl JobPlan {
+    /// What the job needs reserved: its largest phase.
+    pub fn bytes(&self) -> u64 {
+        self.encode.max(self.denoise).max(self.decode)
+    }
 }
 
 impl SdxlJob {

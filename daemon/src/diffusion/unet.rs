@@ -22,6 +22,7 @@ use halo_kernels::{Device, LoadStrategy, OwnerId};
 
 use super::config::UnetShape;
 use super::graph::{view, Act, Cx};
+use super::plan::{Sim, SimCx};
 use super::tensors::{DeviceTensors, TensorError};
 
 pub struct Unet {
@@ -97,18 +98,149 @@ impl Unet {
 
     /// The noise prediction for `input`: batch × out_channels × height × width.
     pub fn forward(&self, input: &UnetInput<'_>, owner: OwnerId) -> Result<Vec<f32>, TensorError> {
-        let mut cx = Cx {
+        let mut call = self.begin(input, owner)?;
+        loop {
+            if let Some(out) = self.advance(&mut call)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Pieces one call is run in: the embeddings and conv_in, each down level, the mid block,
+    /// each up level (the last with the output convolution).
+    pub fn chunks(&self) -> usize {
+        2 * self.shape.levels.len() + 2
+    }
+
+    /// The GEGLU feed-forward width of the transformer at `p` (from its weights).
+    fn ff_inner(&self, p: &str) -> u64 {
+        self.tensors
+            .matrix_shape(&format!("{p}.transformer_blocks.0.ff.net.0.proj.weight"))
+            .map(|s| s[0] / 2)
+            .unwrap_or(0)
+    }
+
+    /// Device bytes one call on `batch` latents of `height` × `width` holds at most, charged as
+    /// the allocator charges them: the replay of [`Self::begin`] and [`Self::advance`].
+    pub fn peak_bytes(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        context_tokens: usize,
+        context_dim: usize,
+    ) -> u64 {
+        let sh = &self.shape;
+        let b = batch as u64;
+        let mut sim = Sim::default();
+        let mut cx = SimCx {
+            sim: &mut sim,
+            batch: b,
+        };
+        let c0 = sh.levels[0].channels as u64;
+        let temb = sh.time_embed_dim as u64;
+        // begin: the embeddings, the context, conv_in and the first skip.
+        cx.sim.temp(b * c0);
+        cx.sim.temp(b * temb);
+        cx.sim.temp(b * temb);
+        if let Some((_, proj_in)) = sh.text_time {
+            cx.sim.temp(b * proj_in as u64);
+            cx.sim.temp(b * temb);
+            cx.sim.temp(b * temb);
+        }
+        cx.sim.keep(b * temb);
+        cx.sim.keep(b * (context_tokens * context_dim) as u64);
+        let (h, w) = (height as u64, width as u64);
+        cx.sim.temp(b * sh.in_channels as u64 * h * w);
+        let mut x = cx.act(c0, h, w);
+        let mut skips = vec![cx.act(c0, h, w)];
+        cx.sim.flush();
+        let kv = context_tokens as u64;
+        let n_levels = sh.levels.len();
+        for (i, level) in sh.levels.iter().enumerate() {
+            let ch = level.channels as u64;
+            for j in 0..level.resnets {
+                x = cx.resnet(x, ch, true);
+                if level.transformer_depth > 0 {
+                    let inner = self.ff_inner(&format!("down_blocks.{i}.attentions.{j}"));
+                    x = cx.transformer(x, level.transformer_depth, inner, kv);
+                }
+                skips.push(cx.act(x.c, x.h, x.w));
+            }
+            if i + 1 < n_levels {
+                x = cx.op(x, ch, x.h.div_ceil(2), x.w.div_ceil(2), true);
+                skips.push(cx.act(x.c, x.h, x.w));
+            }
+            cx.sim.flush();
+        }
+        let last = &sh.levels[n_levels - 1];
+        x = cx.resnet(x, last.channels as u64, true);
+        let inner = self.ff_inner("mid_block.attentions.0");
+        x = cx.transformer(x, sh.mid_transformer_depth, inner, kv);
+        x = cx.resnet(x, last.channels as u64, true);
+        cx.sim.flush();
+        for (u, level) in sh.levels.iter().rev().enumerate() {
+            let ch = level.channels as u64;
+            for j in 0..=level.resnets {
+                let skip = skips.pop().expect("one skip per up resnet");
+                let cat = cx.op(x, x.c + skip.c, x.h, x.w, true);
+                cx.sim.drop(skip.slot);
+                x = cx.resnet(cat, ch, true);
+                if level.transformer_depth > 0 {
+                    let inner = self.ff_inner(&format!("up_blocks.{u}.attentions.{j}"));
+                    x = cx.transformer(x, level.transformer_depth, inner, kv);
+                }
+            }
+            if u + 1 < n_levels {
+                let to = skips.last().map(|s| (s.h, s.w)).expect("skips remain");
+                x = cx.op(x, ch, to.0, to.1, true);
+                x = cx.op(x, ch, x.h, x.w, true);
+            } else {
+                x = cx.op(x, ch, x.h, x.w, true);
+                cx.op(x, sh.out_channels as u64, x.h, x.w, true);
+            }
+            cx.sim.flush();
+        }
+        sim.peak()
+    }
+
+    fn cx(&self, owner: OwnerId, batch: usize) -> Result<Cx<'_>, TensorError> {
+        Ok(Cx {
             t: &self.tensors,
             dev: &self.device,
             owner,
             s: self.device.stream()?,
-            batch: input.batch as u64,
+            batch: batch as u64,
             groups: self.shape.groups as u64,
             eps: self.shape.norm_eps,
-        };
+        })
+    }
+
+    /// Starts a call: the time embedding (with SDXL's added conditions), the uploaded context
+    /// and conv_in; [`Self::advance`] runs the rest one chunk at a time. Every buffer is
+    /// charged to `owner`.
+    pub fn begin(&self, input: &UnetInput<'_>, owner: OwnerId) -> Result<UnetCall, TensorError> {
         let sh = &self.shape;
         let b = input.batch;
-        // Time embedding, with SDXL's added conditions.
+        let bad = |m: String| TensorError::File(self.tensors.path().into(), m);
+        let latents = b * sh.in_channels as usize * input.height * input.width;
+        if b == 0 || input.sample.len() != latents {
+            return Err(bad(format!(
+                "{} sample values are not {b} × {} × {} × {}",
+                input.sample.len(),
+                sh.in_channels,
+                input.height,
+                input.width
+            )));
+        }
+        if input.context_tokens == 0 || input.context.len() % (b * input.context_tokens) != 0 {
+            return Err(bad(format!(
+                "{} context values are not {b} × {} rows",
+                input.context.len(),
+                input.context_tokens
+            )));
+        }
+        let mut cx = self.cx(owner, b)?;
         let c0 = sh.levels[0].channels as usize;
         let t_in = timestep_embedding(
             &vec![input.timestep; b],
@@ -128,13 +260,10 @@ impl Unet {
             );
             let per = 6 * dim as usize;
             let pooled = input.text_embeds.len() / b;
-            if per + pooled != proj_in as usize {
-                return Err(TensorError::File(
-                    self.tensors.path().into(),
-                    format!(
-                        "added conditions are {per} + {pooled} values, the model takes {proj_in}"
-                    ),
-                ));
+            if per + pooled != proj_in as usize || ids.len() != b * per {
+                return Err(bad(format!(
+                    "added conditions are {per} + {pooled} values, the model takes {proj_in}"
+                )));
             }
             let mut aug = Vec::with_capacity(b * proj_in as usize);
             for i in 0..b {
@@ -152,12 +281,6 @@ impl Unet {
         ops::silu(&mut cx.s, view(&emb, n), view(&emb_act, n))?;
         emb = emb_act;
         let context = cx.upload(input.context)?;
-        let ctx = (
-            &context,
-            input.context_tokens as u64,
-            (input.context.len() / b / input.context_tokens) as u64,
-        );
-
         let sample = cx.upload(input.sample)?;
         let x = Act {
             buf: sample,
@@ -165,18 +288,47 @@ impl Unet {
             h: input.height as u64,
             w: input.width as u64,
         };
-        let mut x = cx.conv("conv_in", &x, sh.levels[0].channels as u64, 3, 1)?;
-        let mut skips: Vec<Act> = vec![cx.copy(&x)?];
+        let x = cx.conv("conv_in", &x, sh.levels[0].channels as u64, 3, 1)?;
+        let skips = vec![cx.copy(&x)?];
+        cx.flush()?;
+        Ok(UnetCall {
+            owner,
+            batch: b,
+            emb,
+            context,
+            context_tokens: input.context_tokens as u64,
+            context_dim: (input.context.len() / b / input.context_tokens) as u64,
+            x: Some(x),
+            skips,
+            next: 1,
+        })
+    }
+
+    /// Runs the call's next chunk and waits for it; the noise prediction (batch ×
+    /// out_channels × height × width) once the last chunk is done.
+    pub fn advance(&self, call: &mut UnetCall) -> Result<Option<Vec<f32>>, TensorError> {
+        let sh = &self.shape;
         let n_levels = sh.levels.len();
-        for (i, level) in sh.levels.iter().enumerate() {
+        let mut cx = self.cx(call.owner, call.batch)?;
+        let temb_dim = sh.time_embed_dim as u64;
+        let emb = (&call.emb, temb_dim);
+        let ctx = (&call.context, call.context_tokens, call.context_dim);
+        let mut x = call.x.take().ok_or_else(|| {
+            TensorError::File(self.tensors.path().into(), "the UNet call is over".into())
+        })?;
+        let chunk = call.next;
+        call.next += 1;
+        if chunk <= n_levels {
+            let i = chunk - 1;
+            let level = &sh.levels[i];
             for j in 0..level.resnets {
                 let p = format!("down_blocks.{i}.resnets.{j}");
-                x = cx.resnet(&p, &x, level.channels as u64, Some((&emb, temb_dim)))?;
+                x = cx.resnet(&p, &x, level.channels as u64, Some(emb))?;
                 if level.transformer_depth > 0 {
                     let p = format!("down_blocks.{i}.attentions.{j}");
                     x = cx.transformer(&p, &x, level.transformer_depth, level.heads, ctx)?;
                 }
-                skips.push(cx.copy(&x)?);
+                call.skips.push(cx.copy(&x)?);
             }
             if i + 1 < n_levels {
                 x = cx.conv_stride(
@@ -185,38 +337,31 @@ impl Unet {
                     level.channels as u64,
                     2,
                 )?;
-                skips.push(cx.copy(&x)?);
+                call.skips.push(cx.copy(&x)?);
             }
-        }
-        let last = &sh.levels[n_levels - 1];
-        x = cx.resnet(
-            "mid_block.resnets.0",
-            &x,
-            last.channels as u64,
-            Some((&emb, temb_dim)),
-        )?;
-        x = cx.transformer(
-            "mid_block.attentions.0",
-            &x,
-            sh.mid_transformer_depth,
-            last.heads,
-            ctx,
-        )?;
-        x = cx.resnet(
-            "mid_block.resnets.1",
-            &x,
-            last.channels as u64,
-            Some((&emb, temb_dim)),
-        )?;
-        for (u, level) in sh.levels.iter().rev().enumerate() {
+        } else if chunk == n_levels + 1 {
+            let last = &sh.levels[n_levels - 1];
+            let c = last.channels as u64;
+            x = cx.resnet("mid_block.resnets.0", &x, c, Some(emb))?;
+            x = cx.transformer(
+                "mid_block.attentions.0",
+                &x,
+                sh.mid_transformer_depth,
+                last.heads,
+                ctx,
+            )?;
+            x = cx.resnet("mid_block.resnets.1", &x, c, Some(emb))?;
+        } else {
+            let u = chunk - n_levels - 2;
+            let level = &sh.levels[n_levels - 1 - u];
             for j in 0..=level.resnets {
-                let skip = skips.pop().expect("one skip per up resnet");
+                let skip = call.skips.pop().expect("one skip per up resnet");
                 x = cx.concat(&x, &skip)?;
                 x = cx.resnet(
                     &format!("up_blocks.{u}.resnets.{j}"),
                     &x,
                     level.channels as u64,
-                    Some((&emb, temb_dim)),
+                    Some(emb),
                 )?;
                 if level.transformer_depth > 0 {
                     let p = format!("up_blocks.{u}.attentions.{j}");
@@ -225,7 +370,7 @@ impl Unet {
             }
             if u + 1 < n_levels {
                 // To the next skip's size, which is 2× unless a side was odd on the way down.
-                let to = skips.last().map(|s| (s.h, s.w)).expect("skips remain");
+                let to = call.skips.last().map(|s| (s.h, s.w)).expect("skips remain");
                 x = cx.upsample(&x, to)?;
                 x = cx.conv(
                     &format!("up_blocks.{u}.upsamplers.0.conv"),
@@ -234,12 +379,39 @@ impl Unet {
                     3,
                     1,
                 )?;
+            } else {
+                x = cx.norm("conv_norm_out", &x, true)?;
+                let out = cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?;
+                cx.flush()?;
+                let n = cx.batch * out.c * out.h * out.w;
+                return Ok(Some(self.device.read_f32(&out.buf, 0, n)?));
             }
         }
-        x = cx.norm("conv_norm_out", &x, true)?;
-        let out = cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?;
-        cx.s.finish()?;
-        let n = cx.batch * out.c * out.h * out.w;
-        Ok(self.device.read_f32(&out.buf, 0, n)?)
+        cx.flush()?;
+        call.x = Some(x);
+        Ok(None)
+    }
+}
+
+/// A UNet call in progress: what its chunks pass on (the time embedding, the context, the
+/// current activation and the skips), all on the device.
+pub struct UnetCall {
+    owner: OwnerId,
+    batch: usize,
+    emb: halo_kernels::Buffer,
+    context: halo_kernels::Buffer,
+    context_tokens: u64,
+    context_dim: u64,
+    /// None once the call is over.
+    x: Option<Act>,
+    skips: Vec<Act>,
+    /// The next chunk (0 was [`Unet::begin`]).
+    next: usize,
+}
+
+impl UnetCall {
+    /// Chunks done so far, [`Unet::begin`] included.
+    pub fn chunks_done(&self) -> usize {
+        self.next
     }
 }

@@ -7,10 +7,11 @@
 use std::path::Path;
 
 use halo_kernels::ops::{self, SeqAttention};
-use halo_kernels::{Device, LoadStrategy, OwnerId};
+use halo_kernels::{charged_bytes, Device, LoadStrategy, OwnerId};
 
 use super::config::VaeConfig;
 use super::graph::{view, Act, Cx};
+use super::plan::{Sim, SimCx};
 use super::tensors::{DeviceTensors, TensorError};
 
 pub struct Vae {
@@ -67,6 +68,89 @@ impl Vae {
     /// Pixels per latent along each side: 2^(levels − 1).
     pub fn scale(&self) -> usize {
         1 << (self.cfg.block_out_channels.len() - 1)
+    }
+
+    /// Device bytes [`Self::decode`] holds at most for `batch` latents of `height` × `width`,
+    /// charged as the allocator charges them (a replay of its allocations).
+    pub fn peak_bytes(&self, batch: usize, height: usize, width: usize) -> u64 {
+        let cfg = &self.cfg;
+        let lc = cfg.latent_channels as u64;
+        let mut sim = Sim::default();
+        let mut cx = SimCx {
+            sim: &mut sim,
+            batch: batch as u64,
+        };
+        let (h, w) = (height as u64, width as u64);
+        let mut x = cx.act(lc, h, w);
+        if cfg.use_post_quant_conv {
+            x = cx.op(x, lc, h, w, true);
+        }
+        let rev: Vec<u64> = cfg
+            .block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| c as u64)
+            .collect();
+        x = cx.op(x, rev[0], h, w, true);
+        x = cx.resnet(x, rev[0], false);
+        if cfg.mid_block_add_attention {
+            for _ in 0..7 {
+                // norm, rows, q, k, v, o, out
+                cx.sim.temp(cx.batch * x.c * x.h * x.w);
+            }
+            let back = cx.act(x.c, x.h, x.w);
+            cx.sim.flush();
+            cx.sim.free(x.slot);
+            x = back;
+        }
+        x = cx.resnet(x, rev[0], false);
+        for (i, &c) in rev.iter().enumerate() {
+            for _ in 0..=cfg.layers_per_block {
+                x = cx.resnet(x, c, false);
+            }
+            if i + 1 < rev.len() {
+                x = cx.op(x, c, x.h * 2, x.w * 2, true);
+                x = cx.op(x, c, x.h, x.w, true);
+            }
+        }
+        x = cx.op(x, x.c, x.h, x.w, true);
+        cx.op(x, cfg.out_channels as u64, x.h, x.w, true);
+        cx.sim.flush();
+        sim.peak()
+    }
+
+    /// The most [`Self::decode_tiled`] holds on the device: one tile's decode (the blending is
+    /// on the host).
+    pub fn tiled_peak_bytes(&self, height: usize, width: usize, tile: usize) -> u64 {
+        let tl = (tile / self.scale()).max(1);
+        if height <= tl && width <= tl {
+            return self.peak_bytes(1, height, width);
+        }
+        self.peak_bytes(1, height.min(tl), width.min(tl))
+    }
+
+    /// The largest single buffer [`Self::decode`] makes for one image of `height` × `width`
+    /// latents, in bytes: at each level the wider of its input's and its own channels at that
+    /// level's size, and each upsample's output at the next size.
+    pub fn largest_buffer(&self, height: usize, width: usize) -> u64 {
+        let rev: Vec<u64> = self
+            .cfg
+            .block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| c as u64)
+            .collect();
+        let hw = (height * width) as u64;
+        let mut most = 0;
+        for i in 0..rev.len() {
+            let area = hw << (2 * i);
+            let input = if i == 0 { rev[0] } else { rev[i - 1] };
+            most = most.max(input.max(rev[i]) * area);
+            if i + 1 < rev.len() {
+                most = most.max(rev[i] * (area << 2));
+            }
+        }
+        charged_bytes(4 * most)
     }
 
     /// Decodes `batch` latents of latent_channels × height × width (as the sampler leaves them,
@@ -300,6 +384,8 @@ impl Vae {
         let back = cx.alloc(n)?;
         ops::transpose(&mut cx.s, view(&out, n), view(&back, n), cx.batch, hw, c)?;
         ops::add(&mut cx.s, view(&back, n), view(&x.buf, n), view(&back, n))?;
+        // Its temporaries are as large as the activation: free them before the next block.
+        cx.flush()?;
         Ok(Act { buf: back, ..*x })
     }
 }

@@ -229,6 +229,22 @@ impl Device {
         self.shared.allocator().ledger()
     }
 
+    /// Starts recording the most device memory `owner` holds (from what it holds now): a
+    /// job's actual peak, for comparing with its estimate.
+    pub fn watch_peak(&self, owner: super::memory::OwnerId) {
+        self.shared.allocator().watch_peak(owner)
+    }
+
+    /// The most `owner` held since [`Self::watch_peak`]; `None` if it is not watched.
+    pub fn peak(&self, owner: super::memory::OwnerId) -> Option<u64> {
+        self.shared.allocator().peak(owner)
+    }
+
+    /// Like [`Self::peak`], and stops watching `owner`.
+    pub fn take_peak(&self, owner: super::memory::OwnerId) -> Option<u64> {
+        self.shared.allocator().take_peak(owner)
+    }
+
     /// Writes the pipeline cache to disk now (it is also written when the device closes).
     pub fn save_pipeline_cache(&self) -> Result<(), VulkanError> {
         self.shared.save_pipeline_cache()

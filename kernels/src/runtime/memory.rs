@@ -117,6 +117,9 @@ pub(crate) struct Allocator {
     /// Indexed by chunk id; `None` once freed (ids are reused).
     chunks: Vec<Option<(u32, Chunk)>>,
     ledger: Ledger,
+    /// The most each watched owner has held since [`Allocator::watch_peak`] (see
+    /// [`crate::Device::watch_peak`]).
+    peaks: BTreeMap<OwnerId, u64>,
 }
 
 impl Allocator {
@@ -131,11 +134,27 @@ impl Allocator {
                 .collect(),
             chunks: Vec::new(),
             ledger: Ledger::default(),
+            peaks: BTreeMap::new(),
         }
     }
 
     pub(crate) fn ledger(&self) -> Ledger {
         self.ledger.clone()
+    }
+
+    /// Starts (or restarts) recording the most `owner` holds, from what it holds now.
+    pub(crate) fn watch_peak(&mut self, owner: OwnerId) {
+        self.peaks.insert(owner, self.ledger.owner(owner));
+    }
+
+    /// The most `owner` has held since it was watched, and stops watching it.
+    pub(crate) fn take_peak(&mut self, owner: OwnerId) -> Option<u64> {
+        self.peaks.remove(&owner)
+    }
+
+    /// The most `owner` has held since it was watched, still watching.
+    pub(crate) fn peak(&self, owner: OwnerId) -> Option<u64> {
+        self.peaks.get(&owner).copied()
     }
 
     /// Picks the memory type for `kind` among those `allowed` (a memoryTypeBits mask).
@@ -424,7 +443,11 @@ impl Allocator {
         // allocated with the DEVICE_ADDRESS flag.
         let address = unsafe { device.get_buffer_device_address(&info) };
         self.ledger.device_memory += allocated;
-        *self.ledger.by_owner.entry(owner).or_default() += allocated;
+        let held = self.ledger.by_owner.entry(owner).or_default();
+        *held += allocated;
+        if let Some(peak) = self.peaks.get_mut(&owner) {
+            *peak = (*peak).max(*held);
+        }
         Ok(Chunk {
             memory,
             buffer,
