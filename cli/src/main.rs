@@ -201,27 +201,48 @@ struct ImageArgs {
     /// What to keep out of the image
     #[arg(long, default_value = "")]
     negative: String,
-    /// Width in pixels, a multiple of 8 [default: the model's]
+    /// Width in pixels, a multiple of 8 [default: the model's, else 1024]
     #[arg(long)]
     width: Option<u32>,
-    /// Height in pixels, a multiple of 8 [default: the model's]
+    /// Height in pixels, a multiple of 8 [default: the model's, else 1024]
     #[arg(long)]
     height: Option<u32>,
-    /// Denoising steps [default: the model's]
+    /// Denoising steps [default: the model's, else 30]
     #[arg(long)]
     steps: Option<u32>,
-    /// Classifier-free guidance scale [default: the model's]
+    /// Classifier-free guidance scale; 1 or less turns guidance off [default: the model's, else 5]
     #[arg(long, allow_negative_numbers = true)]
     cfg: Option<f32>,
-    /// Same seed, same image [default: a new one each time]
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Sampler name [default: the model's]
+    /// euler, euler_a or dpmpp_2m [default: the model's, else euler]
     #[arg(long, default_value = "")]
     sampler: String,
+    /// normal or karras [default: the model's, else normal]
+    #[arg(long, default_value = "")]
+    scheduler: String,
+    /// Same seed, same image [default: a new one each time, printed]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The starting noise's generator: torch-cpu matches torch.randn on a CPU generator
+    #[arg(long, default_value = "torch-cpu")]
+    rng: String,
+    /// Images made together; the files are out.png, out-1.png, …
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Decode in tiles of PX pixels [default: whole, or tiled when that would not fit]
+    #[arg(long, value_name = "PX")]
+    vae_tile: Option<u32>,
+    /// Rewrite a cheap latent preview PNG here every few steps
+    #[arg(long, value_name = "FILE")]
+    preview: Option<std::path::PathBuf>,
+    /// Steps between previews
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    preview_every: u32,
     /// Where to write the PNG [default: halo-JOB.png]
     #[arg(long, short = 'o')]
     output: Option<std::path::PathBuf>,
+    /// Progress and the summary as JSON lines on stdout
+    #[arg(long)]
+    json: bool,
 }
 
 const EXIT_UNREACHABLE: u8 = 1;
@@ -1058,7 +1079,70 @@ async fn read_stdin() -> Result<String> {
     .map_err(|e| Failure::Local(e.to_string()))?
 }
 
+/// The file for image `index` of a batch: `out.png`, then `out-1.png`, `out-2.png`, ….
+fn batch_path(base: &std::path::Path, index: u32) -> std::path::PathBuf {
+    if index == 0 {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match base.extension() {
+        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    base.with_file_name(name)
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, so a reader never sees half a
+/// file.
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.part",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| Failure::Local(format!("cannot write {}: {e}", path.display())))
+}
+
+/// `step 3/30 [######··········] 1.25 s/it, ETA 34 s`
+fn progress_line(step: u32, total: u32, elapsed_ms: u64) -> String {
+    const WIDTH: u32 = 24;
+    let filled = (step * WIDTH).checked_div(total).unwrap_or(0).min(WIDTH);
+    let bar: String = (0..WIDTH)
+        .map(|i| if i < filled { '#' } else { '.' })
+        .collect();
+    let per = elapsed_ms as f64 / 1000.0 / step.max(1) as f64;
+    let eta = per * total.saturating_sub(step) as f64;
+    let rate = if per >= 1.0 || per == 0.0 {
+        format!("{per:.2} s/it")
+    } else {
+        format!("{:.2} it/s", 1.0 / per)
+    };
+    format!("step {step}/{total} [{bar}] {rate}, ETA {}", fmt_eta(eta))
+}
+
+fn fmt_eta(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{}m{:02.0}s", (s / 60.0) as u64, s % 60.0)
+    }
+}
+
 async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Result<()> {
+    use std::io::IsTerminal;
+    for (what, v) in [("--width", a.width), ("--height", a.height)] {
+        if let Some(v) = v {
+            if v % 8 != 0 {
+                return Err(Failure::Usage(format!("{what} {v} is not a multiple of 8")));
+            }
+        }
+    }
     let req = pb::GenerateImageRequest {
         model: a.model,
         prompt: a.prompt,
@@ -1066,37 +1150,133 @@ async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Resu
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         steps: a.steps.unwrap_or(0),
-        cfg_scale: a.cfg.unwrap_or(0.0),
+        cfg_scale: a.cfg,
         seed: a.seed,
         sampler: a.sampler,
+        scheduler: a.scheduler,
+        rng: a.rng,
+        batch: a.batch,
+        vae_tile: a.vae_tile.unwrap_or(0),
+        preview_every: if a.preview.is_some() {
+            a.preview_every
+        } else {
+            0
+        },
     };
     let mut stream = c.generate_image(req).await?.into_inner();
-    let mut job = 0;
-    while let Some(ev) = stream.next().await {
-        match ev.map_err(|s| stream_failure(s, job != 0))?.event {
-            Some(pb::image_event::Event::Started(s)) => job = s.job_id,
+    let tty = std::io::stderr().is_terminal();
+    let mut job = None;
+    let mut interrupted = false;
+    let mut paths: Vec<std::path::PathBuf> = Vec::new();
+    let mut drew = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let done = loop {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
+                let Some(id) = job else { return Err(Failure::Interrupted) };
+                let _ = c.cancel_job(pb::CancelJobRequest { job_id: id }).await;
+                eprintln!("\ncancelling job {id}");
+                continue;
+            }
+            _ = tokio::time::sleep(SUMMARY_WAIT), if interrupted => {
+                return Err(Failure::Cut("no summary came within 10 s of cancelling".into()));
+            }
+        };
+        let Some(ev) = next else {
+            return Err(Failure::Cut(
+                "the stream ended without a summary; the image was not made".into(),
+            ));
+        };
+        match ev.map_err(|s| stream_failure(s, job.is_some()))?.event {
+            Some(pb::image_event::Event::Started(s)) => job = Some(s.job_id),
             Some(pb::image_event::Event::Progress(p)) => {
-                eprint!("\rstep {}/{}", p.step, p.total_steps);
-                let _ = std::io::stderr().flush();
+                if let (Some(path), false) = (&a.preview, p.preview_png.is_empty()) {
+                    write_file(path, &p.preview_png)?;
+                }
+                if a.json {
+                    out.json_line(&json!({
+                        "step": p.step, "total": p.total_steps, "elapsed_ms": p.elapsed_ms,
+                    }))?;
+                } else if tty {
+                    eprint!("\r{}", progress_line(p.step, p.total_steps, p.elapsed_ms));
+                    let _ = std::io::stderr().flush();
+                    drew = true;
+                } else {
+                    eprintln!("{}", progress_line(p.step, p.total_steps, p.elapsed_ms));
+                }
             }
             Some(pb::image_event::Event::Image(img)) => {
-                let path = a
+                let base = a
                     .output
                     .clone()
-                    .unwrap_or_else(|| format!("halo-{job}.png").into());
-                std::fs::write(&path, &img.png)
-                    .map_err(|e| Failure::Local(format!("cannot write {}: {e}", path.display())))?;
-                eprintln!();
-                out.line(&format!(
-                    "{} ({}x{}, seed {})",
-                    path.display(),
-                    img.width,
-                    img.height,
-                    img.seed
-                ))?;
+                    .unwrap_or_else(|| format!("halo-{}.png", job.unwrap_or(0)).into());
+                let path = batch_path(&base, img.index);
+                write_file(&path, &img.png)?;
+                paths.push(path);
             }
+            Some(pb::image_event::Event::Done(d)) => break d,
             None => {}
         }
+    };
+    if drew {
+        eprintln!();
     }
+    match done.finish_reason.as_str() {
+        "done" => {}
+        _ if interrupted => return Err(Failure::Interrupted),
+        "shutdown" => {
+            return Err(Failure::Cut(
+                "halod shut down before the image was done; nothing was written".into(),
+            ))
+        }
+        why => {
+            return Err(Failure::Cut(format!(
+                "the job ended ({why}) before the image was done; nothing was written"
+            )))
+        }
+    }
+    if a.json {
+        return out.json_line(&json!({
+            "done": true,
+            "seed": done.seed,
+            "paths": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "width": done.width,
+            "height": done.height,
+            "steps": done.steps,
+            "estimated_bytes": done.estimated_bytes,
+            "peak_bytes": done.peak_bytes,
+            "encode_ms": done.encode_ms,
+            "denoise_ms": done.denoise_ms,
+            "decode_ms": done.decode_ms,
+            "vae_tile": done.vae_tile,
+        }));
+    }
+    for p in &paths {
+        out.line(&format!(
+            "{} ({}x{}, seed {})",
+            p.display(),
+            done.width,
+            done.height,
+            done.seed
+        ))?;
+    }
+    let tile = if done.vae_tile > 0 {
+        format!(", {} px VAE tiles", done.vae_tile)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "{} steps in {:.1} s ({:.2} s/it); encode {:.2} s, decode {:.2} s{tile}; working memory {} (estimated {})",
+        done.steps,
+        done.denoise_ms as f64 / 1000.0,
+        done.denoise_ms as f64 / 1000.0 / done.steps.max(1) as f64,
+        done.encode_ms as f64 / 1000.0,
+        done.decode_ms as f64 / 1000.0,
+        fmt_bytes(done.peak_bytes),
+        fmt_bytes(done.estimated_bytes),
+    );
     Ok(())
 }

@@ -204,13 +204,14 @@ fn jobs_fail_honestly_and_cancel_reports_state() {
     let d = TestDaemon::start(THREE, THREE_FILES);
     let err = d.fails(&["cancel", "999"], 3);
     assert!(err.contains("no job 999"), "{err}");
-    // No diffusion engine exists yet: image queues a job, loads the model, and says UNIMPLEMENTED.
+    // Single-file checkpoints are not run yet: image queues a job, maps the file, and says
+    // UNIMPLEMENTED.
     let out = d.halo(&["image", "a", "a cat"]);
     let err = text(&out.stderr);
     if std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1") || out.status.code() == Some(4) {
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(
-            err.contains("not implemented") && err.contains("diffusion engine"),
+            err.contains("not implemented") && err.contains("single-file SDXL checkpoints"),
             "{err}"
         );
         let jobs = d.json(&["jobs", "--json"]);

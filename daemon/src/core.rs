@@ -17,7 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ModelConfig, ModelKind};
-use crate::executor::{Ended, ExecJob, Executor, GenerateParams, StopFlag, StopReason};
+use crate::diffusion::job::{ImageParams, ImageWork};
+use crate::executor::{
+    Ended, ExecJob, Executor, GenerateParams, ImageExecJob, StopFlag, StopReason,
+};
 use crate::llm::engine::{self, LlmEngine};
 use crate::memory::{self, BudgetReport, MemorySources};
 use crate::models::{self, MappedModel, ModelFileError};
@@ -31,6 +34,8 @@ use crate::scheduler::{
 
 /// How many finished jobs `halo jobs` remembers.
 const JOB_HISTORY: usize = 256;
+/// Image jobs' allocator owners are their job ids with this bit set (models count from 1).
+const JOB_OWNERS: u64 = 1 << 48;
 /// How often keep-alive expiry is checked.
 const TICK: Duration = Duration::from_secs(1);
 /// Each of the bandwidth probe's two buffers: at most this, and no more than half of what the
@@ -100,6 +105,47 @@ pub enum JobEvent {
     Failed(CoreError),
     /// Stopped before it ran (or before the executor could say more).
     Cancelled(StopReason),
+    /// An image job finished a denoising step.
+    ImageProgress {
+        step: u32,
+        total: u32,
+        /// Since denoising began.
+        elapsed_ms: u64,
+        /// A PNG of the latents through a fixed linear map, when the request asked for one.
+        preview: Option<Vec<u8>>,
+    },
+    /// One finished image of an image job.
+    Image(ImageOut),
+    /// An image job's summary (its last event).
+    ImageDone(ImageSummary),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOut {
+    /// Position in the batch.
+    pub index: u32,
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSummary {
+    /// done, cancelled or shutdown.
+    pub finish_reason: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub images: u32,
+    pub steps: u32,
+    /// The job's working memory as reserved before it ran, and the most it held.
+    pub estimated_bytes: u64,
+    pub peak_bytes: u64,
+    pub encode_ms: u64,
+    pub denoise_ms: u64,
+    pub decode_ms: u64,
+    /// The VAE tile in pixels; 0 for a whole decode.
+    pub vae_tile: u32,
 }
 
 /// Facts fixed at start-up: the devices, the opened runtime, and the memory sources.
@@ -210,6 +256,8 @@ pub enum Command {
         model: String,
         kind: JobKind,
         params: Option<GenerateParams>,
+        /// An image job's request, defaults filled in.
+        image: Option<Box<ImageParams>>,
         reply: Reply<(JobId, mpsc::UnboundedReceiver<JobEvent>)>,
     },
     Jobs(oneshot::Sender<Vec<JobRow>>),
@@ -347,6 +395,7 @@ pub struct Core {
     owners: HashMap<String, halo_kernels::OwnerId>,
     executor: Executor,
     job_params: HashMap<JobId, GenerateParams>,
+    image_params: HashMap<JobId, ImageParams>,
     stop_flags: HashMap<JobId, Arc<StopFlag>>,
     /// Running jobs whose model was withdrawn under them (its file changed): they end on the
     /// old copy, whose memory residency charges until the last of them is reported.
@@ -389,6 +438,7 @@ pub fn spawn(config: Config, facts: Arc<DeviceFacts>) -> (CoreHandle, tokio::tas
         owners: HashMap::new(),
         executor: Executor::spawn(ended_tx),
         job_params: HashMap::new(),
+        image_params: HashMap::new(),
         stop_flags: HashMap::new(),
         withdrawn_jobs: HashSet::new(),
         stopping: false,
@@ -510,11 +560,15 @@ impl Core {
                 model,
                 kind,
                 params,
+                image,
                 reply,
             } => {
                 let r = self.submit(&model, kind);
                 if let (Ok((id, _)), Some(p)) = (&r, params) {
                     self.job_params.insert(*id, p);
+                }
+                if let (Ok((id, _)), Some(p)) = (&r, image) {
+                    self.image_params.insert(*id, *p);
                 }
                 let _ = reply.send(r);
             }
@@ -1022,6 +1076,11 @@ impl Core {
                 },
                 Action::Run { job, model } => {
                     self.residency.job_started(&model, now);
+                    if let Some(Loaded::Sdxl(pipe)) = self.loaded.get(&model) {
+                        let pipe = pipe.clone();
+                        self.run_image(job, &model, pipe);
+                        continue;
+                    }
                     let engine = match self.loaded.get(&model) {
                         Some(Loaded::Llm(e)) => Some(e.clone()),
                         _ => None,
@@ -1059,13 +1118,12 @@ impl Core {
                                 Some(ModelKind::Llm) => CoreError::FailedPrecondition(
                                     "the job lost its request or its client".into(),
                                 ),
-                                _ if matches!(self.loaded.get(&model), Some(Loaded::Sdxl(_))) => {
-                                    CoreError::Unimplemented(format!(
-                                        "image jobs are not run yet: halod loaded the SDXL pipeline {model:?} on the GPU, but its engine is not wired to jobs"
-                                    ))
-                                }
+                                Some(ModelKind::Sdxl) => CoreError::Unimplemented(format!(
+                                    "single-file SDXL checkpoints are not supported yet: halod mapped {model:?} but runs SDXL from a diffusers folder (model_index.json, unet/, vae/, text_encoder/, …); point `path` at one"
+                                )),
                                 _ => CoreError::Unimplemented(format!(
-                                    "the diffusion engine is not built yet: halod loaded {model:?} but cannot run it"
+                                    "the {} engine is not built yet: halod mapped {model:?} but cannot run it",
+                                    kind.map(|k| k.as_str()).unwrap_or("diffusion")
                                 )),
                             };
                             self.end_job(job, &model, Outcome::Failed(e.to_string()), Some(e));
@@ -1093,9 +1151,115 @@ impl Core {
         }
     }
 
+    /// Starts an image job on a resident SDXL pipeline: picks the decode (whole, or the widest
+    /// tile that fits), reserves the job's working memory under the budget (evicting idle
+    /// models, or refusing with what holds the memory), and hands it to the executor.
+    fn run_image(
+        &mut self,
+        job: JobId,
+        model: &str,
+        pipe: Arc<crate::diffusion::sdxl::SdxlPipeline>,
+    ) {
+        let fail = |core: &mut Core, e: CoreError| {
+            core.end_job(job, model, Outcome::Failed(e.to_string()), Some(e));
+        };
+        let (Some(params), Some(events), Ok(device)) = (
+            self.image_params.remove(&job),
+            self.job_streams.get(&job).cloned(),
+            self.facts.runtime.clone(),
+        ) else {
+            return fail(
+                self,
+                CoreError::FailedPrecondition("the job lost its request or its client".into()),
+            );
+        };
+        let limits = &device.info().limits;
+        let max_buffer = limits
+            .max_storage_buffer_range
+            .min(limits.max_memory_allocation_size);
+        let req = &params.request;
+        let what = format!(
+            "{}×{}, batch {}{}",
+            req.width,
+            req.height,
+            req.batch,
+            params
+                .vae_tile
+                .map(|t| format!(", VAE tiles of {t} px"))
+                .unwrap_or_default()
+        );
+        if let Some(t) = params.vae_tile {
+            let scale = pipe.vae_scale();
+            if t < 2 * scale || !t.is_multiple_of(scale) {
+                return fail(
+                    self,
+                    CoreError::InvalidArgument(format!(
+                        "a VAE tile of {t} px must be a multiple of {scale} and at least {}",
+                        2 * scale
+                    )),
+                );
+            }
+        }
+        let plans = pipe.plans(req, params.vae_tile, max_buffer);
+        let Some(plan) = plans
+            .iter()
+            .find(|p| self.residency.job_fits(model, p.bytes()))
+            .or(plans.last())
+            .copied()
+        else {
+            return fail(
+                self,
+                CoreError::ResourceExhausted(format!(
+                    "{what}: even the smallest VAE tile needs a buffer larger than the device's \
+                     limit of {}; lower the resolution",
+                    format_bytes(max_buffer)
+                )),
+            );
+        };
+        match self.residency.reserve_job(job.0, model, plan.bytes()) {
+            Ok(evicted) => {
+                for victim in evicted {
+                    self.drop_model(&victim, "evicted for an image job's working memory");
+                }
+            }
+            Err(e) => {
+                return fail(self, CoreError::ResourceExhausted(format!("{what}: {e}")));
+            }
+        }
+        info!(
+            job = %job,
+            model,
+            bytes = %format_bytes(plan.bytes()),
+            tile = ?plan.tile,
+            "image job reserved its working memory"
+        );
+        let stop = Arc::new(StopFlag::default());
+        self.stop_flags.insert(job, stop.clone());
+        let exec = ImageExecJob {
+            id: job,
+            work: ImageWork {
+                pipeline: pipe,
+                params,
+                plan,
+                owner: halo_kernels::OwnerId(JOB_OWNERS | job.0),
+                device,
+                model: model.to_string(),
+            },
+            events,
+            stop,
+        };
+        if !self.executor.submit_image(exec) {
+            fail(
+                self,
+                CoreError::Unavailable("the GPU executor stopped".into()),
+            );
+        }
+    }
+
     /// Records the end of a running job in both cores.
     fn end_job(&mut self, job: JobId, model: &str, outcome: Outcome, error: Option<CoreError>) {
         let now = self.now();
+        self.residency.release_job(job.0);
         if let Some(e) = error {
             self.job_errors.insert(job, e);
         }
@@ -1172,6 +1336,8 @@ impl Core {
         self.job_errors
             .retain(|id, _| self.job_streams.contains_key(id));
         self.summaries
+            .retain(|id, _| self.job_streams.contains_key(id));
+        self.image_params
             .retain(|id, _| self.job_streams.contains_key(id));
     }
 

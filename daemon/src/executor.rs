@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::core::{CoreError, JobEvent, TokenEvent};
+use crate::diffusion::job::{ImageRun, ImageWork};
 use crate::llm::chat::Message;
 use crate::llm::engine::LlmEngine;
 use crate::llm::model::{Sequence, MAX_BATCH};
@@ -108,9 +109,18 @@ pub struct ExecJob {
     pub step_tokens: usize,
 }
 
+/// An image job handed to the executor.
+pub struct ImageExecJob {
+    pub id: JobId,
+    pub work: ImageWork,
+    pub events: UnboundedSender<JobEvent>,
+    pub stop: Arc<StopFlag>,
+}
+
 /// What the executor thread is asked to do.
 enum Msg {
     Job(ExecJob),
+    Image(ImageExecJob),
     /// Measure the device's memory bandwidth (bytes/s) between job steps, with two buffers of
     /// the given size.
     Bandwidth(
@@ -141,6 +151,11 @@ impl Executor {
         self.tx.send(Msg::Job(job)).is_ok()
     }
 
+    /// Hands an image job to the thread; false if the thread has stopped.
+    pub fn submit_image(&self, job: ImageExecJob) -> bool {
+        self.tx.send(Msg::Image(job)).is_ok()
+    }
+
     /// Measures `device`'s bandwidth on the executor thread by copying between two buffers of
     /// `bytes` each; the answer comes on `reply`.
     pub fn measure_bandwidth(
@@ -158,9 +173,15 @@ impl Executor {
 }
 
 fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)>) {
-    let mut active: Vec<Running> = Vec::new();
-    let handle = |m: Msg, active: &mut Vec<Running>| match m {
-        Msg::Job(job) => active.push(Running::new(job)),
+    let mut active: Vec<Active> = Vec::new();
+    let handle = |m: Msg, active: &mut Vec<Active>| match m {
+        Msg::Job(job) => active.push(Active::Llm(Box::new(Running::new(job)))),
+        Msg::Image(job) => active.push(Active::Image(Box::new(ImageExec {
+            id: job.id,
+            events: job.events,
+            stop: job.stop,
+            run: ImageRun::new(job.work),
+        }))),
         Msg::Bandwidth(device, bytes, reply) => {
             let _ = reply.send(bandwidth(&device, bytes).map_err(|e| e.to_string()));
         }
@@ -187,14 +208,17 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
             match step {
                 None => i += 1,
                 Some(outcome) => {
-                    let mut job = active.swap_remove(i);
-                    if let Some(seq) = job.seq.take() {
-                        job.job.engine.return_sequence(seq);
-                    }
-                    let id = job.job.id;
-                    // The job's engine reference goes first: when the core hears of the end,
-                    // a withdrawn model's memory is already released.
-                    drop(job);
+                    // The job (its engine reference, an image job's activations) goes first:
+                    // when the core hears of the end, its memory is already released.
+                    let id = match active.swap_remove(i) {
+                        Active::Llm(mut job) => {
+                            if let Some(seq) = job.seq.take() {
+                                job.job.engine.return_sequence(seq);
+                            }
+                            job.job.id
+                        }
+                        Active::Image(job) => job.id,
+                    };
                     let _ = ended.send((id, outcome));
                 }
             }
@@ -217,6 +241,51 @@ fn bandwidth(device: &halo_kernels::Device, bytes: u64) -> Result<f64, halo_kern
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * bytes as f64 / best)
+}
+
+/// A job the executor holds.
+enum Active {
+    Llm(Box<Running>),
+    Image(Box<ImageExec>),
+}
+
+impl Active {
+    fn step(&mut self) -> Option<Ended> {
+        match self {
+            Active::Llm(r) => r.step(),
+            Active::Image(r) => r.step(),
+        }
+    }
+}
+
+/// A running image job with its client's channel and stop flag.
+struct ImageExec {
+    id: JobId,
+    events: UnboundedSender<JobEvent>,
+    stop: Arc<StopFlag>,
+    run: ImageRun,
+}
+
+impl ImageExec {
+    fn step(&mut self) -> Option<Ended> {
+        let stop = match self.stop.get() {
+            None if self.events.is_closed() => Some(StopReason::Cancelled),
+            s => s,
+        };
+        if let Some(why) = stop {
+            let summary = self.run.summary(why.as_str(), 0, 0);
+            if why == StopReason::Shutdown {
+                let _ = self.events.send(summary);
+                return Some(Ended::Cancelled(None));
+            }
+            return Some(Ended::Cancelled(Some(summary)));
+        }
+        match self.run.step(&self.events) {
+            Ok(None) => None,
+            Ok(Some(summary)) => Some(Ended::Done(summary)),
+            Err(e) => Some(Ended::Failed(e)),
+        }
+    }
 }
 
 /// A sampled token: id, its log-probability, and the top alternatives.

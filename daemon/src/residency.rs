@@ -124,18 +124,29 @@ pub struct Holder {
     /// True for a copy taken out of service whose last jobs are still ending (see
     /// [`Residency::withdraw`]).
     pub withdrawn: bool,
+    /// For a job's working memory (see [`Residency::reserve_job`]): the job's id; `name` is
+    /// then its model.
+    pub job: Option<u64>,
 }
 
 impl Holder {
     /// Whether eviction could take these bytes back.
     fn is_evictable(&self) -> bool {
-        !self.pinned && self.busy == 0 && !self.loading && !self.withdrawn
+        !self.pinned && self.busy == 0 && !self.loading && !self.withdrawn && self.job.is_none()
     }
 }
 
 impl fmt::Display for Holder {
     /// `"name" 3.0 GiB (pinned, running 1 job)`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(job) = self.job {
+            return write!(
+                f,
+                "job {job} on {:?} {} (running)",
+                self.name,
+                format_bytes(self.bytes)
+            );
+        }
         let mut reasons = Vec::new();
         if self.loading {
             reasons.push("loading".to_owned());
@@ -251,6 +262,68 @@ impl fmt::Display for LoadError {
 }
 
 impl Error for LoadError {}
+
+/// Why a job's working memory cannot be reserved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobMemoryError {
+    /// The job and its model together are larger than the whole budget.
+    NeverFits {
+        job: u64,
+        model: String,
+        bytes: u64,
+        model_bytes: u64,
+        budget: u64,
+    },
+    /// Pinned, busy or loading models and other jobs hold too much right now.
+    NoRoom {
+        job: u64,
+        bytes: u64,
+        budget: u64,
+        free: u64,
+        holders: Vec<Holder>,
+    },
+}
+
+impl fmt::Display for JobMemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobMemoryError::NeverFits {
+                job,
+                model,
+                bytes,
+                model_bytes,
+                budget,
+            } => write!(
+                f,
+                "job {job} needs {} of working memory beside the {} of model {model:?}, more \
+                 than the {} memory budget; it can never fit",
+                format_bytes(*bytes),
+                format_bytes(*model_bytes),
+                format_bytes(*budget)
+            ),
+            JobMemoryError::NoRoom {
+                job,
+                bytes,
+                budget,
+                free,
+                holders,
+            } => {
+                write!(
+                    f,
+                    "job {job} needs {} of working memory but only {} of the {} budget is \
+                     free and nothing more can be evicted: ",
+                    format_bytes(*bytes),
+                    format_bytes(*free),
+                    format_bytes(*budget)
+                )?;
+                write_holders(f, holders)?;
+                f.write_str("; wait for other jobs, unpin or unload a model, or raise the budget")
+            }
+        }
+    }
+}
+
+impl Error for JobMemoryError {}
 
 /// Why an explicit unload was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -434,6 +507,8 @@ pub struct Residency {
     /// Models taken out of service while jobs ran on them: the bytes those jobs still hold,
     /// and how many of them are still ending. Charged until the last one ends.
     draining: BTreeMap<String, Draining>,
+    /// Running jobs' working memory (an image job's activations): job id → (model, bytes).
+    jobs: BTreeMap<u64, (String, u64)>,
 }
 
 /// What a withdrawn model still holds while its last jobs end.
@@ -451,6 +526,7 @@ impl Residency {
             models: BTreeMap::new(),
             scratch: 0,
             draining: BTreeMap::new(),
+            jobs: BTreeMap::new(),
         }
     }
 
@@ -465,6 +541,55 @@ impl Residency {
         self.models.values().map(|e| e.state.bytes()).sum::<u64>()
             + self.scratch
             + self.draining.values().map(|d| d.bytes).sum::<u64>()
+            + self.jobs.values().map(|(_, b)| b).sum::<u64>()
+    }
+
+    /// Whether `bytes` of working memory for a job on `model` could be reserved now, evicting
+    /// idle models if need be (what [`Self::reserve_job`] would do, without doing it).
+    pub fn job_fits(&self, model: &str, bytes: u64) -> bool {
+        let model_bytes = self.models.get(model).map(|e| e.state.bytes()).unwrap_or(0);
+        bytes.saturating_add(model_bytes) <= self.budget
+            && self
+                .plan_evictions(bytes.saturating_sub(self.free()))
+                .is_some()
+    }
+
+    /// Reserves `bytes` of working memory for running job `job` on `model` (whose weights are
+    /// resident and busy), evicting the least recently used idle models as a load would; the
+    /// evicted models are returned for the caller to unload. Held until [`Self::release_job`].
+    pub fn reserve_job(
+        &mut self,
+        job: u64,
+        model: &str,
+        bytes: u64,
+    ) -> Result<Vec<String>, JobMemoryError> {
+        let model_bytes = self.models.get(model).map(|e| e.state.bytes()).unwrap_or(0);
+        if bytes.saturating_add(model_bytes) > self.budget {
+            return Err(JobMemoryError::NeverFits {
+                job,
+                model: model.to_owned(),
+                bytes,
+                model_bytes,
+                budget: self.budget,
+            });
+        }
+        let evict = self
+            .plan_evictions(bytes.saturating_sub(self.free()))
+            .ok_or_else(|| JobMemoryError::NoRoom {
+                job,
+                bytes,
+                budget: self.budget,
+                free: self.free(),
+                holders: self.holders(),
+            })?;
+        self.evict(&evict);
+        self.jobs.insert(job, (model.to_owned(), bytes));
+        Ok(evict)
+    }
+
+    /// Returns a job's working memory; nothing if it had none.
+    pub fn release_job(&mut self, job: u64) {
+        self.jobs.remove(&job);
     }
 
     /// Reserves `bytes` of short-lived working memory if the budget has that much free now
@@ -863,6 +988,7 @@ impl Residency {
                 busy: e.busy,
                 loading: e.is_loading(),
                 withdrawn: false,
+                job: None,
             })
             .chain(self.draining.iter().map(|(name, d)| Holder {
                 name: name.clone(),
@@ -871,6 +997,16 @@ impl Residency {
                 busy: d.jobs,
                 loading: false,
                 withdrawn: true,
+                job: None,
+            }))
+            .chain(self.jobs.iter().map(|(id, (model, bytes))| Holder {
+                name: model.clone(),
+                bytes: *bytes,
+                pinned: false,
+                busy: 1,
+                loading: false,
+                withdrawn: false,
+                job: Some(*id),
             }))
             .collect();
         // Stable sort keeps name order among equal sizes.

@@ -445,6 +445,7 @@ impl pb::halo_server::Halo for HaloService {
                 model,
                 kind: JobKind::Generate,
                 params: Some(params),
+                image: None,
                 reply,
             })
             .await?;
@@ -505,6 +506,9 @@ impl pb::halo_server::Halo for HaloService {
                     )))),
                     true,
                 ),
+                JobEvent::ImageProgress { .. } | JobEvent::Image(_) | JobEvent::ImageDone(_) => {
+                    (None, false)
+                }
             },
         )))
     }
@@ -553,45 +557,71 @@ impl pb::halo_server::Halo for HaloService {
         req: Request<pb::GenerateImageRequest>,
     ) -> Result<Response<Self::GenerateImageStream>, Status> {
         let req = req.into_inner();
+        crate::heap::note(req.prompt.len() + req.negative_prompt.len());
         let model = model_name(&req.model)?;
-        if req.prompt.trim().is_empty() {
-            return Err(Status::invalid_argument("the prompt is empty"));
-        }
-        for (what, v) in [("width", req.width), ("height", req.height)] {
-            if v != 0 && (v % 8 != 0 || !(64..=4096).contains(&v)) {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v} must be a multiple of 8 between 64 and 4096"
-                )));
-            }
-        }
+        let rows = self.core.ask(crate::core::Command::Models).await?;
+        let defaults = rows
+            .iter()
+            .find(|m| m.config.name == model)
+            .map(|m| m.config.image.clone())
+            .unwrap_or_default();
+        let params = image_params(&req, &defaults)?;
+        let seed = params.request.seed;
         let (id, events) = self
             .core
             .call(|reply| crate::core::Command::Submit {
                 model,
                 kind: JobKind::Image,
                 params: None,
+                image: Some(Box::new(params)),
                 reply,
             })
             .await?;
+        let ev = |e| pb::ImageEvent { event: Some(e) };
         Ok(Response::new(job_stream(
             id,
             events,
             |s| pb::ImageEvent {
                 event: Some(pb::image_event::Event::Started(s)),
             },
-            // No diffusion engine yet: its jobs end with an error or a cancellation.
-            |ev| match ev {
+            move |e| match e {
+                JobEvent::ImageProgress {
+                    step,
+                    total,
+                    elapsed_ms,
+                    preview,
+                } => (
+                    Some(Ok(ev(pb::image_event::Event::Progress(
+                        pb::ImageProgress {
+                            step,
+                            total_steps: total,
+                            elapsed_ms,
+                            preview_png: preview.unwrap_or_default(),
+                        },
+                    )))),
+                    false,
+                ),
+                JobEvent::Image(img) => (
+                    Some(Ok(ev(pb::image_event::Event::Image(pb::Image {
+                        png: img.png,
+                        width: img.width,
+                        height: img.height,
+                        seed,
+                        index: img.index,
+                    })))),
+                    false,
+                ),
+                JobEvent::ImageDone(d) => (Some(Ok(ev(image_done(d)))), true),
                 JobEvent::Failed(e) => (Some(Err(Status::from(e))), true),
-                JobEvent::Cancelled(why) => {
-                    let mut s =
-                        Status::cancelled(format!("the job was stopped ({})", why.as_str()));
-                    s.metadata_mut().insert(
-                        REASON_KEY,
-                        tonic::metadata::MetadataValue::from_static("halod"),
-                    );
-                    (Some(Err(s)), true)
-                }
-                _ => (None, false),
+                // Stopped before it ran: a summary that says so.
+                JobEvent::Cancelled(why) => (
+                    Some(Ok(ev(pb::image_event::Event::Done(pb::ImageDone {
+                        finish_reason: why.as_str().into(),
+                        ..Default::default()
+                    })))),
+                    true,
+                ),
+                JobEvent::Token(_) | JobEvent::Text(_) | JobEvent::Done { .. } => (None, false),
             },
         )))
     }
@@ -699,6 +729,126 @@ fn request_text_bytes(req: &pb::GenerateRequest) -> usize {
         None => 0,
     };
     prompt + req.messages.iter().map(|m| m.content.len()).sum::<usize>()
+}
+
+fn image_done(d: crate::core::ImageSummary) -> pb::image_event::Event {
+    pb::image_event::Event::Done(pb::ImageDone {
+        finish_reason: d.finish_reason,
+        seed: d.seed,
+        width: d.width,
+        height: d.height,
+        images: d.images,
+        steps: d.steps,
+        estimated_bytes: d.estimated_bytes,
+        peak_bytes: d.peak_bytes,
+        encode_ms: d.encode_ms,
+        denoise_ms: d.denoise_ms,
+        decode_ms: d.decode_ms,
+        vae_tile: d.vae_tile,
+    })
+}
+
+/// halo's defaults for what neither the request nor the model's config sets.
+const IMAGE_SIDE: u32 = 1024;
+const IMAGE_STEPS: u32 = 30;
+const IMAGE_CFG: f32 = 5.0;
+const MAX_IMAGE_STEPS: u32 = 1000;
+const MAX_IMAGE_BATCH: u32 = 16;
+
+/// An image request checked and completed: the request's values, else the model's configured
+/// defaults, else halo's.
+fn image_params(
+    req: &pb::GenerateImageRequest,
+    defaults: &crate::config::ImageDefaults,
+) -> Result<crate::diffusion::job::ImageParams, Status> {
+    use crate::diffusion::sampler::{SamplerKind, Schedule};
+    if req.prompt.trim().is_empty() {
+        return Err(Status::invalid_argument("the prompt is empty"));
+    }
+    let side = |what: &str, v: u32, default: Option<u32>| -> Result<usize, Status> {
+        let v = if v == 0 {
+            default.unwrap_or(IMAGE_SIDE)
+        } else {
+            v
+        };
+        if !v.is_multiple_of(8) || !(64..=4096).contains(&v) {
+            return Err(Status::invalid_argument(format!(
+                "{what} {v} must be a multiple of 8 between 64 and 4096"
+            )));
+        }
+        Ok(v as usize)
+    };
+    let width = side("width", req.width, defaults.width)?;
+    let height = side("height", req.height, defaults.height)?;
+    let steps = match req.steps {
+        0 => defaults.steps.unwrap_or(IMAGE_STEPS),
+        s => s,
+    };
+    if !(1..=MAX_IMAGE_STEPS).contains(&steps) {
+        return Err(Status::invalid_argument(format!(
+            "steps {steps} must be between 1 and {MAX_IMAGE_STEPS}"
+        )));
+    }
+    let cfg = req.cfg_scale.or(defaults.cfg).unwrap_or(IMAGE_CFG);
+    check_range("cfg_scale", Some(cfg), 0.0, 100.0)?;
+    let sampler = match req.sampler.as_str() {
+        "" => defaults.sampler.unwrap_or(SamplerKind::Euler),
+        s => SamplerKind::parse(s).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown sampler {s:?}: use euler, euler_a or dpmpp_2m"
+            ))
+        })?,
+    };
+    let schedule = match req.scheduler.as_str() {
+        "" => defaults.scheduler.unwrap_or(Schedule::Normal),
+        s => Schedule::parse(s).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown scheduler {s:?}: use normal or karras"))
+        })?,
+    };
+    if !matches!(req.rng.as_str(), "" | "torch-cpu") {
+        return Err(Status::invalid_argument(format!(
+            "unknown rng {:?}: halo draws noise as torch-cpu",
+            req.rng
+        )));
+    }
+    let batch = req.batch.max(1);
+    if batch > MAX_IMAGE_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "batch {batch} is more than {MAX_IMAGE_BATCH}"
+        )));
+    }
+    let seed = req.seed.unwrap_or_else(random_seed);
+    Ok(crate::diffusion::job::ImageParams {
+        request: crate::diffusion::sdxl::SdxlRequest {
+            prompt: req.prompt.clone(),
+            negative: Some(req.negative_prompt.clone()).filter(|n| !n.is_empty()),
+            width,
+            height,
+            steps,
+            cfg,
+            sampler,
+            schedule,
+            seed,
+            batch: batch as usize,
+        },
+        vae_tile: (req.vae_tile > 0).then_some(req.vae_tile as usize),
+        preview_every: req.preview_every,
+    })
+}
+
+/// A seed nobody chose: the standard library's per-process random hasher keys, mixed with
+/// the time.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Seeds people can type back: below 2^53, as JSON tools read numbers.
+    h.finish() >> 11
 }
 
 fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), Status> {

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod config;
 mod graph;
+pub mod job;
 mod plan;
 pub mod png;
 pub mod preview;

@@ -513,6 +513,16 @@ impl SdxlJob {
         self.done == self.total_steps()
     }
 
+    /// Latents per side: (height, width).
+    pub fn latent_size(&self) -> (usize, usize) {
+        self.latent_hw
+    }
+
+    /// Images in the job.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// The current latents (batch × channels × h × w), for previews.
     pub fn latents(&self) -> &[f32] {
         &self.latents

@@ -233,7 +233,9 @@ impl Unet {
                 input.width
             )));
         }
-        if input.context_tokens == 0 || input.context.len() % (b * input.context_tokens) != 0 {
+        if input.context_tokens == 0
+            || !input.context.len().is_multiple_of(b * input.context_tokens)
+        {
             return Err(bad(format!(
                 "{} context values are not {b} × {} rows",
                 input.context.len(),
