@@ -628,12 +628,14 @@ fn a_jobs_memory_estimate_is_what_it_holds() {
     let pipe =
         SdxlPipeline::load_folder(&dev, &pipeline(), halo_kernels::LoadStrategy::Auto, model)
             .unwrap();
-    let mut job_owner = 47;
-    for (w, h, batch, tile) in [
+    for (i, (w, h, batch, tile)) in [
         (1024, 1024, 1, None),
         (256, 384, 2, None),
         (512, 512, 1, Some(128)),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let req = SdxlRequest {
             prompt: "a lighthouse at dusk".into(),
             negative: None,
@@ -647,8 +649,7 @@ fn a_jobs_memory_estimate_is_what_it_holds() {
             batch,
         };
         let plan = pipe.plan(&req, tile);
-        let owner = halo_kernels::OwnerId(job_owner);
-        job_owner += 1;
+        let owner = halo_kernels::OwnerId(47 + i as u64);
         dev.watch_peak(owner);
         let mut job = pipe.start(&req, owner).unwrap();
         let encode = dev.take_peak(owner).unwrap();
