@@ -198,9 +198,9 @@ struct ImageArgs {
     model: String,
     /// What to draw
     prompt: String,
-    /// What to keep out of the image
-    #[arg(long, default_value = "")]
-    negative: String,
+    /// What to keep out of the image [default: nothing]
+    #[arg(long)]
+    negative: Option<String>,
     /// Width in pixels, a multiple of 8 [default: the model's, else 1024]
     #[arg(long)]
     width: Option<u32>,
@@ -214,11 +214,11 @@ struct ImageArgs {
     #[arg(long, allow_negative_numbers = true)]
     cfg: Option<f32>,
     /// euler, euler_a or dpmpp_2m [default: the model's, else euler]
-    #[arg(long, default_value = "")]
-    sampler: String,
+    #[arg(long)]
+    sampler: Option<String>,
     /// normal or karras [default: the model's, else normal]
-    #[arg(long, default_value = "")]
-    scheduler: String,
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Same seed, same image [default: a new one each time, printed]
     #[arg(long)]
     seed: Option<u64>,
@@ -1146,14 +1146,14 @@ async fn image(c: &mut HaloClient<Channel>, a: ImageArgs, out: &mut Out) -> Resu
     let req = pb::GenerateImageRequest {
         model: a.model,
         prompt: a.prompt,
-        negative_prompt: a.negative,
+        negative_prompt: a.negative.unwrap_or_default(),
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         steps: a.steps.unwrap_or(0),
         cfg_scale: a.cfg,
         seed: a.seed,
-        sampler: a.sampler,
-        scheduler: a.scheduler,
+        sampler: a.sampler.unwrap_or_default(),
+        scheduler: a.scheduler.unwrap_or_default(),
         rng: a.rng,
         batch: a.batch,
         vae_tile: a.vae_tile.unwrap_or(0),

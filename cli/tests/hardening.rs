@@ -811,7 +811,8 @@ fn cli_details() {
     }
     let help = d.ok(&["image", "--help"]);
     assert!(!help.contains("[default: 0]"), "{help}");
-    assert!(help.contains("[default: the model's]"), "{help}");
+    assert!(help.contains("[default: the model's, else 1024]"), "{help}");
+    assert!(!help.contains("[default: \"\"]"), "{help}");
     // 16: a vocabulary of 256 tokens (bench once sent token 8019), and -p 0 is a usage error.
     d.ok(&["generate", "small", "ab cd", "--max-tokens", "2"]);
     let out = d.ok(&["bench", "small", "-p", "40", "-n", "4", "-r", "1", "--json"]);
