@@ -15,15 +15,15 @@ const THREE: &str = r#"
 budget = "2.5MB"
 [[models]]
 name = "a"
-kind = "sdxl"
+kind = "flux"
 path = "a.safetensors"
 [[models]]
 name = "b"
-kind = "sdxl"
+kind = "flux"
 path = "b.safetensors"
 [[models]]
 name = "c"
-kind = "sdxl"
+kind = "flux"
 path = "c.safetensors"
 "#;
 const THREE_FILES: &[(&str, u64)] = &[
@@ -61,13 +61,13 @@ fn status_reports_device_and_budget() {
 #[test]
 fn models_lists_estimates_and_missing_files() {
     let cfg =
-        format!("{THREE}\n[[models]]\nname = \"gone\"\nkind = \"sdxl\"\npath = \"nothere\"\n");
+        format!("{THREE}\n[[models]]\nname = \"gone\"\nkind = \"flux\"\npath = \"nothere\"\n");
     let d = TestDaemon::start(&cfg, THREE_FILES);
     let m = d.json(&["models", "--json"]);
     let m = m.as_array().unwrap();
     assert_eq!(m.len(), 4);
     assert_eq!(m[0]["name"], "a");
-    assert_eq!(m[0]["kind"], "sdxl");
+    assert_eq!(m[0]["kind"], "flux");
     assert_eq!(m[0]["estimated_bytes"], MB);
     assert_eq!(m[0]["state"], "unloaded");
     assert_eq!(m[0]["pinned"], false);
@@ -88,7 +88,7 @@ fn load_then_ps_shows_real_bytes() {
     assert_eq!(r["evicted"], Value::Array(vec![]));
     let ps = d.json(&["ps", "--json"]);
     assert_eq!(ps[0]["name"], "a");
-    assert_eq!(ps[0]["kind"], "sdxl");
+    assert_eq!(ps[0]["kind"], "flux");
     assert_eq!(ps[0]["bytes"], MB);
     assert_eq!(ps[0]["pinned"], false);
     assert!(ps[0]["last_used"].as_str().unwrap().ends_with('Z'));
@@ -149,7 +149,7 @@ fn a_model_that_can_never_fit_is_refused() {
 budget = "1MB"
 [[models]]
 name = "huge"
-kind = "sdxl"
+kind = "flux"
 path = "huge.safetensors"
 "#;
     let d = TestDaemon::start(cfg, &[("huge.safetensors", 3 * MB)]);
@@ -183,7 +183,7 @@ fn unload_frees_the_bytes() {
 #[test]
 fn unknown_and_missing_models_get_clear_errors() {
     let cfg = format!(
-        "{THREE}\n[[models]]\nname = \"gone\"\nkind = \"sdxl\"\npath = \"gone.safetensors\"\n"
+        "{THREE}\n[[models]]\nname = \"gone\"\nkind = \"flux\"\npath = \"gone.safetensors\"\n"
     );
     let d = TestDaemon::start(&cfg, THREE_FILES);
     let err = d.fails(&["load", "nope"], 3);
@@ -204,14 +204,13 @@ fn jobs_fail_honestly_and_cancel_reports_state() {
     let d = TestDaemon::start(THREE, THREE_FILES);
     let err = d.fails(&["cancel", "999"], 3);
     assert!(err.contains("no job 999"), "{err}");
-    // Single-file checkpoints are not run yet: image queues a job, maps the file, and says
-    // UNIMPLEMENTED.
+    // Flux is not run yet: image queues a job, maps the file, and says UNIMPLEMENTED.
     let out = d.halo(&["image", "a", "a cat"]);
     let err = text(&out.stderr);
     if std::env::var("HALO_REQUIRE_VULKAN").as_deref() == Ok("1") || out.status.code() == Some(4) {
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(
-            err.contains("not implemented") && err.contains("single-file SDXL checkpoints"),
+            err.contains("not implemented") && err.contains("flux engine is not built yet"),
             "{err}"
         );
         let jobs = d.json(&["jobs", "--json"]);
@@ -225,7 +224,7 @@ fn jobs_fail_honestly_and_cancel_reports_state() {
     }
     let err = d.fails(&["generate", "a", "a cat"], 3);
     assert!(
-        err.contains("sdxl model") && err.contains("halo image"),
+        err.contains("flux model") && err.contains("halo image"),
         "{err}"
     );
     let err = d.fails(&["generate", "nope", "hi"], 3);
@@ -259,11 +258,11 @@ budget = "10MB"
 keep_alive = "1s"
 [[models]]
 name = "short"
-kind = "sdxl"
+kind = "flux"
 path = "a.safetensors"
 [[models]]
 name = "forever"
-kind = "sdxl"
+kind = "flux"
 path = "b.safetensors"
 keep_alive = "-1"
 "#;
@@ -284,7 +283,7 @@ fn reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     d.ok(&["load", "a"]);
     let cfg = d.path("halod.toml");
     let more =
-        format!("{THREE}\n[[models]]\nname = \"d\"\nkind = \"sdxl\"\npath = \"a.safetensors\"\n");
+        format!("{THREE}\n[[models]]\nname = \"d\"\nkind = \"flux\"\npath = \"a.safetensors\"\n");
     std::fs::write(&cfg, more).unwrap();
     let r = d.json(&["reload", "--json"]);
     assert_eq!(r["models"], 4);
@@ -300,7 +299,7 @@ fn reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     // A new config without a: it is unloaded.
     std::fs::write(
         &cfg,
-        "[memory]\nbudget = \"2.5MB\"\n[[models]]\nname = \"b\"\nkind = \"sdxl\"\npath = \"b.safetensors\"\n",
+        "[memory]\nbudget = \"2.5MB\"\n[[models]]\nname = \"b\"\nkind = \"flux\"\npath = \"b.safetensors\"\n",
     )
     .unwrap();
     let r = d.json(&["reload", "--json"]);

@@ -884,30 +884,45 @@ fn model_file_problems_are_reported_right() {
     d.ok(&["load", "later"]);
 }
 
-/// A diffusers SDXL folder (the tiny fixture) loads onto the GPU: the estimate `halo models`
-/// shows is what `halo ps` holds and what the device's ledger charges, to the byte; unloading
-/// returns every byte. (Image jobs on it: tests/image.rs.)
+/// A diffusers SDXL folder (the tiny fixture) and the same model as a single original-layout
+/// file load onto the GPU: the estimate `halo models` shows is what `halo ps` holds and what the
+/// device's ledger charges, to the byte; unloading returns every byte. (Image jobs on them:
+/// tests/image.rs.)
 #[test]
 fn an_sdxl_folder_loads_onto_the_gpu_at_its_estimate() {
-    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../daemon/tests/fixtures/diffusion/tiny-sdxl");
+    let fixtures =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../daemon/tests/fixtures/diffusion");
+    let folder = fixtures.join("tiny-sdxl").display().to_string();
+    let file = fixtures
+        .join("tiny-sdxl-single.safetensors")
+        .display()
+        .to_string();
     let cfg = format!(
-        "[[models]]\nname = \"tiny\"\nkind = \"sdxl\"\npath = {:?}\n",
-        folder.display().to_string()
+        "[[models]]\nname = \"tiny\"\nkind = \"sdxl\"\npath = {folder:?}\n\
+         [[models]]\nname = \"single\"\nkind = \"sdxl\"\npath = {file:?}\ndiffusers_config = {folder:?}\n"
     );
     let Some(d) = daemon(&cfg) else { return };
-    let estimate = d.json(&["models", "--json"])[0]["estimated_bytes"].clone();
-    d.ok(&["load", "tiny"]);
-    let ps = d.json(&["ps", "--json"]);
-    assert_eq!(ps[0]["bytes"], estimate, "{ps}");
-    let s = d.json(&["status", "--json"]);
-    assert_eq!(s["gpu_allocated_bytes"], s["used_bytes"], "{s}");
-    assert_eq!(s["used_bytes"], estimate, "{s}");
-    d.ok(&["unload", "tiny"]);
-    let s = d.json(&["status", "--json"]);
-    assert_eq!(
-        (s["gpu_allocated_bytes"].as_u64(), s["used_bytes"].as_u64()),
-        (Some(0), Some(0)),
-        "{s}"
-    );
+    let models = d.json(&["models", "--json"]);
+    for name in ["tiny", "single"] {
+        let entry = models
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name);
+        let estimate = entry.unwrap()["estimated_bytes"].clone();
+        assert!(estimate.as_u64().unwrap() > 0, "{models}");
+        d.ok(&["load", name]);
+        let ps = d.json(&["ps", "--json"]);
+        assert_eq!(ps[0]["bytes"], estimate, "{ps}");
+        let s = d.json(&["status", "--json"]);
+        assert_eq!(s["gpu_allocated_bytes"], s["used_bytes"], "{s}");
+        assert_eq!(s["used_bytes"], estimate, "{s}");
+        d.ok(&["unload", name]);
+        let s = d.json(&["status", "--json"]);
+        assert_eq!(
+            (s["gpu_allocated_bytes"].as_u64(), s["used_bytes"].as_u64()),
+            (Some(0), Some(0)),
+            "{s}"
+        );
+    }
 }

@@ -217,6 +217,52 @@ fn an_image_job_streams_progress_and_writes_its_pngs() {
     assert!(e.contains("VAE tile"), "{e}");
 }
 
+/// The pixel data (IDAT chunks) of a PNG file.
+fn png_pixels(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let (mut at, mut data) = (8, Vec::new());
+    while at + 8 <= bytes.len() {
+        let n = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if &bytes[at + 4..at + 8] == b"IDAT" {
+            data.extend_from_slice(&bytes[at + 8..at + 8 + n]);
+        }
+        at += 12 + n;
+    }
+    data
+}
+
+/// The tiny model as one original-layout file, its configs and tokenizers from the folder
+/// (`diffusers_config`): through the daemon it draws exactly the folder's image.
+#[test]
+fn a_single_file_checkpoint_draws_what_its_folder_draws() {
+    let file = tiny_sdxl().with_file_name("tiny-sdxl-single.safetensors");
+    let described = format!("diffusers_config = {:?}", tiny_sdxl().display().to_string());
+    let cfg = sdxl("tiny", &tiny_sdxl(), "") + &sdxl("single", &file, &described);
+    let Some(d) = daemon(&cfg) else { return };
+    let mut pixels = Vec::new();
+    for name in ["tiny", "single"] {
+        let out = d.path(&format!("{name}.png"));
+        d.ok(&[
+            "image",
+            name,
+            "a castle in the clouds",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "11",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        pixels.push(png_pixels(&out));
+    }
+    assert!(!pixels[0].is_empty());
+    assert!(pixels[0] == pixels[1], "the single file drew another image");
+}
+
 /// `halo cancel` stops a running image job within one UNet call: the client exits 5 saying so,
 /// no PNG is written, and the budget and the device get every byte of its working memory back.
 #[test]

@@ -64,6 +64,11 @@ pub struct ModelConfig {
     pub kv_cache: KvCacheType,
     /// Image models: the defaults of their jobs.
     pub image: ImageDefaults,
+    /// Single-file image checkpoints: a diffusers folder whose `config.json` files, scheduler
+    /// and tokenizers describe the checkpoint (as diffusers' `from_single_file(config=...)`).
+    /// Without one, halod infers the shapes from the tensors, takes the rest from the public
+    /// SDXL base configuration, and tokenizes with its built-in CLIP vocabulary.
+    pub diffusers_config: Option<PathBuf>,
 }
 
 /// What an image model's jobs use when a request leaves a value out (`None`: halo's default).
@@ -266,6 +271,7 @@ struct RawModel {
     scheduler: Option<Spanned<String>>,
     width: Option<Spanned<u32>>,
     height: Option<Spanned<u32>>,
+    diffusers_config: Option<Spanned<PathBuf>>,
 }
 
 /// An entry's image-job keys, as the TOML gave them.
@@ -731,6 +737,18 @@ impl Config {
                 }
                 None => KvCacheType::default(),
             };
+            let diffusers_config = match m.diffusers_config {
+                Some(d) if m.kind == ModelKind::Llm => {
+                    return Err(err_at(
+                        d.span().start,
+                        format!("models[{i}].diffusers_config"),
+                        "diffusers_config applies to image models (sdxl, flux) only, not llm"
+                            .into(),
+                    ))
+                }
+                Some(d) => Some(base.join(d.into_inner())),
+                None => None,
+            };
             models.push(ModelConfig {
                 name,
                 kind: m.kind,
@@ -741,6 +759,7 @@ impl Config {
                 parallel: model_parallel.unwrap_or(parallel),
                 kv_cache,
                 image,
+                diffusers_config,
             });
         }
 
@@ -1145,6 +1164,21 @@ sampler = "euler_a"
             e.to_string().contains("image models (sdxl, flux) only"),
             "{e}"
         );
+        // A single file's describing folder sits beside the config like every path.
+        let c = Config::parse(
+            "[[models]]\nname = \"x\"\nkind = \"sdxl\"\npath = \"x.safetensors\"\ndiffusers_config = \"sdxl-base\"\n",
+            Path::new("/etc/halo/halo.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.models[0].diffusers_config.as_deref(),
+            Some(Path::new("/etc/halo/sdxl-base"))
+        );
+        let e = parse(
+            "[[models]]\nname = \"l\"\nkind = \"llm\"\npath = \"l\"\ndiffusers_config = \"d\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("models[0].diffusers_config"), "{e}");
     }
 
     #[test]

@@ -1118,8 +1118,8 @@ impl Core {
                                 Some(ModelKind::Llm) => CoreError::FailedPrecondition(
                                     "the job lost its request or its client".into(),
                                 ),
-                                Some(ModelKind::Sdxl) => CoreError::Unimplemented(format!(
-                                    "single-file SDXL checkpoints are not supported yet: halod mapped {model:?} but runs SDXL from a diffusers folder (model_index.json, unet/, vae/, text_encoder/, …); point `path` at one"
+                                Some(ModelKind::Sdxl) => CoreError::FailedPrecondition(format!(
+                                    "model {model:?} is loaded without the GPU runtime; image jobs need a Vulkan device"
                                 )),
                                 _ => CoreError::Unimplemented(format!(
                                     "the {} engine is not built yet: halod mapped {model:?} but cannot run it",
@@ -1456,21 +1456,21 @@ impl Core {
 }
 
 /// Bytes a model will take: for LLMs on a GPU, weights plus the sequence pool, computed from the
-/// GGUF header and the config (the same sizes the loader allocates); for an SDXL folder on a GPU,
-/// its weights as the loader places them, from the safetensors headers; otherwise the files'
-/// size.
+/// GGUF header and the config (the same sizes the loader allocates); for SDXL on a GPU (a
+/// diffusers folder or a single file), its weights as the loader places them, from the
+/// safetensors headers; otherwise the files' size.
 fn estimate_model(
     m: &ModelConfig,
     gpu: Option<halo_kernels::WeightLayout>,
 ) -> Result<u64, ModelFileError> {
-    if let (ModelKind::Sdxl, Some(layout), true) = (m.kind, gpu, m.path.is_dir()) {
+    if let (ModelKind::Sdxl, Some(layout)) = (m.kind, gpu) {
         models::estimate(m)?; // the folder's layout first, with its own wording
-        return crate::diffusion::sdxl::SdxlPipeline::estimate_folder(&m.path, layout).map_err(
-            |e| ModelFileError::Invalid {
+        let described_by = m.diffusers_config.as_deref();
+        return crate::diffusion::sdxl::SdxlPipeline::estimate(&m.path, described_by, layout)
+            .map_err(|e| ModelFileError::Invalid {
                 path: m.path.clone(),
                 message: e.to_string(),
-            },
-        );
+            });
     }
     let Some(layout) = gpu.filter(|_| m.kind == ModelKind::Llm) else {
         return models::estimate(m);
@@ -1496,8 +1496,8 @@ fn estimate_model(
     })
 }
 
-/// Loads a model: an LLM or an SDXL diffusers folder onto the GPU when there is one, otherwise
-/// its files mapped.
+/// Loads a model: an LLM or an SDXL model onto the GPU when there is one, otherwise its files
+/// mapped.
 fn load_model(
     m: &ModelConfig,
     device: Option<&halo_kernels::Device>,
@@ -1522,13 +1522,14 @@ fn load_model(
                 message: e.to_string(),
             })
         }
-        // A diffusers folder; its weights are copied (the files hold no lease yet, so they
-        // must not be the weights). Single-file checkpoints are still only mapped.
-        (ModelKind::Sdxl, Some(dev)) if m.path.is_dir() => {
+        // A diffusers folder or a single file; its weights are copied (the files hold no lease
+        // yet, so they must not be the weights).
+        (ModelKind::Sdxl, Some(dev)) => {
             models::estimate(m)?;
-            crate::diffusion::sdxl::SdxlPipeline::load_folder(
+            crate::diffusion::sdxl::SdxlPipeline::load(
                 dev,
                 &m.path,
+                m.diffusers_config.as_deref(),
                 halo_kernels::LoadStrategy::Copy,
                 owner,
             )

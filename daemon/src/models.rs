@@ -425,6 +425,7 @@ mod tests {
             parallel: 1,
             kv_cache: Default::default(),
             image: Default::default(),
+            diffusers_config: None,
         }
     }
 

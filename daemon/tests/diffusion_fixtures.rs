@@ -677,3 +677,174 @@ fn a_jobs_memory_estimate_is_what_it_holds() {
         assert!(off <= 0.02, "{w}x{h}: estimate {est} vs peak {got}");
     }
 }
+
+fn single_file() -> PathBuf {
+    dir().join("tiny-sdxl-single.safetensors")
+}
+
+/// The tiny pipeline as one original-layout file (gen_tiny_sdxl_single_file.py wrote it and
+/// diffusers' from_single_file read it back into the folder's weights): halod, with the folder
+/// describing it, makes the folder's image bit for bit, and holds what it estimated.
+#[test]
+fn a_single_file_checkpoint_makes_the_folders_image() {
+    use halod::diffusion::sampler::{SamplerKind, Schedule};
+    use halod::diffusion::sdxl::{SdxlPipeline, SdxlRequest};
+    let Some(dev) = common::device() else { return };
+    let (a, b) = (halo_kernels::OwnerId(61), halo_kernels::OwnerId(62));
+    let strategy = halo_kernels::LoadStrategy::Copy;
+    let folder = SdxlPipeline::load_folder(&dev, &pipeline(), strategy, a).unwrap();
+    let file = SdxlPipeline::load(&dev, &single_file(), Some(&pipeline()), strategy, b).unwrap();
+    let estimate =
+        SdxlPipeline::estimate(&single_file(), Some(&pipeline()), dev.weight_layout()).unwrap();
+    assert_eq!(estimate, file.bytes());
+    assert_eq!(dev.ledger().owner(b), file.bytes());
+    for (negative, sampler) in [
+        (None, SamplerKind::Euler),
+        (Some("blurry"), SamplerKind::EulerAncestral),
+    ] {
+        let req = SdxlRequest {
+            prompt: "a lighthouse on a cliff at dawn".into(),
+            negative: negative.map(String::from),
+            width: 64,
+            height: 48,
+            steps: 3,
+            cfg: 5.0,
+            sampler,
+            schedule: Schedule::Normal,
+            seed: 7,
+            batch: 1,
+        };
+        let want = folder.generate(&req, a, |_, _| {}).unwrap();
+        let got = file.generate(&req, b, |_, _| {}).unwrap();
+        assert_eq!(got.len(), 1);
+        let same = got[0]
+            .iter()
+            .zip(&want[0])
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "{negative:?}: the single file's image differs from the folder's"
+        );
+    }
+}
+
+/// Without a folder, the configuration comes from the tensors: everything shapes can tell
+/// matches the folder's configs (heads and groups cannot be told, and take SDXL base's).
+#[test]
+fn a_single_files_shapes_give_its_configuration() {
+    use halod::diffusion::single_file;
+    let bytes = std::fs::read(single_file()).unwrap();
+    let st = SafeTensors::parse(&bytes).unwrap();
+    let ts = st.tensors();
+    assert!(single_file::is_checkpoint(ts));
+    let read = |p: &str| pipeline().join(p).join("config.json");
+    let te2: ClipTextConfig = config::read(&read("text_encoder_2")).unwrap();
+    let got = single_file::clip_g_config(ts).unwrap();
+    let clip = |c: &ClipTextConfig| {
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.max_position_embeddings,
+            c.hidden_act.clone(),
+            c.projection_dim,
+        )
+    };
+    assert_eq!(clip(&got), clip(&te2));
+    let te1: ClipTextConfig = config::read(&read("text_encoder")).unwrap();
+    let got = single_file::clip_l_config(ts).unwrap();
+    assert_eq!(
+        clip(&got),
+        (
+            clip(&te1).0,
+            clip(&te1).1,
+            clip(&te1).2,
+            clip(&te1).3,
+            77,
+            "quick_gelu".into(),
+            None
+        )
+    );
+    let unet: UnetConfig = config::read(&read("unet")).unwrap();
+    let got = single_file::unet_config(ts, te2.projection_dim.unwrap() as u64).unwrap();
+    let u = |c: &UnetConfig| {
+        (
+            c.in_channels,
+            c.out_channels,
+            c.down_block_types.clone(),
+            c.up_block_types.clone(),
+            c.block_out_channels.clone(),
+            c.layers_per_block.clone(),
+            c.cross_attention_dim.clone(),
+            c.use_linear_projection,
+            c.addition_time_embed_dim,
+            c.projection_class_embeddings_input_dim,
+        )
+    };
+    assert_eq!(u(&got), u(&unet));
+    // Transformer depths where there are transformers.
+    let levels = unet.block_out_channels.len();
+    let want = unet.transformer_layers_per_block.expand(levels).unwrap();
+    let have = got.transformer_layers_per_block.expand(levels).unwrap();
+    for (i, t) in unet.down_block_types.iter().enumerate() {
+        if t.starts_with("CrossAttn") {
+            assert_eq!(have[i], want[i], "level {i}");
+        }
+    }
+    let vae: VaeConfig = config::read(&read("vae")).unwrap();
+    let got = single_file::vae_config(ts).unwrap();
+    let v = |c: &VaeConfig| {
+        (
+            c.out_channels,
+            c.block_out_channels.clone(),
+            c.layers_per_block,
+            c.latent_channels,
+            c.scaling_factor,
+            c.use_post_quant_conv,
+            c.mid_block_add_attention,
+        )
+    };
+    assert_eq!(v(&got), v(&vae));
+    // A diffusers file is not a checkpoint, and says so when loaded as one.
+    let unet_file = pipeline().join("unet/diffusion_pytorch_model.safetensors");
+    let e = halod::diffusion::sdxl::SdxlPipeline::estimate(
+        &unet_file,
+        None,
+        halo_kernels::WeightLayout {
+            max_segment: 1 << 27,
+            align: 256,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not an SDXL checkpoint"), "{e}");
+}
+
+/// halod's built-in vocabulary (daemon/assets/clip) tokenizes as OpenAI's CLIP tokenizer does
+/// (clip-anytorch's SimpleTokenizer on the same file, recorded by gen_tiny_sdxl_single_file.py).
+#[test]
+fn the_built_in_clip_vocabulary_tokenizes_as_clip() {
+    let text = std::fs::read_to_string(dir().join("clip-vocab-refs.json")).unwrap();
+    let refs: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let first = ClipTokenizer::openai("<|endoftext|>").unwrap();
+    let second = ClipTokenizer::openai("!").unwrap();
+    for r in &refs {
+        let prompt = r["prompt"].as_str().unwrap();
+        let want: Vec<u32> = r["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let a = first.encode(prompt).unwrap();
+        assert_eq!(&a[..want.len()], &want[..], "{prompt}");
+        assert!(a[want.len()..].iter().all(|&id| id == 49407), "{prompt}");
+        let b = second.encode(prompt).unwrap();
+        assert_eq!(&b[..want.len()], &want[..], "{prompt}");
+        assert!(
+            b[want.len()..].iter().all(|&id| id == 0),
+            "{prompt}: pads with \"!\""
+        );
+    }
+}

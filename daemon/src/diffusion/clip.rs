@@ -13,7 +13,7 @@ use halo_kernels::{Buffer, Device, LoadStrategy, MemoryKind, OwnerId};
 
 use super::config::ClipTextConfig;
 use super::plan::Sim;
-use super::tensors::{DeviceTensors, TensorError};
+use super::tensors::{DeviceTensors, Names, TensorError};
 
 pub struct ClipTextEncoder {
     cfg: ClipTextConfig,
@@ -45,7 +45,7 @@ impl ClipTextEncoder {
     pub fn load(
         device: &Device,
         path: &Path,
-        prefix: &str,
+        names: impl Into<Names>,
         cfg: ClipTextConfig,
         strategy: LoadStrategy,
         owner: OwnerId,
@@ -68,7 +68,7 @@ impl ClipTextEncoder {
                 "SDXL reads the second-to-last layer: at least 2 layers".into(),
             ));
         }
-        let tensors = DeviceTensors::load(device, path, prefix, strategy, owner)?;
+        let tensors = DeviceTensors::load(device, path, names, strategy, owner)?;
         let projection = tensors
             .has("text_projection.weight")
             .then(|| cfg.projection_dim.unwrap_or(cfg.hidden_size) as u64);

@@ -139,6 +139,13 @@ impl ClipTokenizer {
         ClipTokenizer::new(vocab, merges, &pad)
     }
 
+    /// CLIP's own vocabulary, built into halod (`daemon/assets/clip`), with pad token `pad`:
+    /// what a single-file checkpoint, which carries no tokenizer, is tokenized with.
+    pub fn openai(pad: &str) -> Result<ClipTokenizer, ClipTokenizerError> {
+        let (vocab, merges) = openai_vocab()?;
+        ClipTokenizer::new(vocab, merges, pad)
+    }
+
     /// The 77 ids for `text`: start, at most 75 tokens (longer text is cut), end, padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ClipTokenizerError> {
         let enc = self
@@ -156,6 +163,61 @@ impl ClipTokenizer {
     pub fn eos(&self) -> u32 {
         self.eos
     }
+}
+
+/// CLIP's BPE file as OpenAI ships it (gzip: a header line, then merges in priority order).
+const OPENAI_BPE: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+/// The merges CLIP's vocabulary uses (its tokenizer reads lines 1 to 49152 − 256 − 2 of the
+/// file): with the 512 byte symbols and the two special tokens, 49408 ids.
+const OPENAI_MERGES: usize = 49152 - 256 - 2;
+
+/// GPT-2's printable stand-ins for the 256 byte values, in CLIP's vocabulary order: the
+/// printable Latin-1 bytes as themselves first, then the rest mapped to U+0100 onwards.
+fn byte_symbols() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    let mut order: Vec<(u32, u32)> = (0..256u32)
+        .filter(|&b| printable(b))
+        .map(|b| (b, b))
+        .collect();
+    for (stand_in, b) in (256..).zip((0..256u32).filter(|&b| !printable(b))) {
+        order.push((b, stand_in));
+    }
+    order
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).expect("below U+0200"))
+        .collect()
+}
+
+/// The vocabulary and merges of [`OPENAI_BPE`], ids as CLIP assigns them.
+type VocabAndMerges = (HashMap<String, u32>, Vec<(String, String)>);
+
+fn openai_vocab() -> Result<VocabAndMerges, ClipTokenizerError> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(OPENAI_BPE)
+        .read_to_string(&mut text)
+        .map_err(|e| err(format!("the built-in CLIP vocabulary does not unpack: {e}")))?;
+    let merges = parse_merges(
+        &text
+            .lines()
+            .skip(1)
+            .take(OPENAI_MERGES)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .map_err(|e| err(format!("the built-in CLIP vocabulary: {e}")))?;
+    if merges.len() != OPENAI_MERGES {
+        return Err(err("the built-in CLIP vocabulary is short"));
+    }
+    let bytes = byte_symbols();
+    let symbols = bytes
+        .iter()
+        .map(|c| c.to_string())
+        .chain(bytes.iter().map(|c| format!("{c}</w>")))
+        .chain(merges.iter().map(|(a, b)| format!("{a}{b}")))
+        .chain([BOS.to_string(), EOS.to_string()]);
+    let vocab = symbols.enumerate().map(|(i, s)| (s, i as u32)).collect();
+    Ok((vocab, merges))
 }
 
 /// `merges.txt`: an optional `#version` line, then one `left right` pair per line.

@@ -16,6 +16,7 @@ pub mod preview;
 pub mod rng;
 pub mod sampler;
 pub mod sdxl;
+pub mod single_file;
 pub mod tensors;
 pub mod unet;
 pub mod vae;

@@ -1,4 +1,4 @@
-//! An SDXL pipeline from a diffusers folder, composed as diffusers' StableDiffusionXLPipeline
+//! An SDXL pipeline from a diffusers folder or a single-file checkpoint, composed as diffusers' StableDiffusionXLPipeline
 //! composes it: both tokenizers and text encoders (penultimate states side by side as the
 //! context, the second encoder's pooled projection), zeros for an absent negative prompt
 //! (`force_zeros_for_empty_prompt`), the added time ids `[h, w, 0, 0, h, w]`, torch-cpu noise
@@ -20,7 +20,8 @@ use super::clip_tokenizer::ClipTokenizer;
 use super::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use super::rng::TorchRng;
 use super::sampler::{Sampler, SamplerKind, Schedule};
-use super::tensors::DeviceTensors;
+use super::single_file;
+use super::tensors::{DeviceTensors, Names};
 use super::unet::{Unet, UnetCall, UnetInput};
 use super::vae::Vae;
 
@@ -98,7 +99,176 @@ fn weights_in(dir: &Path) -> Result<PathBuf, SdxlError> {
     }
 }
 
+/// One component's weights: the file, which of its tensors, and its configuration.
+struct Part<C> {
+    path: PathBuf,
+    names: Names,
+    cfg: C,
+}
+
+/// Where each part of a pipeline comes from, before anything is loaded.
+struct Parts {
+    te1: Part<ClipTextConfig>,
+    te2: Part<ClipTextConfig>,
+    unet: Part<UnetConfig>,
+    /// The file that described the UNet's shape, for messages.
+    unet_described_by: PathBuf,
+    vae: Part<VaeConfig>,
+    scheduler: SchedulerConfig,
+}
+
+impl Parts {
+    /// A diffusers folder: each component's one weight file and its `config.json`.
+    fn folder(dir: &Path) -> Result<Parts, SdxlError> {
+        let part = |p: &str| dir.join(p);
+        let component = |p: &str| -> Result<(PathBuf, PathBuf), SdxlError> {
+            Ok((weights_in(&part(p))?, part(p).join("config.json")))
+        };
+        let te = |p: &str| -> Result<Part<ClipTextConfig>, SdxlError> {
+            let (path, cfg) = component(p)?;
+            let cfg = config::read(&cfg).map_err(err)?;
+            Ok(Part {
+                path,
+                names: "".into(),
+                cfg,
+            })
+        };
+        let (unet_path, unet_cfg) = component("unet")?;
+        let (vae_path, vae_cfg) = component("vae")?;
+        Ok(Parts {
+            te1: te("text_encoder")?,
+            te2: te("text_encoder_2")?,
+            unet: Part {
+                path: unet_path,
+                names: "".into(),
+                cfg: config::read(&unet_cfg).map_err(err)?,
+            },
+            unet_described_by: unet_cfg,
+            vae: Part {
+                path: vae_path,
+                names: "".into(),
+                cfg: config::read(&vae_cfg).map_err(err)?,
+            },
+            scheduler: config::read(&part("scheduler").join("scheduler_config.json"))
+                .map_err(err)?,
+        })
+    }
+
+    /// A single-file checkpoint (see [`single_file`]): configs from the diffusers folder
+    /// `described_by` when given, otherwise inferred from the tensors' shapes.
+    fn file(path: &Path, described_by: Option<&Path>) -> Result<Parts, SdxlError> {
+        let at = |e: String| SdxlError(format!("{}: {e}", path.display()));
+        let map = Mapping::open(path).map_err(|e| at(e.to_string()))?;
+        let st = SafeTensors::parse(map.bytes()).map_err(|e| at(e.to_string()))?;
+        let ts = st.tensors();
+        if !single_file::is_checkpoint(ts) {
+            return Err(at(format!(
+                "not an SDXL checkpoint: no {}* tensors (a single-file SDXL keeps its UNet there)",
+                single_file::UNET
+            )));
+        }
+        fn part<C>(path: &Path, names: Names, cfg: C) -> Part<C> {
+            Part {
+                path: path.to_path_buf(),
+                names,
+                cfg,
+            }
+        }
+        let (te1, te2, unet, vae, scheduler, unet_described_by) = match described_by {
+            Some(dir) => {
+                let read = |p: &str| dir.join(p).join("config.json");
+                (
+                    config::read(&read("text_encoder")).map_err(err)?,
+                    config::read(&read("text_encoder_2")).map_err(err)?,
+                    config::read(&read("unet")).map_err(err)?,
+                    config::read(&read("vae")).map_err(err)?,
+                    config::read(&dir.join("scheduler").join("scheduler_config.json"))
+                        .map_err(err)?,
+                    read("unet"),
+                )
+            }
+            None => {
+                let te2 = single_file::clip_g_config(ts).map_err(at)?;
+                let pooled = te2.projection_dim.unwrap_or(te2.hidden_size) as u64;
+                (
+                    single_file::clip_l_config(ts).map_err(at)?,
+                    te2,
+                    single_file::unet_config(ts, pooled).map_err(at)?,
+                    single_file::vae_config(ts).map_err(at)?,
+                    single_file::scheduler_config(),
+                    path.to_path_buf(),
+                )
+            }
+        };
+        Ok(Parts {
+            te1: part(path, single_file::clip_l_names(), te1),
+            te2: part(path, single_file::clip_g_names(), te2),
+            unet: part(path, single_file::unet_names(), unet),
+            unet_described_by,
+            vae: part(path, single_file::vae_names(), vae),
+            scheduler,
+        })
+    }
+
+    fn estimate(&self, layout: WeightLayout) -> Result<u64, SdxlError> {
+        let mut total = 0u64;
+        for (path, names) in [
+            (&self.te1.path, &self.te1.names),
+            (&self.te2.path, &self.te2.names),
+            (&self.unet.path, &self.unet.names),
+            (&self.vae.path, &self.vae.names),
+        ] {
+            let at = |e: String| SdxlError(format!("{}: {e}", path.display()));
+            let map = Mapping::open(path).map_err(|e| at(e.to_string()))?;
+            let st = SafeTensors::parse(map.bytes()).map_err(|e| at(e.to_string()))?;
+            total += DeviceTensors::estimate(&st, names.clone(), layout).map_err(at)?;
+        }
+        Ok(total)
+    }
+}
+
 impl SdxlPipeline {
+    /// Loads an SDXL model: a diffusers folder, or a single-file checkpoint described by the
+    /// diffusers folder `described_by` or, without one, by its own shapes and SDXL base's
+    /// configuration (see [`single_file`]).
+    pub fn load(
+        device: &Device,
+        path: &Path,
+        described_by: Option<&Path>,
+        strategy: LoadStrategy,
+        owner: OwnerId,
+    ) -> Result<SdxlPipeline, SdxlError> {
+        if path.is_dir() {
+            return SdxlPipeline::load_folder(device, path, strategy, owner);
+        }
+        let parts = Parts::file(path, described_by)?;
+        let (tok1, tok2) = match described_by {
+            Some(dir) => (
+                ClipTokenizer::from_folder(&dir.join("tokenizer")).map_err(err)?,
+                ClipTokenizer::from_folder(&dir.join("tokenizer_2")).map_err(err)?,
+            ),
+            // SDXL's tokenizers: CLIP's vocabulary, padded with end-of-text and with "!".
+            None => (
+                ClipTokenizer::openai(super::clip_tokenizer::EOS).map_err(err)?,
+                ClipTokenizer::openai("!").map_err(err)?,
+            ),
+        };
+        SdxlPipeline::assemble(device, parts, tok1, tok2, strategy, owner)
+    }
+
+    /// Device bytes [`Self::load`] will hold for the model at `path` on a device with this
+    /// weight layout, from the weight files' headers alone.
+    pub fn estimate(
+        path: &Path,
+        described_by: Option<&Path>,
+        layout: WeightLayout,
+    ) -> Result<u64, SdxlError> {
+        if path.is_dir() {
+            return Parts::folder(path)?.estimate(layout);
+        }
+        Parts::file(path, described_by)?.estimate(layout)
+    }
+
     /// Loads a diffusers SDXL folder.
     pub fn load_folder(
         device: &Device,
@@ -106,28 +276,36 @@ impl SdxlPipeline {
         strategy: LoadStrategy,
         owner: OwnerId,
     ) -> Result<SdxlPipeline, SdxlError> {
-        let part = |p: &str| dir.join(p);
-        let tok1 = ClipTokenizer::from_folder(&part("tokenizer")).map_err(err)?;
-        let tok2 = ClipTokenizer::from_folder(&part("tokenizer_2")).map_err(err)?;
-        let te = |p: &str| -> Result<ClipTextEncoder, SdxlError> {
-            let cfg: ClipTextConfig = config::read(&part(p).join("config.json")).map_err(err)?;
-            ClipTextEncoder::load(device, &weights_in(&part(p))?, "", cfg, strategy, owner)
-                .map_err(err)
+        let tok1 = ClipTokenizer::from_folder(&dir.join("tokenizer")).map_err(err)?;
+        let tok2 = ClipTokenizer::from_folder(&dir.join("tokenizer_2")).map_err(err)?;
+        SdxlPipeline::assemble(device, Parts::folder(dir)?, tok1, tok2, strategy, owner)
+    }
+
+    fn assemble(
+        device: &Device,
+        parts: Parts,
+        tok1: ClipTokenizer,
+        tok2: ClipTokenizer,
+        strategy: LoadStrategy,
+        owner: OwnerId,
+    ) -> Result<SdxlPipeline, SdxlError> {
+        let te = |p: Part<ClipTextConfig>| {
+            ClipTextEncoder::load(device, &p.path, p.names, p.cfg, strategy, owner).map_err(err)
         };
-        let (te1, te2) = (te("text_encoder")?, te("text_encoder_2")?);
+        let te2_path = parts.te2.path.clone();
+        let (te1, te2) = (te(parts.te1)?, te(parts.te2)?);
         if te2.projection_dim().is_none() {
             return Err(SdxlError(format!(
                 "{}: the second text encoder has no text_projection (SDXL's pooled embedding)",
-                part("text_encoder_2").display()
+                te2_path.display()
             )));
         }
-        let unet_cfg_path = part("unet").join("config.json");
-        let unet_cfg: UnetConfig = config::read(&unet_cfg_path).map_err(err)?;
-        let shape = unet_cfg.shape(&unet_cfg_path).map_err(err)?;
+        let described = &parts.unet_described_by;
+        let shape = parts.unet.cfg.shape(described).map_err(err)?;
         if shape.context_dim != te1.hidden_size() + te2.hidden_size() {
             return Err(SdxlError(format!(
                 "{}: cross_attention_dim {} is not the two text encoders' {} + {}",
-                unet_cfg_path.display(),
+                described.display(),
                 shape.context_dim,
                 te1.hidden_size(),
                 te2.hidden_size()
@@ -135,26 +313,23 @@ impl SdxlPipeline {
         }
         let unet = Unet::load(
             device,
-            &weights_in(&part("unet"))?,
-            "",
+            &parts.unet.path,
+            parts.unet.names,
             shape,
             strategy,
             owner,
         )
         .map_err(err)?;
-        let vae_cfg: VaeConfig = config::read(&part("vae").join("config.json")).map_err(err)?;
-        let latent_channels = vae_cfg.latent_channels as usize;
+        let latent_channels = parts.vae.cfg.latent_channels as usize;
         let vae = Vae::load(
             device,
-            &weights_in(&part("vae"))?,
-            "",
-            vae_cfg,
+            &parts.vae.path,
+            parts.vae.names,
+            parts.vae.cfg,
             strategy,
             owner,
         )
         .map_err(err)?;
-        let scheduler: SchedulerConfig =
-            config::read(&part("scheduler").join("scheduler_config.json")).map_err(err)?;
         Ok(SdxlPipeline {
             tok1,
             tok2,
@@ -162,7 +337,7 @@ impl SdxlPipeline {
             te2,
             unet,
             vae,
-            scheduler,
+            scheduler: parts.scheduler,
             latent_channels,
         })
     }
@@ -170,16 +345,7 @@ impl SdxlPipeline {
     /// Device bytes [`Self::load_folder`] will hold for the folder `dir` on a device with this
     /// weight layout, from the weight files' headers alone.
     pub fn estimate_folder(dir: &Path, layout: WeightLayout) -> Result<u64, SdxlError> {
-        let mut total = 0u64;
-        for part in ["text_encoder", "text_encoder_2", "unet", "vae"] {
-            let path = weights_in(&dir.join(part))?;
-            let map =
-                Mapping::open(&path).map_err(|e| SdxlError(format!("{}: {e}", path.display())))?;
-            let st = SafeTensors::parse(map.bytes())
-                .map_err(|e| SdxlError(format!("{}: {e}", path.display())))?;
-            total += DeviceTensors::estimate(&st, "", layout).map_err(err)?;
-        }
-        Ok(total)
+        Parts::folder(dir)?.estimate(layout)
     }
 
     /// Device bytes of all weights.

@@ -4,9 +4,10 @@
 //! small buffer at load, because the elementwise and norm kernels read f32. fp8 matrices
 //! (F8_E4M3, F8_E5M2) are converted to f16 at load, exactly: every fp8 value is an f16 value.
 //!
-//! Every name can carry a prefix (a single-file checkpoint keeps each component under its own,
-//! `conditioner.embedders.0.transformer.` and so on), and every lookup checks the shape the
-//! model expects, so a wrong file is an error naming the tensor, not a garbage image.
+//! A component names its tensors as diffusers does. A diffusers file uses those names; a
+//! single-file checkpoint keeps each component under its original names, which [`Names::Mapped`]
+//! translates (see `single_file`). Every lookup checks the shape the model expects, so a wrong
+//! file is an error naming the tensor, not a garbage image.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,14 +95,74 @@ impl From<halo_kernels::VulkanError> for TensorError {
     }
 }
 
-/// The tensors of one file under one prefix, loaded.
+/// Which of a file's tensors a component loads, and the names the component knows them by.
+#[derive(Clone, Debug)]
+pub enum Names {
+    /// The tensors whose names start with a prefix (in a diffusers folder, the empty one), under
+    /// the rest of their names.
+    Prefix(String),
+    /// Tensors under other names: a single-file checkpoint's original keys mapped to diffusers'
+    /// names, some of them slices or transposes of a file tensor (see [`Entry`]).
+    Mapped {
+        /// What the tensors are, for messages: "the UNet of a single-file checkpoint".
+        what: &'static str,
+        map: fn(&[Tensor]) -> Result<Vec<Entry>, String>,
+    },
+}
+
+impl From<&str> for Names {
+    fn from(prefix: &str) -> Names {
+        Names::Prefix(prefix.into())
+    }
+}
+
+impl Names {
+    fn entries(&self, st: &SafeTensors) -> Result<Vec<Entry>, String> {
+        match self {
+            Names::Prefix(prefix) => Ok(st
+                .tensors()
+                .iter()
+                .filter_map(|t| {
+                    t.name.strip_prefix(prefix.as_str()).map(|rest| Entry {
+                        name: rest.into(),
+                        tensor: t.clone(),
+                        transpose: false,
+                    })
+                })
+                .collect()),
+            Names::Mapped { what, map } => map(st.tensors()).map_err(|e| format!("{what}: {e}")),
+        }
+    }
+
+    /// How the file itself names the tensor a component calls `name`.
+    fn in_file(&self, name: &str) -> String {
+        match self {
+            Names::Prefix(prefix) => format!("{prefix}{name}"),
+            Names::Mapped { what, .. } => format!("{name} (diffusers' name, in {what})"),
+        }
+    }
+}
+
+/// One tensor a component loads: the name it looks it up by, and where its values are. The
+/// tensor may be a slice of a file tensor (its own dtype, shape and byte range: the rows of a
+/// fused q/k/v projection) and may be stored transposed (a 2-D `[in, out]` projection).
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    pub tensor: Tensor,
+    /// The file holds the transpose of the 2-D matrix the component reads; `tensor.shape` is
+    /// the file's shape.
+    pub transpose: bool,
+}
+
+/// The tensors a component loaded from one file.
 pub struct DeviceTensors {
     path: PathBuf,
-    prefix: String,
+    names: Names,
     weights: LoadedWeights,
-    /// Matrices by full name: their index in `weights` and their header entry.
+    /// Matrices read in place: their index in `weights` and their header entry.
     matrices: HashMap<String, (usize, Tensor)>,
-    /// fp8 matrices converted to f16, each in its own buffer, by full name.
+    /// Matrices converted at load (fp8 to f16, transposed), each in its own buffer.
     converted: HashMap<String, (Buffer, Tensor)>,
     /// f32 copies of the vectors, and where each starts and how long it is.
     params: Option<Buffer>,
@@ -117,22 +178,35 @@ fn weight_type(d: Dtype) -> Option<WeightType> {
     }
 }
 
-/// How a file's tensors are placed: matrices read in place, fp8 matrices converted to f16,
-/// vectors as f32. Integer tensors (position ids) are skipped.
-struct Plan<'a> {
-    matrices: Vec<&'a Tensor>,
-    fp8: Vec<&'a Tensor>,
-    vectors: Vec<&'a Tensor>,
+/// How a component's tensors are placed: matrices read in place, fp8 and transposed matrices
+/// converted into buffers of their own, vectors as f32. Integer tensors (position ids) are
+/// skipped.
+struct Plan {
+    matrices: Vec<Entry>,
+    converted: Vec<Entry>,
+    vectors: Vec<Entry>,
 }
 
-/// The allocation group of a plan: each fp8 matrix as f16, then one buffer of all vectors.
-fn group_requests(p: &Plan<'_>) -> Vec<(MemoryKind, u64)> {
+/// The element type a converted matrix is stored in: fp8 widens to f16, others keep theirs.
+fn converted_dtype(d: Dtype) -> Dtype {
+    if is_fp8(d) {
+        Dtype::F16
+    } else {
+        d
+    }
+}
+
+/// The allocation group of a plan: each converted matrix, then one buffer of all vectors.
+fn group_requests(p: &Plan) -> Vec<(MemoryKind, u64)> {
     let mut r: Vec<(MemoryKind, u64)> = p
-        .fp8
+        .converted
         .iter()
-        .map(|t| (MemoryKind::Device, 2 * t.elements().max(1)))
+        .map(|e| {
+            let size = converted_dtype(e.tensor.dtype).size();
+            (MemoryKind::Device, size * e.tensor.elements().max(1))
+        })
         .collect();
-    let n: u64 = p.vectors.iter().map(|t| t.elements()).sum();
+    let n: u64 = p.vectors.iter().map(|e| e.tensor.elements()).sum();
     if n > 0 {
         r.push((MemoryKind::Device, 4 * n));
     }
@@ -143,19 +217,20 @@ fn is_fp8(d: Dtype) -> bool {
     d == Dtype::F8E4M3 || d == Dtype::F8E5M2
 }
 
-fn plan<'a>(st: &'a SafeTensors, prefix: &str) -> Plan<'a> {
+fn plan(entries: Vec<Entry>) -> Plan {
     let mut p = Plan {
         matrices: Vec::new(),
-        fp8: Vec::new(),
+        converted: Vec::new(),
         vectors: Vec::new(),
     };
-    for t in st.tensors().iter().filter(|t| t.name.starts_with(prefix)) {
+    for e in entries {
+        let t = &e.tensor;
         let float = weight_type(t.dtype).is_some() || is_fp8(t.dtype);
-        match (float, t.shape.len() >= 2, is_fp8(t.dtype)) {
+        match (float, t.shape.len() >= 2, is_fp8(t.dtype) || e.transpose) {
             (false, _, _) => {}
-            (true, true, true) => p.fp8.push(t),
-            (true, true, false) => p.matrices.push(t),
-            (true, false, _) => p.vectors.push(t),
+            (true, true, true) => p.converted.push(e),
+            (true, true, false) => p.matrices.push(e),
+            (true, false, _) => p.vectors.push(e),
         }
     }
     p
@@ -171,65 +246,95 @@ fn element(bytes: &[u8], dtype: Dtype, i: usize) -> f32 {
     }
 }
 
+/// A converted matrix's bytes: fp8 widened to f16, and a 2-D `[rows, cols]` transposed to
+/// `[cols, rows]` when asked. Returns the bytes and the header entry they now match.
+fn convert(bytes: &[u8], e: &Entry) -> (Vec<u8>, Tensor) {
+    let t = &e.tensor;
+    let widened: Vec<u8>;
+    let (data, size) = if is_fp8(t.dtype) {
+        widened = bytes
+            .iter()
+            .flat_map(|&b| fp8_to_f16(b, t.dtype).to_le_bytes())
+            .collect();
+        (widened.as_slice(), 2)
+    } else {
+        (bytes, t.dtype.size() as usize)
+    };
+    let mut out = Tensor {
+        dtype: converted_dtype(t.dtype),
+        ..t.clone()
+    };
+    if !e.transpose {
+        return (data.to_vec(), out);
+    }
+    let (rows, cols) = (
+        t.shape[0] as usize,
+        t.shape[1..].iter().product::<u64>() as usize,
+    );
+    let mut moved = vec![0u8; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+            moved[to..to + size].copy_from_slice(&data[from..from + size]);
+        }
+    }
+    out.shape = vec![cols as u64, rows as u64];
+    (moved, out)
+}
+
 impl DeviceTensors {
     /// Device bytes [`Self::load`] will hold for this header with this layout: the matrices as
-    /// the weight loader lays them out, and the converted fp8 matrices and the f32 vectors as one
+    /// the weight loader lays them out, and the converted matrices and the f32 vectors as one
     /// group (charged exactly).
     pub fn estimate(
         st: &SafeTensors,
-        prefix: &str,
+        names: impl Into<Names>,
         layout: WeightLayout,
-    ) -> Result<u64, TensorError> {
-        let p = plan(st, prefix);
-        let ranges: Vec<_> = p.matrices.iter().map(|t| t.range.clone()).collect();
+    ) -> Result<u64, String> {
+        let p = plan(names.into().entries(st)?);
+        let ranges: Vec<_> = p.matrices.iter().map(|e| e.tensor.range.clone()).collect();
         let group: u64 = group_requests(&p)
             .iter()
             .map(|&(_, len)| charged_bytes(len))
             .sum();
-        Ok(layout.bytes(&ranges)? + group)
+        Ok(layout.bytes(&ranges).map_err(|e| e.to_string())? + group)
     }
 
-    /// Loads every float tensor of `path` whose name starts with `prefix` (see [`Plan`]).
+    /// Loads the float tensors `names` selects from `path` (see [`Plan`]).
     pub fn load(
         device: &Device,
         path: &Path,
-        prefix: &str,
+        names: impl Into<Names>,
         strategy: LoadStrategy,
         owner: OwnerId,
     ) -> Result<DeviceTensors, TensorError> {
+        let names = names.into();
         let map = Arc::new(Mapping::open(path).map_err(|e| TensorError::Io(path.into(), e))?);
         let st = SafeTensors::parse(map.bytes())
             .map_err(|e| TensorError::File(path.into(), e.to_string()))?;
-        let p = plan(&st, prefix);
-        let ranges: Vec<_> = p.matrices.iter().map(|t| t.range.clone()).collect();
-        let matrices = p
-            .matrices
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), (i, (*t).clone())))
-            .collect();
+        let p = plan(
+            names
+                .entries(&st)
+                .map_err(|e| TensorError::File(path.into(), e))?,
+        );
+        let ranges: Vec<_> = p.matrices.iter().map(|e| e.tensor.range.clone()).collect();
         // One group for the converted matrices and the vectors.
         let mut buffers = device.alloc_many(&group_requests(&p), owner)?.into_iter();
         let mut converted = HashMap::new();
-        for t in &p.fp8 {
-            let bytes: Vec<u8> = st
-                .data(map.bytes(), t)
-                .iter()
-                .flat_map(|&b| fp8_to_f16(b, t.dtype).to_le_bytes())
-                .collect();
-            let mut buf = buffers.next().expect("a buffer per fp8 matrix");
+        for e in &p.converted {
+            let (bytes, t) = convert(st.data(map.bytes(), &e.tensor), e);
+            let mut buf = buffers.next().expect("a buffer per converted matrix");
             device.write(&mut buf, 0, &bytes)?;
-            let mut as_f16 = (*t).clone();
-            as_f16.dtype = Dtype::F16;
-            converted.insert(t.name.clone(), (buf, as_f16));
+            converted.insert(e.name.clone(), (buf, t));
         }
         let mut host_params: Vec<f32> = Vec::new();
         let mut vectors = HashMap::new();
-        for t in &p.vectors {
+        for e in &p.vectors {
+            let t = &e.tensor;
             let bytes = st.data(map.bytes(), t);
             let start = host_params.len() as u64;
             host_params.extend((0..t.elements() as usize).map(|i| element(bytes, t.dtype, i)));
-            vectors.insert(t.name.clone(), (start, t.elements()));
+            vectors.insert(e.name.clone(), (start, t.elements()));
         }
         let params = match buffers.next() {
             Some(mut b) => {
@@ -238,11 +343,17 @@ impl DeviceTensors {
             }
             None => None,
         };
+        let matrices = p
+            .matrices
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (e.name, (i, e.tensor)))
+            .collect();
         let host: Arc<dyn halo_kernels::HostMemory> = map;
         let weights = device.load_weights(host, &ranges, strategy, owner)?;
         Ok(DeviceTensors {
             path: path.into(),
-            prefix: prefix.into(),
+            names,
             weights,
             matrices,
             converted,
@@ -258,32 +369,29 @@ impl DeviceTensors {
     fn missing(&self, name: &str) -> TensorError {
         TensorError::Missing {
             path: self.path.clone(),
-            name: format!("{}{name}", self.prefix),
+            name: self.names.in_file(name),
         }
     }
 
-    /// Whether the file has `name` (under the prefix).
+    /// Whether the component has tensor `name`.
     pub fn has(&self, name: &str) -> bool {
-        let full = format!("{}{name}", self.prefix);
-        self.matrices.contains_key(&full)
-            || self.converted.contains_key(&full)
-            || self.vectors.contains_key(&full)
+        self.matrices.contains_key(name)
+            || self.converted.contains_key(name)
+            || self.vectors.contains_key(name)
     }
 
-    /// The PyTorch shape of matrix `name`, if the file has it.
+    /// The PyTorch shape of matrix `name`, if the component has it.
     pub fn matrix_shape(&self, name: &str) -> Option<&[u64]> {
-        let full = format!("{}{name}", self.prefix);
         self.matrices
-            .get(&full)
+            .get(name)
             .map(|(_, t)| t.shape.as_slice())
-            .or_else(|| self.converted.get(&full).map(|(_, t)| t.shape.as_slice()))
+            .or_else(|| self.converted.get(name).map(|(_, t)| t.shape.as_slice()))
     }
 
     /// Matrix `name` of PyTorch shape `shape` ([out, in] or [out, in, kh, kw]) as rows × cols
     /// weights: rows = shape[0], cols = the product of the rest.
     pub fn matrix(&self, name: &str, shape: &[u64]) -> Result<Weights<'_>, TensorError> {
-        let full = format!("{}{name}", self.prefix);
-        let (place, t) = match (self.matrices.get(&full), self.converted.get(&full)) {
+        let (place, t) = match (self.matrices.get(name), self.converted.get(name)) {
             (Some((i, t)), _) => (self.weights.tensor(*i).expect("every matrix was loaded"), t),
             (None, Some((buf, t))) => ((buf, 0), t),
             (None, None) => return Err(self.missing(name)),
@@ -291,7 +399,7 @@ impl DeviceTensors {
         if t.shape != shape {
             return Err(TensorError::Shape {
                 path: self.path.clone(),
-                name: full,
+                name: self.names.in_file(name),
                 want: shape.to_vec(),
                 got: t.shape.clone(),
             });
@@ -308,12 +416,11 @@ impl DeviceTensors {
 
     /// Vector `name` of `len` values, as f32.
     pub fn vector(&self, name: &str, len: u64) -> Result<F32s<'_>, TensorError> {
-        let full = format!("{}{name}", self.prefix);
-        let &(start, n) = self.vectors.get(&full).ok_or_else(|| self.missing(name))?;
+        let &(start, n) = self.vectors.get(name).ok_or_else(|| self.missing(name))?;
         if n != len {
             return Err(TensorError::Shape {
                 path: self.path.clone(),
-                name: full,
+                name: self.names.in_file(name),
                 want: vec![len],
                 got: vec![n],
             });

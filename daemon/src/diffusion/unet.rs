@@ -23,7 +23,7 @@ use halo_kernels::{Device, LoadStrategy, OwnerId};
 use super::config::UnetShape;
 use super::graph::{view, Act, Cx};
 use super::plan::{Sim, SimCx};
-use super::tensors::{DeviceTensors, TensorError};
+use super::tensors::{DeviceTensors, Names, TensorError};
 
 pub struct Unet {
     shape: UnetShape,
@@ -79,12 +79,12 @@ impl Unet {
     pub fn load(
         device: &Device,
         path: &Path,
-        prefix: &str,
+        names: impl Into<Names>,
         shape: UnetShape,
         strategy: LoadStrategy,
         owner: OwnerId,
     ) -> Result<Unet, TensorError> {
-        let tensors = DeviceTensors::load(device, path, prefix, strategy, owner)?;
+        let tensors = DeviceTensors::load(device, path, names, strategy, owner)?;
         Ok(Unet {
             shape,
             tensors,

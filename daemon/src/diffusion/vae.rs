@@ -12,7 +12,7 @@ use halo_kernels::{charged_bytes, Device, LoadStrategy, OwnerId};
 use super::config::VaeConfig;
 use super::graph::{view, Act, Cx};
 use super::plan::{Sim, SimCx};
-use super::tensors::{DeviceTensors, TensorError};
+use super::tensors::{DeviceTensors, Names, TensorError};
 
 pub struct Vae {
     cfg: VaeConfig,
@@ -26,7 +26,7 @@ impl Vae {
     pub fn load(
         device: &Device,
         path: &Path,
-        prefix: &str,
+        names: impl Into<Names>,
         cfg: VaeConfig,
         strategy: LoadStrategy,
         owner: OwnerId,
@@ -53,7 +53,7 @@ impl Vae {
                 cfg.norm_num_groups
             )));
         }
-        let tensors = DeviceTensors::load(device, path, prefix, strategy, owner)?;
+        let tensors = DeviceTensors::load(device, path, names, strategy, owner)?;
         Ok(Vae {
             cfg,
             tensors,
