@@ -188,6 +188,15 @@ struct BenchArgs {
     /// Runs of each test; the best is reported
     #[arg(short = 'r', long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     repetitions: u32,
+    /// Image models: the job's width in pixels, a multiple of 8
+    #[arg(long, default_value_t = 512)]
+    width: u32,
+    /// Image models: the job's height in pixels, a multiple of 8
+    #[arg(long, default_value_t = 512)]
+    height: u32,
+    /// Image models: denoising steps of the timed job
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    steps: u32,
     #[arg(long)]
     json: bool,
 }
@@ -512,6 +521,15 @@ async fn run_to_end(
 /// one by one (end-of-generation ignored), best of `-r` runs; generation also as a share of the
 /// roofline (device bandwidth / weight bytes read per token).
 async fn bench(c: &mut HaloClient<Channel>, a: BenchArgs, out: &mut Out) -> Result<()> {
+    let models = c.list_models(pb::ListModelsRequest {}).await?.into_inner();
+    let kind = models
+        .models
+        .iter()
+        .find(|m| m.name == a.model)
+        .map(|m| m.kind.clone());
+    if matches!(kind.as_deref(), Some("sdxl" | "flux")) {
+        return bench_image(c, a, out).await;
+    }
     let roof = c
         .roofline(pb::RooflineRequest {
             model: a.model.clone(),
@@ -593,6 +611,130 @@ async fn bench(c: &mut HaloClient<Channel>, a: BenchArgs, out: &mut Out) -> Resu
         roof.bandwidth_bytes_per_s / 1e9,
         fmt_bytes(roof.weight_bytes_per_token)
     );
+    Ok(())
+}
+
+/// An image model: one job of `--steps` steps at `--width` × `--height` timed phase by phase
+/// (text encoding, seconds per step, VAE decode; best of `-r` runs), then the conv2d and
+/// attention kernels' GFLOP/s at the model's shapes beside the f16 matmul's, measured in the
+/// same run, and the working memory jobs at this size and at 1024² reserve.
+async fn bench_image(c: &mut HaloClient<Channel>, a: BenchArgs, out: &mut Out) -> Result<()> {
+    for (what, v) in [("--width", a.width), ("--height", a.height)] {
+        if v % 8 != 0 {
+            return Err(Failure::Usage(format!("{what} {v} is not a multiple of 8")));
+        }
+    }
+    let (mut encode, mut step, mut decode) = (u64::MAX, f64::MAX, u64::MAX);
+    let mut job_bytes = (0, 0);
+    for _ in 0..a.repetitions.max(1) {
+        let req = pb::GenerateImageRequest {
+            model: a.model.clone(),
+            prompt: "a lighthouse on a rocky coast at dusk, oil painting".into(),
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            seed: Some(0),
+            batch: 1,
+            ..Default::default()
+        };
+        let mut stream = c.generate_image(req).await?.into_inner();
+        let done = loop {
+            match stream.next().await {
+                Some(ev) => {
+                    if let Some(pb::image_event::Event::Done(d)) = ev?.event {
+                        break d;
+                    }
+                }
+                None => return Err(Failure::Cut("the stream ended without a summary".into())),
+            }
+        };
+        if done.finish_reason != "done" {
+            return Err(Failure::Cut(format!(
+                "the benchmark job ended ({})",
+                done.finish_reason
+            )));
+        }
+        encode = encode.min(done.encode_ms);
+        step = step.min(done.denoise_ms as f64 / 1000.0 / done.steps.max(1) as f64);
+        decode = decode.min(done.decode_ms);
+        job_bytes = (done.estimated_bytes, done.peak_bytes);
+    }
+    let k = c
+        .image_kernels(pb::ImageKernelsRequest {
+            model: a.model.clone(),
+            width: a.width,
+            height: a.height,
+        })
+        .await?
+        .into_inner();
+    let gflops = |f: &pb::KernelFigure| f.flops / f.seconds.max(1e-12) / 1e9;
+    let matmul = k
+        .kernels
+        .iter()
+        .find(|f| f.kernel.starts_with("matmul"))
+        .map(gflops)
+        .unwrap_or(0.0);
+    if a.json {
+        return out.json(&json!({
+            "model": a.model, "device": k.device,
+            "width": a.width, "height": a.height, "steps": a.steps,
+            "text_encode_ms": encode, "s_per_step": step, "vae_decode_ms": decode,
+            "job_estimated_bytes": job_bytes.0, "job_peak_bytes": job_bytes.1,
+            "weight_bytes": k.weight_bytes,
+            "estimates": k.estimates.iter().map(|e| json!({
+                "width": e.width, "height": e.height, "bytes": e.bytes,
+            })).collect::<Vec<_>>(),
+            "kernels": k.kernels.iter().map(|f| json!({
+                "kernel": f.kernel, "shape": f.shape, "ms": f.seconds * 1000.0,
+                "gflop_per_s": gflops(f), "vs_matmul": gflops(f) / matmul.max(1e-12),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let mut t = Table::new(&["MODEL", "TEST", "TIME"]);
+    let size = format!("{}x{}", a.width, a.height);
+    t.row(vec![
+        a.model.clone(),
+        "text encode".into(),
+        format!("{encode} ms"),
+    ]);
+    t.row(vec![
+        a.model.clone(),
+        format!("step {size}"),
+        format!("{step:.2} s/step"),
+    ]);
+    t.row(vec![
+        a.model.clone(),
+        format!("vae decode {size}"),
+        format!("{decode} ms"),
+    ]);
+    out.table(&t)?;
+    println!();
+    let mut t = Table::new(&["KERNEL", "SHAPE", "MS", "GFLOP/S", "VS MATMUL"]);
+    for f in &k.kernels {
+        t.row(vec![
+            f.kernel.clone(),
+            f.shape.clone(),
+            format!("{:.2}", f.seconds * 1000.0),
+            format!("{:.1}", gflops(f)),
+            format!("{:.2}x", gflops(f) / matmul.max(1e-12)),
+        ]);
+    }
+    out.table(&t)?;
+    eprintln!(
+        "device {}; weights {}; the timed job reserved {} and peaked at {}",
+        k.device,
+        fmt_bytes(k.weight_bytes),
+        fmt_bytes(job_bytes.0),
+        fmt_bytes(job_bytes.1)
+    );
+    for e in &k.estimates {
+        eprintln!(
+            "a {}x{} job (one image, guidance) reserves {}",
+            e.width,
+            e.height,
+            fmt_bytes(e.bytes)
+        );
+    }
     Ok(())
 }
 

@@ -261,6 +261,40 @@ fn a_single_file_checkpoint_draws_what_its_folder_draws() {
     }
     assert!(!pixels[0].is_empty());
     assert!(pixels[0] == pixels[1], "the single file drew another image");
+
+    // `halo bench` on an image model: phase times from a real job, and the kernels' figures
+    // beside the matmul's; the estimate it prints for the size is the job's own.
+    let b: Value = serde_json::from_str(&d.ok(&[
+        "bench", "single", "--width", "64", "--height", "64", "--steps", "1", "-r", "1", "--json",
+    ]))
+    .unwrap();
+    assert!(b["s_per_step"].as_f64().unwrap() > 0.0, "{b}");
+    assert!(
+        b["text_encode_ms"].is_u64() && b["vae_decode_ms"].is_u64(),
+        "{b}"
+    );
+    assert_eq!(b["estimates"][0]["bytes"], b["job_estimated_bytes"], "{b}");
+    assert_eq!(b["estimates"][1]["width"], 1024, "{b}");
+    let kernels: Vec<&str> = b["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            assert!(k["gflop_per_s"].as_f64().unwrap() > 0.0, "{k}");
+            k["kernel"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        kernels,
+        [
+            "conv2d f16 3x3",
+            "attention self",
+            "attention cross",
+            "matmul f16"
+        ]
+    );
+    let e = d.fails(&["bench", "single", "--width", "60"], 2);
+    assert!(e.contains("multiple of 8"), "{e}");
 }
 
 /// `halo cancel` stops a running image job within one UNet call: the client exits 5 saying so,

@@ -229,6 +229,13 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
 /// Weight bytes per token, the pending bandwidth measurement, the device's name, the vocabulary.
 pub type RooflineParts = (u64, oneshot::Receiver<Result<f64, String>>, String, u64);
+/// The figures to come, the device's name, (width, height, job bytes) estimates, weight bytes.
+pub type ImageKernelParts = (
+    oneshot::Receiver<crate::executor::KernelFigures>,
+    String,
+    Vec<(usize, usize, u64)>,
+    u64,
+);
 
 /// A request to the core driver.
 pub enum Command {
@@ -265,6 +272,14 @@ pub enum Command {
     Roofline {
         model: String,
         reply: Reply<RooflineParts>,
+    },
+    /// An image model's kernel figures at a width × height job's shapes (measured on the
+    /// executor thread), with the working memory of jobs at that size and at 1024².
+    ImageKernels {
+        model: String,
+        width: usize,
+        height: usize,
+        reply: Reply<ImageKernelParts>,
     },
     /// The engine of a resident LLM (for tokenizing outside a job).
     Engine {
@@ -616,6 +631,54 @@ impl Core {
                     }
                     _ => Err(CoreError::FailedPrecondition(format!(
                         "model {model:?} is not loaded on the GPU"
+                    ))),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ImageKernels {
+                model,
+                width,
+                height,
+                reply,
+            } => {
+                let r = match self.loaded.get(&model) {
+                    Some(Loaded::Sdxl(pipe)) => {
+                        let shapes = pipe.kernel_shapes(width, height);
+                        let need = shapes.bytes();
+                        if self.residency.reserve_scratch(need) {
+                            let (tx, rx) = oneshot::channel();
+                            let (exec_tx, exec_rx) = oneshot::channel();
+                            let device = pipe.device().clone();
+                            let name = device.info().name.clone();
+                            self.executor.measure_image_kernels(device, shapes, exec_tx);
+                            let internal = self.internal_tx.clone();
+                            tokio::spawn(async move {
+                                let r = exec_rx
+                                    .await
+                                    .unwrap_or_else(|_| Err("the GPU executor stopped".into()));
+                                let _ = tx.send(r);
+                                let _ = internal.send(Internal::ScratchDone(need));
+                            });
+                            let mut sizes = vec![(width, height)];
+                            if (width, height) != (1024, 1024) {
+                                sizes.push((1024, 1024));
+                            }
+                            let estimates = sizes
+                                .into_iter()
+                                .map(|(w, h)| (w, h, pipe.job_bytes(w, h)))
+                                .collect();
+                            Ok((rx, name, estimates, pipe.bytes()))
+                        } else {
+                            Err(CoreError::ResourceExhausted(format!(
+                                "measuring the image kernels needs {} free under the budget and \
+                                 {} is left; unload a model or raise [memory] budget",
+                                format_bytes(need),
+                                format_bytes(self.residency.free())
+                            )))
+                        }
+                    }
+                    _ => Err(CoreError::FailedPrecondition(format!(
+                        "model {model:?} is not an image model loaded on the GPU"
                     ))),
                 };
                 let _ = reply.send(r);

@@ -128,7 +128,16 @@ enum Msg {
         u64,
         tokio::sync::oneshot::Sender<Result<f64, String>>,
     ),
+    /// Measure the image kernels at these shapes between job steps.
+    ImageKernels(
+        halo_kernels::Device,
+        Box<halo_kernels::bench::ImageKernelShapes>,
+        tokio::sync::oneshot::Sender<KernelFigures>,
+    ),
 }
+
+/// The image kernels' figures, or why they could not be measured.
+pub type KernelFigures = Result<Vec<halo_kernels::bench::KernelFigure>, String>;
 
 /// Handle to the executor thread.
 pub struct Executor {
@@ -170,6 +179,22 @@ impl Executor {
             let _ = reply.send(Err("the GPU executor stopped".into()));
         }
     }
+
+    /// Measures the image kernels (conv2d, attention, matmul) at `shapes` on the executor
+    /// thread, each for about 300 ms; the answer comes on `reply`.
+    pub fn measure_image_kernels(
+        &self,
+        device: halo_kernels::Device,
+        shapes: halo_kernels::bench::ImageKernelShapes,
+        reply: tokio::sync::oneshot::Sender<KernelFigures>,
+    ) {
+        if let Err(std::sync::mpsc::SendError(Msg::ImageKernels(_, _, reply))) = self
+            .tx
+            .send(Msg::ImageKernels(device, Box::new(shapes), reply))
+        {
+            let _ = reply.send(Err("the GPU executor stopped".into()));
+        }
+    }
 }
 
 fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)>) {
@@ -184,6 +209,15 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
         }))),
         Msg::Bandwidth(device, bytes, reply) => {
             let _ = reply.send(bandwidth(&device, bytes).map_err(|e| e.to_string()));
+        }
+        Msg::ImageKernels(device, shapes, reply) => {
+            let figures = halo_kernels::bench::image_kernels(
+                &device,
+                &shapes,
+                halo_kernels::OwnerId::SHARED,
+                std::time::Duration::from_millis(300),
+            );
+            let _ = reply.send(figures.map_err(|e| e.to_string()));
         }
     };
     loop {

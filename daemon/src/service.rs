@@ -678,6 +678,57 @@ impl pb::halo_server::Halo for HaloService {
         }))
     }
 
+    async fn image_kernels(
+        &self,
+        req: Request<pb::ImageKernelsRequest>,
+    ) -> Result<Response<pb::ImageKernelsResponse>, Status> {
+        let req = req.into_inner();
+        let model = model_name(&req.model)?;
+        let (width, height) = (req.width as usize, req.height as usize);
+        for (what, v) in [("width", width), ("height", height)] {
+            if !(64..=4096).contains(&v) || !v.is_multiple_of(8) {
+                return Err(Status::invalid_argument(format!(
+                    "{what} {v} must be a multiple of 8 from 64 to 4096"
+                )));
+            }
+        }
+        self.ensure_loaded(&model).await?;
+        let (rx, device, estimates, weight_bytes) = self
+            .core
+            .call(|reply| crate::core::Command::ImageKernels {
+                model,
+                width,
+                height,
+                reply,
+            })
+            .await?;
+        let figures = rx
+            .await
+            .map_err(|_| Status::unavailable("halod is shutting down"))?
+            .map_err(|e| Status::failed_precondition(format!("measuring the kernels: {e}")))?;
+        Ok(Response::new(pb::ImageKernelsResponse {
+            device,
+            kernels: figures
+                .into_iter()
+                .map(|f| pb::KernelFigure {
+                    kernel: f.kernel.into(),
+                    shape: f.shape,
+                    flops: f.flops,
+                    seconds: f.seconds,
+                })
+                .collect(),
+            estimates: estimates
+                .into_iter()
+                .map(|(w, h, bytes)| pb::JobEstimate {
+                    width: w as u32,
+                    height: h as u32,
+                    bytes,
+                })
+                .collect(),
+            weight_bytes,
+        }))
+    }
+
     async fn reload_config(
         &self,
         _req: Request<pb::ReloadConfigRequest>,

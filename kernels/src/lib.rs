@@ -12,6 +12,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
 pub mod device;
 pub mod error;
 mod kernels;

@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use halo_kernels::bench::ImageKernelShapes;
+use halo_kernels::ops::{Conv2d, SeqAttention};
 use halo_kernels::{Device, LoadStrategy, OwnerId, WeightLayout};
 
 use crate::models::Mapping;
@@ -355,6 +357,76 @@ impl SdxlPipeline {
 
     pub fn vae_scale(&self) -> usize {
         self.vae.scale()
+    }
+
+    /// Working memory of a `width` × `height` job of one image with guidance, decoding whole.
+    pub fn job_bytes(&self, width: usize, height: usize) -> u64 {
+        let req = SdxlRequest {
+            prompt: String::new(),
+            negative: None,
+            width,
+            height,
+            steps: 1,
+            cfg: 5.0,
+            sampler: SamplerKind::Euler,
+            schedule: Schedule::Normal,
+            seed: 0,
+            batch: 1,
+        };
+        self.plan(&req, None).bytes()
+    }
+
+    /// The device the pipeline's weights are on.
+    pub fn device(&self) -> &Device {
+        self.unet.device()
+    }
+
+    /// The shapes `halo bench` measures the image kernels at for a `width` × `height` job with
+    /// guidance (a batch of two): the first level's 3×3 convolution, self- and cross-attention
+    /// at the first level with transformers, and that level's GEGLU input projection.
+    pub fn kernel_shapes(&self, width: usize, height: usize) -> ImageKernelShapes {
+        let shape = self.unet.shape();
+        let scale = self.vae_scale();
+        let (lh, lw) = (
+            (height / scale).max(1) as u64,
+            (width / scale).max(1) as u64,
+        );
+        let first = &shape.levels[0];
+        let (at, level) = shape
+            .levels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.transformer_depth > 0)
+            .unwrap_or((0, first));
+        let tokens = ((lh >> at).max(1) * (lw >> at).max(1)) as u32;
+        let ch = level.channels;
+        let attention = |n_kv: u32| SeqAttention {
+            batch: 2,
+            n_heads: level.heads,
+            head_dim: level.head_dim,
+            n_q: tokens,
+            n_kv,
+            q_stride: ch,
+            kv_stride: ch,
+            o_stride: ch,
+            scale: 1.0 / (level.head_dim as f32).sqrt(),
+            causal: false,
+        };
+        ImageKernelShapes {
+            conv: Conv2d {
+                n: 2,
+                ci: first.channels as u64,
+                h: lh,
+                w: lw,
+                co: first.channels as u64,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            self_attention: attention(tokens),
+            cross_attention: attention(77),
+            matmul: (8 * ch as u64, ch as u64, 2 * tokens as u64),
+        }
     }
 
     /// (context 77 × (c1 + c2), pooled) for one prompt.

@@ -76,6 +76,15 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip: bool, shift: f32) -> Vec<
 }
 
 impl Unet {
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The shape the UNet was built from.
+    pub fn shape(&self) -> &UnetShape {
+        &self.shape
+    }
+
     pub fn load(
         device: &Device,
         path: &Path,
