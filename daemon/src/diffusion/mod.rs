@@ -1,9 +1,10 @@
-//! The diffusion engine's parts. Built so far: [`rng`], the starting noise that matches
-//! PyTorch's CPU generator; [`clip_tokenizer`], the text encoders' tokenizer; [`config`], the
-//! pipeline's shapes from a diffusers folder; [`sampler`], diffusers' schedulers; [`tensors`],
-//! a safetensors file's tensors on the device; [`clip`], the CLIP text encoders; [`unet`],
-//! SDXL's UNet; [`vae`], the VAE decoder; [`png`], the pixels and the file. The job that runs
-//! them under the budget comes next; until it exists an image job answers UNIMPLEMENTED.
+//! The diffusion engine's parts: [`rng`], the starting noise that matches PyTorch's CPU
+//! generator; [`clip_tokenizer`], the text encoders' tokenizer; [`config`], the pipeline's
+//! shapes from a diffusers folder; [`single_file`], an original-layout checkpoint's names and
+//! inferred shapes; [`sampler`], diffusers' schedulers; [`tensors`], a safetensors file's
+//! tensors on the device; [`clip`], the CLIP text encoders; [`unet`], SDXL's UNet; [`vae`], the
+//! VAE decoder; [`sdxl`], the pipeline; [`job`], an image job the executor runs in steps under
+//! a memory plan (`plan`); [`png`] and [`preview`], the pixels and the files.
 
 pub mod clip;
 pub mod clip_tokenizer;

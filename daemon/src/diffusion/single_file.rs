@@ -71,10 +71,13 @@ fn under<'a>(ts: &'a [Tensor], prefix: &str) -> HashMap<&'a str, &'a Tensor> {
         .collect()
 }
 
+/// The shape of matrix `name` (at least two dimensions, so `[0]` and `[1]` exist).
 fn shape<'a>(m: &HashMap<&str, &'a Tensor>, prefix: &str, name: &str) -> Result<&'a [u64], String> {
-    m.get(name)
-        .map(|t| t.shape.as_slice())
-        .ok_or_else(|| format!("no tensor {prefix}{name}"))
+    match m.get(name).map(|t| t.shape.as_slice()) {
+        Some(s) if s.len() >= 2 => Ok(s),
+        Some(s) => Err(format!("{prefix}{name} has shape {s:?}, not a matrix's")),
+        None => Err(format!("no tensor {prefix}{name}")),
+    }
 }
 
 /// `"12.rest"` as (12, "rest").
@@ -157,7 +160,8 @@ fn unet_key(rest: &str, lpb: usize) -> Option<String> {
     }
     if let Some(r) = rest.strip_prefix("input_blocks.") {
         let (i, r) = index(r)?;
-        let (level, k) = ((i - 1) / (lpb + 1), (i - 1) % (lpb + 1));
+        let i = i.checked_sub(1)?; // input_blocks.0 is conv_in, matched above
+        let (level, k) = (i / (lpb + 1), i % (lpb + 1));
         let (j, r) = index(r)?;
         if k == lpb {
             let leaf = r.strip_prefix("op.")?;
@@ -183,7 +187,7 @@ fn unet_key(rest: &str, lpb: usize) -> Option<String> {
     None
 }
 
-fn unet_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
+pub fn unet_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
     let lpb = unet_layers_per_block(&under(ts, UNET))?;
     ts.iter()
         .filter_map(|t| t.name.strip_prefix(UNET).map(|rest| (rest, t)))
@@ -292,7 +296,7 @@ pub fn unet_config(ts: &[Tensor], pooled: u64) -> Result<UnetConfig, String> {
 
 // ---- VAE -------------------------------------------------------------------------------------
 
-fn vae_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
+pub fn vae_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
     let m = under(ts, VAE);
     let levels = indices(&m, "decoder.up.").len();
     let mut out = Vec::new();
@@ -398,7 +402,7 @@ pub fn vae_config(ts: &[Tensor]) -> Result<VaeConfig, String> {
 
 // ---- text encoders ---------------------------------------------------------------------------
 
-fn clip_g_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
+pub fn clip_g_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
     let mut out = Vec::new();
     for (rest, t) in under(ts, CLIP_G) {
         let fixed = match rest {
@@ -430,8 +434,8 @@ fn clip_g_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
         let base = format!("text_model.encoder.layers.{k}.");
         if let Some(kind) = leaf.strip_prefix("attn.in_proj_") {
             // q, k and v stacked as rows: three slices of the file's bytes.
-            let rows = t.shape[0];
-            if !rows.is_multiple_of(3) {
+            let rows = t.shape.first().copied().unwrap_or(0);
+            if rows == 0 || !rows.is_multiple_of(3) {
                 return Err(format!("{} has {rows} rows, not 3 × width", t.name));
             }
             let part = (t.range.end - t.range.start) / 3;
@@ -591,6 +595,7 @@ mod tests {
         }
         assert_eq!(unet_key("input_blocks.1.7.x", 2), None);
         assert_eq!(unet_key("something.else", 2), None);
+        assert_eq!(unet_key("input_blocks.0.1.weight", 2), None);
     }
 
     #[test]
