@@ -639,7 +639,9 @@ pub(super) fn attention_plan(
     let rows = rows_wanted.next_power_of_two().min(rows_cap as u64);
     let d = head_dim as u64;
     let shared_floats = (stream.limits().max_compute_shared_memory_size / 4) as u64;
-    let fixed = rows * (d + 3) + MAX_PARTIALS as u64;
+    // nn.glsl, which both attention shaders include, declares two reduction arrays of
+    // MAX_PARTIALS words (values and indices).
+    let fixed = rows * (d + 3) + 2 * MAX_PARTIALS as u64;
     let per_key = 2 * d + 1 + rows;
     let mut tile = (shared_floats.saturating_sub(fixed) / per_key).min(64);
     if tile >= 8 {
