@@ -607,21 +607,11 @@ impl Core {
                         )))
                     }
                     Some(Loaded::Llm(e)) => {
-                        // The probe's bytes stay reserved until it reports, whether or not the
-                        // client still waits for the answer.
-                        let (tx, rx) = oneshot::channel();
                         let (exec_tx, exec_rx) = oneshot::channel();
                         let device = e.model.device().clone();
                         let name = device.info().name.clone();
                         self.executor.measure_bandwidth(device, probe, exec_tx);
-                        let internal = self.internal_tx.clone();
-                        tokio::spawn(async move {
-                            let r = exec_rx
-                                .await
-                                .unwrap_or_else(|_| Err("the GPU executor stopped".into()));
-                            let _ = tx.send(r);
-                            let _ = internal.send(Internal::ScratchDone(2 * probe));
-                        });
+                        let rx = self.relay_releasing_scratch(exec_rx, 2 * probe);
                         Ok((
                             e.model.weight_bytes_per_token(),
                             rx,
@@ -646,19 +636,11 @@ impl Core {
                         let shapes = pipe.kernel_shapes(width, height);
                         let need = shapes.bytes();
                         if self.residency.reserve_scratch(need) {
-                            let (tx, rx) = oneshot::channel();
                             let (exec_tx, exec_rx) = oneshot::channel();
                             let device = pipe.device().clone();
                             let name = device.info().name.clone();
                             self.executor.measure_image_kernels(device, shapes, exec_tx);
-                            let internal = self.internal_tx.clone();
-                            tokio::spawn(async move {
-                                let r = exec_rx
-                                    .await
-                                    .unwrap_or_else(|_| Err("the GPU executor stopped".into()));
-                                let _ = tx.send(r);
-                                let _ = internal.send(Internal::ScratchDone(need));
-                            });
+                            let rx = self.relay_releasing_scratch(exec_rx, need);
                             let mut sizes = vec![(width, height)];
                             if (width, height) != (1024, 1024) {
                                 sizes.push((1024, 1024));
@@ -1485,6 +1467,26 @@ impl Core {
             last_used_unix_ms: self.started_unix_ms + last_used.as_millis() as i64,
             expires_in: v.expires_at.map(|t| t.saturating_sub(now)),
         })
+    }
+
+    /// Passes an executor measurement's answer on to the client, then returns its `scratch`
+    /// bytes to the budget: they stay reserved until it reports, whether or not the client still
+    /// waits for the answer.
+    fn relay_releasing_scratch<T: Send + 'static>(
+        &self,
+        exec_rx: oneshot::Receiver<Result<T, String>>,
+        scratch: u64,
+    ) -> oneshot::Receiver<Result<T, String>> {
+        let (tx, rx) = oneshot::channel();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let r = exec_rx
+                .await
+                .unwrap_or_else(|_| Err("the GPU executor stopped".into()));
+            let _ = tx.send(r);
+            let _ = internal.send(Internal::ScratchDone(scratch));
+        });
+        rx
     }
 
     fn job_rows(&self) -> Vec<JobRow> {

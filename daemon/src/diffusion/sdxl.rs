@@ -214,6 +214,8 @@ impl Parts {
 
     fn estimate(&self, layout: WeightLayout) -> Result<u64, SdxlError> {
         let mut total = 0u64;
+        // A single file holds every part: its header is read once.
+        let mut header: Option<(&PathBuf, SafeTensors)> = None;
         for (path, names) in [
             (&self.te1.path, &self.te1.names),
             (&self.te2.path, &self.te2.names),
@@ -221,9 +223,13 @@ impl Parts {
             (&self.vae.path, &self.vae.names),
         ] {
             let at = |e: String| SdxlError(format!("{}: {e}", path.display()));
-            let map = Mapping::open(path).map_err(|e| at(e.to_string()))?;
-            let st = SafeTensors::parse(map.bytes()).map_err(|e| at(e.to_string()))?;
-            total += DeviceTensors::estimate(&st, names.clone(), layout).map_err(at)?;
+            if header.as_ref().is_none_or(|(p, _)| *p != path) {
+                let map = Mapping::open(path).map_err(|e| at(e.to_string()))?;
+                let st = SafeTensors::parse(map.bytes()).map_err(|e| at(e.to_string()))?;
+                header = Some((path, st));
+            }
+            let (_, st) = header.as_ref().expect("read above");
+            total += DeviceTensors::estimate(st, names.clone(), layout).map_err(at)?;
         }
         Ok(total)
     }

@@ -93,6 +93,15 @@ fn indices(m: &HashMap<&str, &Tensor>, start: &str) -> BTreeSet<usize> {
         .collect()
 }
 
+/// `name` with the first matching `(from, to)` prefix swapped, under `base`: the one renaming
+/// step every component's mapping is made of.
+fn swap(base: &str, name: &str, table: &[(&str, &str)]) -> Option<String> {
+    table.iter().find_map(|(from, to)| {
+        name.strip_prefix(from)
+            .map(|leaf| format!("{base}{to}{leaf}"))
+    })
+}
+
 fn entry(name: String, t: &Tensor) -> Entry {
     Entry {
         name,
@@ -126,10 +135,7 @@ fn unet_resnet(base: &str, rest: &str) -> Option<String> {
         ("out_layers.3.", "conv2."),
         ("skip_connection.", "conv_shortcut."),
     ];
-    MAP.iter().find_map(|(from, to)| {
-        rest.strip_prefix(from)
-            .map(|leaf| format!("{base}{to}{leaf}"))
-    })
+    swap(base, rest, &MAP)
 }
 
 /// One UNet name (under [`UNET`]) in diffusers' words; `lpb` is resnets per down level. The
@@ -144,10 +150,7 @@ fn unet_key(rest: &str, lpb: usize) -> Option<String> {
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
     ];
-    if let Some(s) = FIXED
-        .iter()
-        .find_map(|(from, to)| rest.strip_prefix(from).map(|leaf| format!("{to}{leaf}")))
-    {
+    if let Some(s) = swap("", rest, &FIXED) {
         return Some(s);
     }
     if let Some(r) = rest.strip_prefix("middle_block.") {
@@ -330,10 +333,7 @@ fn vae_key(rest: &str, levels: usize) -> Option<String> {
         ("decoder.norm_out.", "decoder.conv_norm_out."),
         ("post_quant_conv.", "post_quant_conv."),
     ];
-    if let Some(s) = FIXED
-        .iter()
-        .find_map(|(from, to)| rest.strip_prefix(from).map(|leaf| format!("{to}{leaf}")))
-    {
+    if let Some(s) = swap("", rest, &FIXED) {
         return Some(s);
     }
     if let Some(r) = rest.strip_prefix("decoder.mid.") {
@@ -351,10 +351,7 @@ fn vae_key(rest: &str, levels: usize) -> Option<String> {
             ("v.", "to_v."),
             ("proj_out.", "to_out.0."),
         ];
-        return ATTN.iter().find_map(|(from, to)| {
-            a.strip_prefix(from)
-                .map(|leaf| format!("decoder.mid_block.attentions.0.{to}{leaf}"))
-        });
+        return swap("decoder.mid_block.attentions.0.", a, &ATTN);
     }
     let (i, r) = index(rest.strip_prefix("decoder.up.")?)?;
     let level = levels.checked_sub(1 + i)?;
@@ -455,10 +452,7 @@ pub fn clip_g_entries(ts: &[Tensor]) -> Result<Vec<Entry>, String> {
             ("mlp.c_fc.", "mlp.fc1."),
             ("mlp.c_proj.", "mlp.fc2."),
         ];
-        let name = MAP
-            .iter()
-            .find_map(|(from, to)| leaf.strip_prefix(from).map(|l| format!("{base}{to}{l}")))
-            .ok_or_else(bad)?;
+        let name = swap(&base, leaf, &MAP).ok_or_else(bad)?;
         out.push(entry(name, t));
     }
     Ok(out)
