@@ -63,7 +63,7 @@ impl ImageKernelShapes {
         let conv = 2 * c.co * c.ci * c.k * c.k + 4 * (c.in_len() + c.out_len() + c.co);
         let attn = |p: &SeqAttention| {
             let (q, kv, o) = attention_lens(p);
-            4 * (q + 2 * kv + o)
+            4 * (q + 2 * kv + o + ops::seq_attention_state_len(p))
         };
         let (rows, cols, n) = self.matmul;
         let mm = 2 * rows * cols + 4 * (cols * n + rows * n);
@@ -156,6 +156,11 @@ pub fn image_kernels(
         let kb = dev.upload_f32(&rng.f32s(kv as usize, 1.0), owner)?;
         let vb = dev.upload_f32(&rng.f32s(kv as usize, 1.0), owner)?;
         let ob = dev.alloc(MemoryKind::Device, 4 * o, owner)?;
+        let sb = dev.alloc(
+            MemoryKind::Device,
+            4 * ops::seq_attention_state_len(p).max(1),
+            owner,
+        )?;
         let seconds = best_of(min, || {
             let mut st = dev.stream()?;
             let t0 = Instant::now();
@@ -166,6 +171,7 @@ pub fn image_kernels(
                 F32s::all(&kb),
                 F32s::all(&vb),
                 F32s::all(&ob),
+                F32s::all(&sb),
             )?;
             st.finish()?;
             Ok(t0.elapsed())

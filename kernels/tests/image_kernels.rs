@@ -352,6 +352,9 @@ fn seq_attention_matches_the_reference() {
     // (batch, heads, head_dim, n_q, n_kv, causal, fused): UNet self-attention (8 heads of 40
     // on a few hundred pixels), cross-attention to 77 text tokens, the VAE's single 512-wide
     // head, CLIP's causal 77 tokens in a fused qkv buffer, a batch of two (CFG), odd sizes.
+    // The last three have keys enough to take several passes where the driver caps loop
+    // iterations (lavapipe): the VAE's mid block at 1024² (16384 keys; 64 of its queries),
+    // UNet-wide heads over 9000 keys in a batch of two, and a causal one.
     let cases = [
         (1, 8, 40, 300, 300, false, false),
         (2, 4, 16, 64, 77, false, false),
@@ -359,7 +362,11 @@ fn seq_attention_matches_the_reference() {
         (2, 4, 8, 77, 77, true, true),
         (1, 3, 5, 9, 9, false, true),
         (1, 2, 64, 33, 1, false, false),
+        (1, 1, 512, 64, 16384, false, false),
+        (2, 2, 64, 40, 9000, false, false),
+        (1, 1, 128, 1500, 1500, true, false),
     ];
+    let capped = dev.stream().unwrap().limits().max_loop_iterations.is_some();
     for &(b, h, d, nq, nkv, causal, fused) in &cases {
         let width = h * d;
         let (q, k, v, qs, kvs) = if fused {
@@ -395,6 +402,14 @@ fn seq_attention_matches_the_reference() {
         let out = zeros(&dev, want.len());
         let qlen = ((b * nq - 1) * qs + width) as u64;
         let kvlen = ((b * nkv - 1) * kvs + width) as u64;
+        let state = zeros(&dev, ops::seq_attention_state_len(&p) as usize);
+        let passes = ops::seq_attention_passes(&dev.stream().unwrap(), &p).unwrap();
+        if capped && nkv >= 1500 {
+            assert!(
+                passes > 1,
+                "{nkv} keys of {d} in one pass on a capped device"
+            );
+        }
         run(&dev, |s| {
             ops::seq_attention(
                 s,
@@ -403,13 +418,14 @@ fn seq_attention_matches_the_reference() {
                 F32s::all(&kb).sub(0, kvlen),
                 F32s::all(&vb).sub(0, kvlen),
                 F32s::all(&out),
+                F32s::all(&state),
             )
         });
         let got = dev.read_f32(&out, 0, want.len() as u64).unwrap();
         let diff = max_rel_diff(&got, &want);
         assert!(
             diff < 1e-5,
-            "{:?}: {diff:e}",
+            "{:?} in {passes} passes: {diff:e}",
             (b, h, d, nq, nkv, causal, fused)
         );
     }

@@ -384,7 +384,16 @@ fn attention_matches_the_reference() {
         (8, 2, 128, 1, 300, true, Some(100), Some(30.0)),
         (4, 4, 256, 5, 40, false, None, Some(50.0)),
         (6, 1, 17, 9, 3, false, Some(5), None),
+        // Contexts long enough to take several passes where the driver caps loop iterations
+        // (lavapipe): Qwen3's 128-wide heads decoding at 8000 and prefilling at 4000, Gemma's
+        // 256, one with a window, and 64-wide heads at 8000.
+        (8, 2, 128, 1, 8000, true, None, None),
+        (8, 2, 128, 16, 4000, false, None, None),
+        (4, 4, 256, 1, 4000, false, None, Some(50.0)),
+        (8, 2, 128, 5, 6000, true, Some(3000), None),
+        (8, 2, 64, 1, 8000, true, None, None),
     ];
+    let capped = dev.stream().unwrap().limits().max_loop_iterations.is_some();
     for (nh, nkv, dim, n_q, first, f16, window, softcap) in cases {
         let cap = first + n_q + 3;
         let q = rng.f32s(n_q * nh * dim, 2.0);
@@ -404,6 +413,10 @@ fn attention_matches_the_reference() {
             softcap,
         };
         let mut s = dev.stream().unwrap();
+        let passes = ops::attention_passes(&s, &params).unwrap();
+        if capped && first >= 4000 && dim >= 128 {
+            assert!(passes > 1, "{params:?} in one pass on a capped device");
+        }
         let kc = KvCache {
             buffer: &gk,
             offset: 0,
@@ -414,11 +427,21 @@ fn attention_matches_the_reference() {
             offset: 0,
             f16,
         };
-        ops::attention(&mut s, F32s::all(&gq), kc, vc, F32s::all(&out), params).unwrap();
+        let state = zeros(&dev, ops::attention_state_len(&params) as usize);
+        ops::attention(
+            &mut s,
+            F32s::all(&gq),
+            kc,
+            vc,
+            F32s::all(&out),
+            F32s::all(&state),
+            params,
+        )
+        .unwrap();
         s.finish().unwrap();
         let want = r::attention(&q, &k, &v, cap, &params);
         check(
-            &format!("attention {params:?}"),
+            &format!("attention {params:?} in {passes} passes"),
             &read(&dev, &out, q.len()),
             &want,
             1e-4,
@@ -765,9 +788,14 @@ fn bad_arguments_are_errors() {
         softcap: None,
     };
     let q = fa.sub(0, 32);
-    ops::attention(&mut s, q, cache, cache, fa.sub(32, 32), good).unwrap();
+    let state = fb.sub(0, 8);
+    ops::attention(&mut s, q, cache, cache, fa.sub(32, 32), state, good).unwrap();
+    is_bad(
+        ops::attention(&mut s, q, cache, cache, fa.sub(32, 32), fb.sub(0, 7), good),
+        "state has",
+    );
     let attn = |p: AttentionParams, s: &mut halo_kernels::Stream| {
-        ops::attention(s, q, cache, cache, fa.sub(32, 32), p)
+        ops::attention(s, q, cache, cache, fa.sub(32, 32), state, p)
     };
     is_bad(
         attn(
@@ -835,7 +863,7 @@ fn bad_arguments_are_errors() {
         f16: true,
     };
     is_bad(
-        ops::attention(&mut s, q, odd, cache, fa.sub(32, 32), good),
+        ops::attention(&mut s, q, odd, cache, fa.sub(32, 32), state, good),
         "multiple of 4",
     );
     is_bad(

@@ -155,6 +155,8 @@ impl ClipTextEncoder {
             sim.keep(rows * c);
         }
         sim.keep(rows * f);
+        // The attention's state (see `encode`).
+        sim.keep(2 * rows * self.cfg.num_attention_heads as u64);
         if let (true, Some(pd)) = (pooled, self.projection_dim()) {
             sim.keep(prompts as u64);
             sim.keep(prompts as u64 * c);
@@ -198,6 +200,9 @@ impl ClipTextEncoder {
         let a = alloc(rows * c)?;
         let m = alloc(rows * f)?;
         let penultimate = alloc(rows * c)?;
+        // The attention's running state: a maximum and a sum per (prompt, head, token).
+        let state_len = 2 * rows * heads as u64;
+        let state = alloc(state_len)?;
         fn view(b: &Buffer, len: u64) -> F32s<'_> {
             F32s::all(b).sub(0, len)
         }
@@ -308,6 +313,7 @@ impl ClipTextEncoder {
                 all(&k),
                 all(&v),
                 all(&a),
+                F32s::all(&state).sub(0, state_len),
             )?;
             linear(
                 &mut s,

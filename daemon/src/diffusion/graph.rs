@@ -335,24 +335,28 @@ impl Cx<'_> {
         )?;
         let o = self.alloc(tokens * c)?;
         let head_dim = (c / heads as u64) as u32;
+        let sp = SeqAttention {
+            batch: self.batch as u32,
+            n_heads: heads,
+            head_dim,
+            n_q: per_image as u32,
+            n_kv: kv_tokens as u32,
+            q_stride: c as u32,
+            kv_stride: c as u32,
+            o_stride: c as u32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            causal: false,
+        };
+        let state_len = ops::seq_attention_state_len(&sp);
+        let state = self.alloc(state_len)?;
         ops::seq_attention(
             &mut self.s,
-            &SeqAttention {
-                batch: self.batch as u32,
-                n_heads: heads,
-                head_dim,
-                n_q: per_image as u32,
-                n_kv: kv_tokens as u32,
-                q_stride: c as u32,
-                kv_stride: c as u32,
-                o_stride: c as u32,
-                scale: 1.0 / (head_dim as f32).sqrt(),
-                causal: false,
-            },
+            &sp,
             view(&q, tokens * c),
             view(&k, kv_rows * c),
             view(&v, kv_rows * c),
             view(&o, tokens * c),
+            view(&state, state_len),
         )?;
         self.linear(
             &format!("{p}.to_out.0"),

@@ -141,18 +141,22 @@ impl SimCx<'_> {
         }
     }
 
-    /// `Cx::transformer` with `depth` blocks whose feed-forward is `inner` wide, over
-    /// `kv_tokens` context rows per image; flushed at its end, the input freed after it.
+    /// `Cx::transformer` with `depth` blocks of `heads` heads whose feed-forward is `inner`
+    /// wide, over `kv_tokens` context rows per image; flushed at its end, the input freed after
+    /// it.
     pub(crate) fn transformer(
         &mut self,
         x: SimAct,
         depth: u32,
+        heads: u32,
         inner: u64,
         kv_tokens: u64,
     ) -> SimAct {
         let tokens = self.batch * x.h * x.w;
         let n = tokens * x.c;
         let kv = self.batch * kv_tokens * x.c;
+        // Each attention's running state: a maximum and a sum per (image, head, query).
+        let state = 2 * heads as u64 * tokens;
         self.sim.temp(n); // norm
         self.sim.temp(n); // rows
         self.sim.temp(n); // proj_in: the blocks' residual stream
@@ -161,6 +165,8 @@ impl SimCx<'_> {
                 // norm1; self-attention's q, k, v, o and out
                 self.sim.temp(n);
             }
+            self.sim.temp(state);
+            self.sim.temp(state);
             for _ in 0..3 {
                 // norm2; cross-attention's q and o
                 self.sim.temp(n);

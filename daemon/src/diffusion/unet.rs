@@ -172,7 +172,7 @@ impl Unet {
                 x = cx.resnet(x, ch, true);
                 if level.transformer_depth > 0 {
                     let inner = self.ff_inner(&format!("down_blocks.{i}.attentions.{j}"));
-                    x = cx.transformer(x, level.transformer_depth, inner, kv);
+                    x = cx.transformer(x, level.transformer_depth, level.heads, inner, kv);
                 }
                 skips.push(cx.act(x.c, x.h, x.w));
             }
@@ -185,7 +185,7 @@ impl Unet {
         let last = &sh.levels[n_levels - 1];
         x = cx.resnet(x, last.channels as u64, true);
         let inner = self.ff_inner("mid_block.attentions.0");
-        x = cx.transformer(x, sh.mid_transformer_depth, inner, kv);
+        x = cx.transformer(x, sh.mid_transformer_depth, last.heads, inner, kv);
         x = cx.resnet(x, last.channels as u64, true);
         cx.sim.flush();
         for (u, level) in sh.levels.iter().rev().enumerate() {
@@ -197,7 +197,7 @@ impl Unet {
                 x = cx.resnet(cat, ch, true);
                 if level.transformer_depth > 0 {
                     let inner = self.ff_inner(&format!("up_blocks.{u}.attentions.{j}"));
-                    x = cx.transformer(x, level.transformer_depth, inner, kv);
+                    x = cx.transformer(x, level.transformer_depth, level.heads, inner, kv);
                 }
             }
             if u + 1 < n_levels {

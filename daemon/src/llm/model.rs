@@ -338,6 +338,7 @@ impl LlmModel {
             kk: next(),
             vv: next(),
             attn: next(),
+            attn_state: next(),
             gate: next(),
             up: next(),
             logits: next(),
@@ -407,6 +408,7 @@ impl LlmModel {
         let kk = all(&seq.kk, n * kv_dim);
         let vv = all(&seq.vv, n * kv_dim);
         let attn = all(&seq.attn, n * q_dim);
+        let attn_state = all(&seq.attn_state, 2 * n * hp.n_head);
         let gate = all(&seq.gate, n * hp.n_ff);
         let up = all(&seq.up, n * hp.n_ff);
         let positions = U32s {
@@ -544,6 +546,7 @@ impl LlmModel {
                 kc,
                 vc,
                 attn,
+                attn_state,
                 AttentionParams {
                     n_heads: hp.n_head as u32,
                     n_kv_heads: hp.n_head_kv as u32,
@@ -720,6 +723,8 @@ pub fn sequence_buffers(
         dev(b * kv_dim),
         dev(b * kv_dim),
         dev(b * q_dim),
+        // The attention's running state between passes (see `ops::attention_state_len`).
+        dev(2 * b * hp.n_head),
         dev(b * hp.n_ff),
         dev(b * hp.n_ff),
         (MemoryKind::Readback, hp.n_vocab * 4),
@@ -772,6 +777,7 @@ pub struct Sequence {
     kk: Buffer,
     vv: Buffer,
     attn: Buffer,
+    attn_state: Buffer,
     gate: Buffer,
     up: Buffer,
     logits: Buffer,

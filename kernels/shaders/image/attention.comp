@@ -12,6 +12,13 @@
 // each tile loads TILE keys and values into shared memory, computes ROWS × TILE scores (one
 // invocation per score), updates the row statistics, and accumulates the output, of which each
 // invocation keeps up to MAX_OUT (row, dim) elements.
+//
+// Passes: one dispatch covers the keys pass_begin..pass_end. The host splits the keys into
+// several passes only where the driver caps the loop iterations of one invocation (llvmpipe,
+// see Limits::max_loop_iterations); elsewhere one pass covers them all. A pass that is not the
+// first resumes from the running state the previous one left: per (batch, head, row) the maximum
+// and the sum in `state` (two floats), and the output still unnormalized in `out`. Only the
+// last pass divides by the sum.
 #include "common.glsl"
 #include "../nn/nn.glsl"
 
@@ -27,6 +34,7 @@ layout(push_constant) uniform Push {
     F32In k;
     F32In v;
     F32Buf out_;
+    F32Buf state;     // [batch · heads · n_q][max, sum] between passes
     uint n_heads;
     uint n_q;
     uint n_kv;
@@ -36,6 +44,8 @@ layout(push_constant) uniform Push {
     float scale;
     uint causal;
     uint n_blocks;    // workgroups along the query rows of one (batch, head)
+    uint pass_begin;  // the keys this dispatch covers
+    uint pass_end;
 } p;
 
 shared float q_sh[ROWS * HEAD_DIM];
@@ -65,17 +75,41 @@ void main() {
         uint d = e % HEAD_DIM;
         q_sh[e] = r < rows_here ? p.q.v[q_base + (row0 + r) * p.q_stride + d] * p.scale : 0.0;
     }
+    // The keys this workgroup's rows see, and the part of them this pass covers. The
+    // conditions are uniform over the workgroup, so returning before a barrier is safe.
+    uint key_end = p.causal != 0u ? min(p.n_kv, row0 + rows_here) : p.n_kv;
+    uint begin = p.pass_begin;
+    uint end = min(key_end, p.pass_end);
+    if (begin >= end) return;
+    bool resumed = begin > 0u;
+    bool finishes = key_end <= p.pass_end;
+
+    uint o_base = (b * p.n_q) * p.o_stride + h * HEAD_DIM;
+    uint state_base = bh * p.n_q + row0;
     if (tid < ROWS) {
-        m_sh[tid] = MASKED;
-        l_sh[tid] = 0.0;
+        float m = MASKED;
+        float l = 0.0;
+        if (resumed && tid < rows_here) {
+            m = p.state.v[2u * (state_base + tid)];
+            l = p.state.v[2u * (state_base + tid) + 1u];
+        }
+        m_sh[tid] = m;
+        l_sh[tid] = l;
     }
     float acc[MAX_OUT];
-    for (uint i = 0; i < MAX_OUT; i++) acc[i] = 0.0;
-    uint key_end = p.causal != 0u ? min(p.n_kv, row0 + rows_here) : p.n_kv;
+    for (uint i = 0; i < MAX_OUT; i++) {
+        uint e = tid + i * wg;
+        uint r = e / HEAD_DIM;
+        float a = 0.0;
+        if (resumed && e < ROWS * HEAD_DIM && r < rows_here) {
+            a = p.out_.v[o_base + (row0 + r) * p.o_stride + e % HEAD_DIM];
+        }
+        acc[i] = a;
+    }
     barrier();
 
-    for (uint k0 = 0; k0 < key_end; k0 += TILE) {
-        uint n_keys = min(TILE, key_end - k0);
+    for (uint k0 = begin; k0 < end; k0 += TILE) {
+        uint n_keys = min(TILE, end - k0);
         for (uint e = tid; e < TILE * HEAD_DIM; e += wg) {
             uint t = e / HEAD_DIM;
             uint d = e % HEAD_DIM;
@@ -91,18 +125,25 @@ void main() {
         }
         barrier();
 
-        for (uint e = tid; e < ROWS * TILE; e += wg) {
+        for (uint e0 = 0; e0 < ROWS * TILE; e0 += wg) {
+            uint e = e0 + tid;
             uint r = e / TILE;
             uint t = e % TILE;
             float s = MASKED;
-            if (r < rows_here && t < n_keys && (p.causal == 0u || k0 + t <= row0 + r)) {
+            if (e < ROWS * TILE && r < rows_here && t < n_keys
+                && (p.causal == 0u || k0 + t <= row0 + r)) {
                 float dot = 0.0;
-                for (uint d = 0; d < HEAD_DIM; d++) {
-                    dot += q_sh[r * HEAD_DIM + d] * k_sh[t * K_STRIDE + d];
+                uint d = 0;
+                for (; d + 4 <= HEAD_DIM; d += 4) {
+                    uint qi = r * HEAD_DIM + d;
+                    uint ki = t * K_STRIDE + d;
+                    dot += q_sh[qi] * k_sh[ki] + q_sh[qi + 1] * k_sh[ki + 1]
+                        + q_sh[qi + 2] * k_sh[ki + 2] + q_sh[qi + 3] * k_sh[ki + 3];
                 }
+                for (; d < HEAD_DIM; d++) dot += q_sh[r * HEAD_DIM + d] * k_sh[t * K_STRIDE + d];
                 s = dot;
             }
-            s_sh[e] = s;
+            if (e < ROWS * TILE) s_sh[e] = s;
         }
         barrier();
 
@@ -115,9 +156,12 @@ void main() {
         }
         barrier();
 
-        for (uint e = tid; e < ROWS * TILE; e += wg) {
-            float s = s_sh[e];
-            s_sh[e] = s <= MASKED ? 0.0 : exp(s - m_sh[e / TILE]);
+        for (uint e0 = 0; e0 < ROWS * TILE; e0 += wg) {
+            uint e = e0 + tid;
+            if (e < ROWS * TILE) {
+                float s = s_sh[e];
+                s_sh[e] = s <= MASKED ? 0.0 : exp(s - m_sh[e / TILE]);
+            }
         }
         barrier();
 
@@ -139,7 +183,6 @@ void main() {
         barrier();
     }
 
-    uint o_base = (b * p.n_q) * p.o_stride + h * HEAD_DIM;
     for (uint i = 0; i < MAX_OUT; i++) {
         uint e = tid + i * wg;
         if (e < ROWS * HEAD_DIM) {
@@ -147,8 +190,14 @@ void main() {
             uint d = e % HEAD_DIM;
             if (r < rows_here) {
                 float l = l_sh[r];
-                p.out_.v[o_base + (row0 + r) * p.o_stride + d] = l > 0.0 ? acc[i] / l : 0.0;
+                float o = acc[i];
+                if (finishes) o = l > 0.0 ? o / l : 0.0;
+                p.out_.v[o_base + (row0 + r) * p.o_stride + d] = o;
             }
         }
+    }
+    if (!finishes && tid < rows_here) {
+        p.state.v[2u * (state_base + tid)] = m_sh[tid];
+        p.state.v[2u * (state_base + tid) + 1u] = l_sh[tid];
     }
 }

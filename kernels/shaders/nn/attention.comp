@@ -13,6 +13,13 @@
 // Per tile of TILE keys: load K and V into shared memory; compute ROWS × TILE scores; per row,
 // update the running maximum; turn scores into weights; update the running sums and the output
 // accumulators, which each invocation keeps for up to MAX_OUT (row, dim) elements.
+//
+// Passes: one dispatch covers the key positions pass_begin..pass_end. The host splits the keys
+// into several passes only where the driver caps the loop iterations of one invocation
+// (llvmpipe, see Limits::max_loop_iterations); elsewhere one pass covers them all. A pass that
+// is not a row block's first resumes from the running state the previous one left: per (kv
+// head, row) the maximum and the sum in `state`, and the output still unnormalized in `out`.
+// Only the pass holding a block's last key divides by the sum.
 #include "common.glsl"
 #include "nn.glsl"
 
@@ -31,6 +38,7 @@ layout(push_constant) uniform Push {
     uint64_t k;
     uint64_t v;
     F32Buf out_;
+    F32Buf state;     // [n_kv_heads · n_q · group][max, sum] between passes
     uint n_heads;
     uint n_kv_heads;
     uint n_q;
@@ -41,6 +49,8 @@ layout(push_constant) uniform Push {
     float softcap;    // 0: no soft capping
     uint flags;       // bit 0: K is f16, bit 1: V is f16
     uint n_blocks;
+    uint pass_begin;  // the key positions this dispatch covers
+    uint pass_end;
 } p;
 
 shared float q_sh[ROWS * HEAD_DIM];
@@ -83,14 +93,8 @@ void main() {
         }
         q_sh[e] = val;
     }
-    if (tid < ROWS) {
-        m_sh[tid] = MASKED;
-        l_sh[tid] = 0.0;
-    }
-    float acc[MAX_OUT];
-    for (uint i = 0; i < MAX_OUT; i++) acc[i] = 0.0;
-
-    // Keys any row of this workgroup can see.
+    // Keys any row of this workgroup can see, and the part of them this pass covers. The
+    // conditions are uniform over the workgroup, so returning before a barrier is safe.
     uint first_token = row0 / group;
     uint last_token = (row0 + rows_here - 1) / group;
     uint key_end = p.first_pos + last_token + 1;
@@ -99,11 +103,40 @@ void main() {
         uint newest = p.first_pos + first_token + 1;
         key_begin = newest > p.window ? newest - p.window : 0;
     }
+    uint begin = max(key_begin, p.pass_begin);
+    uint end = min(key_end, p.pass_end);
+    if (begin >= end) return;
+    bool resumed = key_begin < p.pass_begin;
+    bool finishes = key_end <= p.pass_end;
+    uint state_base = kvh * p.n_q * group + row0;
+
+    if (tid < ROWS) {
+        float m = MASKED;
+        float l = 0.0;
+        if (resumed && tid < rows_here) {
+            m = p.state.v[2u * (state_base + tid)];
+            l = p.state.v[2u * (state_base + tid) + 1u];
+        }
+        m_sh[tid] = m;
+        l_sh[tid] = l;
+    }
+    float acc[MAX_OUT];
+    for (uint i = 0; i < MAX_OUT; i++) {
+        uint e = tid + i * wg;
+        uint r = e / HEAD_DIM;
+        float a = 0.0;
+        if (resumed && e < ROWS * HEAD_DIM && r < rows_here) {
+            uint gr = row0 + r;
+            uint head = kvh * group + gr % group;
+            a = p.out_.v[((gr / group) * p.n_heads + head) * HEAD_DIM + e % HEAD_DIM];
+        }
+        acc[i] = a;
+    }
     uint cache_base = kvh * p.capacity;
     barrier();
 
-    for (uint k0 = key_begin; k0 < key_end; k0 += TILE) {
-        uint n_keys = min(TILE, key_end - k0);
+    for (uint k0 = begin; k0 < end; k0 += TILE) {
+        uint n_keys = min(TILE, end - k0);
         for (uint e = tid; e < TILE * HEAD_DIM; e += wg) {
             uint t = e / HEAD_DIM;
             uint d = e % HEAD_DIM;
@@ -119,23 +152,31 @@ void main() {
         }
         barrier();
 
-        for (uint e = tid; e < ROWS * TILE; e += wg) {
+        // Loops whose trip count is the same for every invocation, and the dot product
+        // unrolled by four: fewer back-edges (what llvmpipe's cap counts) and less looping.
+        for (uint e0 = 0; e0 < ROWS * TILE; e0 += wg) {
+            uint e = e0 + tid;
             uint r = e / TILE;
             uint t = e % TILE;
             float s = MASKED;
-            if (r < rows_here && t < n_keys) {
+            if (e < ROWS * TILE && r < rows_here && t < n_keys) {
                 uint key = k0 + t;
                 uint pos = p.first_pos + (row0 + r) / group;
                 if (key <= pos && (p.window == 0 || key + p.window > pos)) {
                     float dot = 0.0;
-                    for (uint d = 0; d < HEAD_DIM; d++) {
-                        dot += q_sh[r * HEAD_DIM + d] * k_sh[t * K_STRIDE + d];
+                    uint d = 0;
+                    for (; d + 4 <= HEAD_DIM; d += 4) {
+                        uint qi = r * HEAD_DIM + d;
+                        uint ki = t * K_STRIDE + d;
+                        dot += q_sh[qi] * k_sh[ki] + q_sh[qi + 1] * k_sh[ki + 1]
+                            + q_sh[qi + 2] * k_sh[ki + 2] + q_sh[qi + 3] * k_sh[ki + 3];
                     }
+                    for (; d < HEAD_DIM; d++) dot += q_sh[r * HEAD_DIM + d] * k_sh[t * K_STRIDE + d];
                     if (p.softcap > 0.0) dot = p.softcap * nn_tanh(dot / p.softcap);
                     s = dot;
                 }
             }
-            s_sh[e] = s;
+            if (e < ROWS * TILE) s_sh[e] = s;
         }
         barrier();
 
@@ -148,9 +189,12 @@ void main() {
         }
         barrier();
 
-        for (uint e = tid; e < ROWS * TILE; e += wg) {
-            float s = s_sh[e];
-            s_sh[e] = s <= MASKED ? 0.0 : exp(s - m_sh[e / TILE]);
+        for (uint e0 = 0; e0 < ROWS * TILE; e0 += wg) {
+            uint e = e0 + tid;
+            if (e < ROWS * TILE) {
+                float s = s_sh[e];
+                s_sh[e] = s <= MASKED ? 0.0 : exp(s - m_sh[e / TILE]);
+            }
         }
         barrier();
 
@@ -181,8 +225,14 @@ void main() {
                 uint gr = row0 + r;
                 uint head = kvh * group + gr % group;
                 float l = l_sh[r];
-                p.out_.v[((gr / group) * p.n_heads + head) * HEAD_DIM + d] = l > 0.0 ? acc[i] / l : 0.0;
+                float o = acc[i];
+                if (finishes) o = l > 0.0 ? o / l : 0.0;
+                p.out_.v[((gr / group) * p.n_heads + head) * HEAD_DIM + d] = o;
             }
         }
+    }
+    if (!finishes && tid < rows_here) {
+        p.state.v[2u * (state_base + tid)] = m_sh[tid];
+        p.state.v[2u * (state_base + tid) + 1u] = l_sh[tid];
     }
 }

@@ -116,6 +116,7 @@ pub(crate) fn limits(
         max_compute_workgroup_invocations: core.max_compute_work_group_invocations,
         subgroup_size: subgroup_size.unwrap_or(1).max(1),
         min_imported_host_pointer_alignment: host_pointer_alignment,
+        max_loop_iterations: None,
     }
 }
 

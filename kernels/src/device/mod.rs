@@ -94,6 +94,23 @@ pub struct Limits {
     /// The alignment a host pointer needs before it can be imported as device
     /// memory; present only when the device has `VK_EXT_external_memory_host`.
     pub min_imported_host_pointer_alignment: Option<u64>,
+    /// The most loop iterations one shader invocation may run, where the driver caps them;
+    /// `None` where it does not. Vulkan does not report this: it is a known driver quirk.
+    /// llvmpipe (lavapipe) counts every loop back-edge of an invocation, all loops together,
+    /// and past 65 535 makes every loop exit after one more iteration, so a kernel that loops
+    /// longer silently computes garbage. Kernels whose trip counts grow with the input split
+    /// their work into dispatches that stay under it (see `ops::seq_attention`).
+    pub max_loop_iterations: Option<u64>,
+}
+
+/// llvmpipe's `LP_MAX_TGSI_LOOP_ITERATIONS`.
+pub const LLVMPIPE_MAX_LOOP_ITERATIONS: u64 = 65_535;
+
+/// The loop cap of a device by its driver and name (see [`Limits::max_loop_iterations`]).
+pub fn driver_loop_cap(driver_name: &str, device_name: &str) -> Option<u64> {
+    let llvmpipe =
+        driver_name.eq_ignore_ascii_case("llvmpipe") || device_name.starts_with("llvmpipe");
+    llvmpipe.then_some(LLVMPIPE_MAX_LOOP_ITERATIONS)
 }
 
 /// What discovery learned about one physical device.
@@ -236,6 +253,24 @@ pub fn choose(devices: &[DeviceInfo], selector: Option<&str>) -> Result<usize, V
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_llvmpipe_caps_loops() {
+        assert_eq!(
+            driver_loop_cap("llvmpipe", "llvmpipe (LLVM 15.0.6, 256 bits)"),
+            Some(LLVMPIPE_MAX_LOOP_ITERATIONS)
+        );
+        // A driver that does not report its name is still known by the device's.
+        assert_eq!(
+            driver_loop_cap("", "llvmpipe (LLVM 15.0.6, 256 bits)"),
+            Some(LLVMPIPE_MAX_LOOP_ITERATIONS)
+        );
+        assert_eq!(
+            driver_loop_cap("radv", "AMD Radeon Graphics (RADV GFX1151)"),
+            None
+        );
+        assert_eq!(driver_loop_cap("NVIDIA", "NVIDIA H200"), None);
+    }
+
     fn device(index: usize, name: &str, device_type: DeviceType) -> DeviceInfo {
         DeviceInfo {
             index,
@@ -255,6 +290,7 @@ mod tests {
                 max_compute_workgroup_invocations: 1024,
                 subgroup_size: 32,
                 min_imported_host_pointer_alignment: None,
+                max_loop_iterations: None,
             },
             memory_budget_ext: false,
             external_memory_host: false,

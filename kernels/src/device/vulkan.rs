@@ -172,9 +172,17 @@ impl Instance {
             (memory, None)
         };
 
+        let name = map::c_string(basic.device_name_as_c_str());
+        let mut limits = map::limits(
+            &basic.limits,
+            max_allocation,
+            subgroup_size,
+            host_pointer_alignment,
+        );
+        limits.max_loop_iterations = super::driver_loop_cap(&driver_name, &name);
         let info = DeviceInfo {
             index,
-            name: map::c_string(basic.device_name_as_c_str()),
+            name,
             device_type: map::device_type(basic.device_type),
             vendor_id: basic.vendor_id,
             device_id: basic.device_id,
@@ -183,12 +191,7 @@ impl Instance {
             api_version: map::format_api_version(basic.api_version),
             driver_version: basic.driver_version,
             heaps: map::heaps(&memory, budget),
-            limits: map::limits(
-                &basic.limits,
-                max_allocation,
-                subgroup_size,
-                host_pointer_alignment,
-            ),
+            limits,
             memory_budget_ext,
             external_memory_host,
         };

@@ -326,7 +326,39 @@ const SEQ_ATTN_WG: u32 = 128;
 /// The largest head this kernel takes (the VAE's single 512-wide head fits with room).
 pub const SEQ_ATTN_MAX_HEAD_DIM: u32 = 1024;
 
-/// out = softmax(scale · q kᵀ) v per (batch, head), without storing the score matrix.
+/// Floats of running state [`seq_attention`] needs beside its output: a maximum and a sum per
+/// (batch, head, query row). The state is used between the dispatches of one call where the
+/// keys are split (see [`seq_attention_passes`]); callers allocate it on every device, so a
+/// job's memory is the same wherever it runs.
+pub fn seq_attention_state_len(p: &SeqAttention) -> u64 {
+    2 * p.batch as u64 * p.n_heads as u64 * p.n_q as u64
+}
+
+/// The work plan of one [`seq_attention`]: workgroup width, rows per workgroup, keys per tile
+/// and keys per dispatch.
+fn seq_attention_plan(
+    stream: &Stream,
+    op: &'static str,
+    p: &SeqAttention,
+) -> Result<(u32, u32, u32, u64), VulkanError> {
+    let l = stream.limits();
+    let wg = SEQ_ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
+    let (rows, tile) =
+        super::nn::attention_plan(stream, op, p.head_dim, p.n_q as u64, SEQ_ATTN_MAX_OUT, wg)?;
+    let per_pass = super::nn::attention_pass_keys(l, p.head_dim, rows, tile, wg, SEQ_ATTN_MAX_OUT)
+        .unwrap_or(u64::MAX);
+    Ok((wg, rows, tile, per_pass))
+}
+
+/// How many dispatches [`seq_attention`] makes on this stream's device: one, unless the
+/// driver caps the loop iterations of an invocation and the keys are too many for one.
+pub fn seq_attention_passes(stream: &Stream, p: &SeqAttention) -> Result<u64, VulkanError> {
+    let (_, _, _, per_pass) = seq_attention_plan(stream, "attention_seq_f32", p)?;
+    Ok((p.n_kv as u64).div_ceil(per_pass).max(1))
+}
+
+/// out = softmax(scale · q kᵀ) v per (batch, head), without storing the score matrix. `state`
+/// holds at least [`seq_attention_state_len`] floats; its contents on entry do not matter.
 pub fn seq_attention(
     stream: &mut Stream,
     p: &SeqAttention,
@@ -334,6 +366,7 @@ pub fn seq_attention(
     k: F32s<'_>,
     v: F32s<'_>,
     out: F32s<'_>,
+    state: F32s<'_>,
 ) -> Result<(), VulkanError> {
     let op = "attention_seq_f32";
     let d = p.head_dim as u64;
@@ -387,10 +420,16 @@ pub fn seq_attention(
     if p.n_kv == 0 {
         return Err(bad(op, "no keys to attend to".into()));
     }
-    let l = stream.limits();
-    let wg = SEQ_ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
-    let (rows, tile) =
-        super::nn::attention_plan(stream, op, p.head_dim, p.n_q as u64, SEQ_ATTN_MAX_OUT, wg)?;
+    let state_len = seq_attention_state_len(p);
+    if state.len < state_len {
+        return Err(bad(
+            op,
+            format!("state has {} values, needs {state_len}", state.len),
+        ));
+    }
+    to_u32(op, "state", state.len)?;
+    let (wg, rows, tile, per_pass) = seq_attention_plan(stream, op, p)?;
+    let subgroup = stream.limits().subgroup_size;
     let rows = rows as u64;
     let n_blocks = (p.n_q as u64).div_ceil(rows);
     let mut groups = grid_1d(n_blocks, 1)?;
@@ -403,28 +442,48 @@ pub fn seq_attention(
         ));
     }
     groups[2] = bh as u32;
-    let push = Push::default()
-        .addr(q.address())
-        .addr(k.address())
-        .addr(v.address())
-        .addr(out.address())
-        .u32(p.n_heads)
-        .u32(p.n_q)
-        .u32(p.n_kv)
-        .u32(p.q_stride)
-        .u32(p.kv_stride)
-        .u32(p.o_stride)
-        .f32(p.scale)
-        .u32(p.causal as u32)
-        .u32(to_u32(op, "blocks", n_blocks)?);
-    stream.dispatch(&Dispatch {
-        kernel: KernelId::AttentionSeqF32,
-        spec: &[wg, l.subgroup_size, p.head_dim, rows as u32, tile],
-        push: push.bytes(),
-        groups,
-        reads: &[q.access(), k.access(), v.access()],
-        writes: &[out.access()],
-    })
+    let n_blocks = to_u32(op, "blocks", n_blocks)?;
+    let n_kv = p.n_kv as u64;
+    let mut begin = 0u64;
+    while begin < n_kv {
+        let end = n_kv.min(begin.saturating_add(per_pass));
+        let push = Push::default()
+            .addr(q.address())
+            .addr(k.address())
+            .addr(v.address())
+            .addr(out.address())
+            .addr(state.address())
+            .u32(p.n_heads)
+            .u32(p.n_q)
+            .u32(p.n_kv)
+            .u32(p.q_stride)
+            .u32(p.kv_stride)
+            .u32(p.o_stride)
+            .f32(p.scale)
+            .u32(p.causal as u32)
+            .u32(n_blocks)
+            .u32(begin as u32)
+            .u32(end as u32);
+        // A pass after the first reads what the one before left in out and state.
+        let resumed = begin > 0;
+        let reads = [
+            q.access(),
+            k.access(),
+            v.access(),
+            out.access(),
+            state.access(),
+        ];
+        stream.dispatch(&Dispatch {
+            kernel: KernelId::AttentionSeqF32,
+            spec: &[wg, subgroup, p.head_dim, rows as u32, tile],
+            push: push.bytes(),
+            groups,
+            reads: if resumed { &reads } else { &reads[..3] },
+            writes: &[out.access(), state.access()],
+        })?;
+        begin = end;
+    }
+    Ok(())
 }
 
 /// out[b] = x[b]ᵀ for `batch` row-major matrices of `rows` × `cols`.

@@ -520,12 +520,17 @@ fn check_cache(
 /// (n_kv_heads × capacity × head_dim each, f32 or f16, already holding positions
 /// 0..first_pos + n_q_tokens), written to `out` (same shape as q). Softmax is taken in f32
 /// with a running maximum; no score matrix is stored.
+///
+/// `state` holds at least [`attention_state_len`] floats (its contents on entry do not matter):
+/// the running maximum and sum per query row between the dispatches of one call, where the
+/// keys are split because the driver caps loop iterations (see [`attention_passes`]).
 pub fn attention(
     stream: &mut Stream,
     q: F32s<'_>,
     k_cache: KvCache<'_>,
     v_cache: KvCache<'_>,
     out: F32s<'_>,
+    state: F32s<'_>,
     params: AttentionParams,
 ) -> Result<(), VulkanError> {
     let op = "attention_f32";
@@ -569,6 +574,14 @@ pub fn attention(
     let q_len = p.n_q_tokens as u64 * p.n_heads as u64 * d;
     same_len(op, "q", q.len, q_len)?;
     same_len(op, "out", out.len, q_len)?;
+    let state_len = attention_state_len(&p);
+    if state.len < state_len {
+        return Err(bad(
+            op,
+            format!("state has {} values, needs {state_len}", state.len),
+        ));
+    }
+    to_u32(op, "state", state.len)?;
     to_u32(op, "q elements", q_len)?;
     let cache_values = p.n_kv_heads as u64 * p.capacity as u64 * d;
     to_u32(op, "cache values", cache_values)?;
@@ -576,44 +589,102 @@ pub fn attention(
         return Ok(());
     }
 
-    let l = stream.limits();
-    let wg = ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
-    let group = (p.n_heads / p.n_kv_heads) as u64;
-    let n_rows = p.n_q_tokens as u64 * group;
-    // Vulkan guarantees 128 invocations, which covers head_dim 256.
-    let (rows_per_wg, tile) = attention_plan(stream, op, p.head_dim, n_rows, ATTN_MAX_OUT, wg)?;
+    let (wg, rows_per_wg, tile, per_pass) = attention_plan_for(stream, op, &p)?;
+    let subgroup = stream.limits().subgroup_size;
+    let n_rows = p.n_q_tokens as u64 * (p.n_heads / p.n_kv_heads) as u64;
     let n_blocks = n_rows.div_ceil(rows_per_wg as u64);
     let mut groups = grid_1d(n_blocks, 1)?;
     groups[2] = p.n_kv_heads;
+    let n_blocks = to_u32(op, "blocks", n_blocks)?;
     let window = p.sliding_window.unwrap_or(0);
-    let push = Push::default()
-        .addr(q.address())
-        .addr(k_cache.address())
-        .addr(v_cache.address())
-        .addr(out.address())
-        .u32(p.n_heads)
-        .u32(p.n_kv_heads)
-        .u32(p.n_q_tokens)
-        .u32(p.first_pos)
-        .u32(p.capacity)
-        .f32(p.scale)
-        .u32(window)
-        .f32(p.softcap.unwrap_or(0.0))
-        .u32(k_cache.f16 as u32 | (v_cache.f16 as u32) << 1)
-        .u32(to_u32(op, "blocks", n_blocks)?);
-    let spec = [wg, l.subgroup_size, p.head_dim, rows_per_wg, tile];
-    stream.dispatch(&Dispatch {
-        kernel: KernelId::AttentionF32,
-        spec: &spec,
-        push: push.bytes(),
-        groups,
-        reads: &[
+    let (keys_begin, keys_end) = attention_keys(&p);
+    let spec = [wg, subgroup, p.head_dim, rows_per_wg, tile];
+    let mut begin = keys_begin;
+    while begin < keys_end {
+        let end = keys_end.min(begin.saturating_add(per_pass));
+        let push = Push::default()
+            .addr(q.address())
+            .addr(k_cache.address())
+            .addr(v_cache.address())
+            .addr(out.address())
+            .addr(state.address())
+            .u32(p.n_heads)
+            .u32(p.n_kv_heads)
+            .u32(p.n_q_tokens)
+            .u32(p.first_pos)
+            .u32(p.capacity)
+            .f32(p.scale)
+            .u32(window)
+            .f32(p.softcap.unwrap_or(0.0))
+            .u32(k_cache.f16 as u32 | (v_cache.f16 as u32) << 1)
+            .u32(n_blocks)
+            .u32(to_u32(op, "pass start", begin)?)
+            .u32(to_u32(op, "pass end", end)?);
+        // A pass after the first reads what the ones before left in out and state.
+        let reads = [
             q.access(),
             k_cache.access(cache_values),
             v_cache.access(cache_values),
-        ],
-        writes: &[out.access()],
-    })
+            out.access(),
+            state.access(),
+        ];
+        stream.dispatch(&Dispatch {
+            kernel: KernelId::AttentionF32,
+            spec: &spec,
+            push: push.bytes(),
+            groups,
+            reads: if begin > keys_begin {
+                &reads
+            } else {
+                &reads[..3]
+            },
+            writes: &[out.access(), state.access()],
+        })?;
+        begin = end;
+    }
+    Ok(())
+}
+
+/// Floats of running state [`attention`] needs: a maximum and a sum per (query token, head).
+/// Callers allocate it on every device, so memory does not depend on where a model runs.
+pub fn attention_state_len(p: &AttentionParams) -> u64 {
+    2 * p.n_q_tokens as u64 * p.n_heads as u64
+}
+
+/// The key positions any query of one [`attention`] call sees: from the oldest the first
+/// token's window reaches (0 without a window) to the last token's own position.
+fn attention_keys(p: &AttentionParams) -> (u64, u64) {
+    let end = p.first_pos as u64 + p.n_q_tokens as u64;
+    let begin = match p.sliding_window {
+        Some(w) => (p.first_pos as u64 + 1).saturating_sub(w as u64),
+        None => 0,
+    };
+    (begin, end)
+}
+
+/// Workgroup width, rows per workgroup, keys per tile and keys per dispatch of one
+/// [`attention`] call.
+fn attention_plan_for(
+    stream: &Stream,
+    op: &'static str,
+    p: &AttentionParams,
+) -> Result<(u32, u32, u32, u64), VulkanError> {
+    let l = stream.limits();
+    let wg = ATTN_WG.min(l.max_compute_workgroup_invocations).max(1);
+    let n_rows = p.n_q_tokens as u64 * (p.n_heads / p.n_kv_heads).max(1) as u64;
+    // Vulkan guarantees 128 invocations, which covers head_dim 256.
+    let (rows, tile) = attention_plan(stream, op, p.head_dim, n_rows, ATTN_MAX_OUT, wg)?;
+    let per_pass =
+        attention_pass_keys(l, p.head_dim, rows, tile, wg, ATTN_MAX_OUT).unwrap_or(u64::MAX);
+    Ok((wg, rows, tile, per_pass))
+}
+
+/// How many dispatches [`attention`] makes on this stream's device: one, unless the driver caps
+/// the loop iterations of an invocation and the keys are too many for one.
+pub fn attention_passes(stream: &Stream, p: &AttentionParams) -> Result<u64, VulkanError> {
+    let (_, _, _, per_pass) = attention_plan_for(stream, "attention_f32", p)?;
+    let (begin, end) = attention_keys(p);
+    Ok((end - begin).div_ceil(per_pass).max(1))
 }
 
 /// Rows per workgroup and keys per tile for the flash-attention kernels (attention.comp and
@@ -654,6 +725,40 @@ pub(super) fn attention_plan(
         ));
     }
     Ok((rows as u32, tile as u32))
+}
+
+/// Keys one dispatch of a flash-attention kernel (attention.comp, image/attention.comp) may
+/// cover, or `None` where the device does not cap loop iterations (see
+/// [`crate::Limits::max_loop_iterations`]). The count follows the kernels' loops: per tile of
+/// `tile` keys an invocation runs the K/V load, its share of the scores (each a dot product
+/// unrolled by four), the per-row maximum and sum over the tile, its `max_out` accumulators
+/// over the tile's keys, and the tile loop itself; outside the tiles, the q load, the
+/// accumulators' setup and the output. The plan keeps to half the cap, so a miscount of the
+/// compiler's loop shapes (it may unroll, never add) cannot reach it.
+pub(super) fn attention_pass_keys(
+    limits: &crate::Limits,
+    head_dim: u32,
+    rows: u32,
+    tile: u32,
+    wg: u32,
+    max_out: u32,
+) -> Option<u64> {
+    let cap = limits.max_loop_iterations?;
+    let (d, r, t, wg, mo) = (
+        head_dim as u64,
+        rows as u64,
+        tile as u64,
+        wg.max(1) as u64,
+        max_out as u64,
+    );
+    let per_tile = (t * d).div_ceil(wg)
+        + (r * t).div_ceil(wg) * (d / 4 + d % 4 + 3)
+        + 2 * t
+        + mo * (t + 1)
+        + 1;
+    let fixed = (r * d).div_ceil(wg) + 4 * mo + 64;
+    let tiles = ((cap / 2).saturating_sub(fixed) / per_tile).max(1);
+    Some(tiles * t)
 }
 
 /// Writes `n_tokens` new K or V rows from `src` (n_tokens × n_kv_heads × head_dim, f32) into
