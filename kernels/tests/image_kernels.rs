@@ -249,6 +249,9 @@ fn group_norm_matches_the_reference() {
         (1, 8, 5, 8),
         (1, 32, 4096, 4),
         (3, 6, 10, 1),
+        // The VAE's 256-channel resnet input at 1024² holds 8 Mi values per group: more loop
+        // iterations than lavapipe allows one invocation at one value per iteration.
+        (1, 8, 1 << 20, 1),
     ];
     let mut rng = Rng::new(5);
     for &(n, c, plane, groups) in &shapes {
@@ -319,6 +322,26 @@ fn group_norm_matches_the_reference() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("do not split into 3 groups"), "{e}");
+    // Where loops are capped, a group too large for one workgroup is refused, not miscomputed.
+    if s.limits().max_loop_iterations.is_some() {
+        let n = 24 << 20;
+        let big = zeros(&dev, n);
+        let e = ops::group_norm(
+            &mut s,
+            F32s::all(&big),
+            F32s::all(&wb).sub(0, 1),
+            F32s::all(&bb).sub(0, 1),
+            F32s::all(&big),
+            1,
+            n as u64,
+            1,
+            1e-6,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("caps loops"), "{e}");
+    }
 }
 
 #[test]

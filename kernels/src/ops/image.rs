@@ -217,6 +217,22 @@ pub fn group_norm(
     to_u32(op, "length", x.len)?;
     let per_group = channels / groups;
     let n_groups = x.len / image * groups;
+    let len = per_group * plane;
+    if let Some(cap) = stream.limits().max_loop_iterations {
+        // Three loops of four values per iteration, and the two reductions' short loops.
+        let wg = super::nn::row_wg(stream, len) as u64;
+        let loops = 3 * len.div_ceil(4 * wg) + 256;
+        if loops > cap {
+            return Err(bad(
+                op,
+                format!(
+                    "a group of {len} values is more than this device can normalize in one \
+                     workgroup (its driver caps loops at {cap} iterations); use more groups \
+                     or a smaller image"
+                ),
+            ));
+        }
+    }
     let push = Push::default()
         .addr(x.address())
         .addr(weight.address())
@@ -231,7 +247,7 @@ pub fn group_norm(
     row_dispatch(
         stream,
         KernelId::GroupNormF32,
-        per_group * plane,
+        len,
         n_groups,
         &push,
         &[x.access(), weight.access(), bias.access()],

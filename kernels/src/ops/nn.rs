@@ -97,7 +97,7 @@ fn rows(op: &'static str, len: u64, row_len: u64) -> Result<u64, VulkanError> {
 
 /// Workgroup size of a row kernel: a power of two near the row length, at least one subgroup,
 /// at most ROW_WG, the device's limit and MAX_PARTIALS subgroups.
-fn row_wg(stream: &Stream, row_len: u64) -> u32 {
+pub(super) fn row_wg(stream: &Stream, row_len: u64) -> u32 {
     let l = stream.limits();
     let sg = l.subgroup_size.max(1);
     let device_max = 1u32 << (31 - l.max_compute_workgroup_invocations.max(1).leading_zeros());
