@@ -685,13 +685,8 @@ impl pb::halo_server::Halo for HaloService {
         let req = req.into_inner();
         let model = model_name(&req.model)?;
         let (width, height) = (req.width as usize, req.height as usize);
-        for (what, v) in [("width", width), ("height", height)] {
-            if !(64..=4096).contains(&v) || !v.is_multiple_of(8) {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v} must be a multiple of 8 from 64 to 4096"
-                )));
-            }
-        }
+        image_side("width", req.width)?;
+        image_side("height", req.height)?;
         self.ensure_loaded(&model).await?;
         let (rx, device, estimates, weight_bytes) = self
             .core
@@ -808,6 +803,16 @@ const MAX_IMAGE_BATCH: u32 = 16;
 
 /// An image request checked and completed: the request's values, else the model's configured
 /// defaults, else halo's.
+/// An image side as jobs and `halo bench` take it: a multiple of 8 from 64 to 4096 pixels.
+fn image_side(what: &str, v: u32) -> Result<usize, Status> {
+    if !v.is_multiple_of(8) || !(64..=4096).contains(&v) {
+        return Err(Status::invalid_argument(format!(
+            "{what} {v} must be a multiple of 8 between 64 and 4096"
+        )));
+    }
+    Ok(v as usize)
+}
+
 fn image_params(
     req: &pb::GenerateImageRequest,
     defaults: &crate::config::ImageDefaults,
@@ -822,12 +827,7 @@ fn image_params(
         } else {
             v
         };
-        if !v.is_multiple_of(8) || !(64..=4096).contains(&v) {
-            return Err(Status::invalid_argument(format!(
-                "{what} {v} must be a multiple of 8 between 64 and 4096"
-            )));
-        }
-        Ok(v as usize)
+        image_side(what, v)
     };
     let width = side("width", req.width, defaults.width)?;
     let height = side("height", req.height, defaults.height)?;
