@@ -62,6 +62,21 @@ impl Cx<'_> {
         Ok(self.s.finish()?)
     }
 
+    /// `ops::seq_attention` with its running state in a buffer of the call's own.
+    pub(crate) fn seq_attention(
+        &mut self,
+        p: &SeqAttention,
+        q: F32s<'_>,
+        k: F32s<'_>,
+        v: F32s<'_>,
+        out: F32s<'_>,
+    ) -> Result<(), TensorError> {
+        let state_len = ops::seq_attention_state_len(p);
+        let state = self.alloc(state_len)?;
+        ops::seq_attention(&mut self.s, p, q, k, v, out, view(&state, state_len))?;
+        Ok(())
+    }
+
     /// rows × in → rows × out: y = x Wᵀ + b.
     pub(crate) fn linear(
         &mut self,
@@ -335,28 +350,23 @@ impl Cx<'_> {
         )?;
         let o = self.alloc(tokens * c)?;
         let head_dim = (c / heads as u64) as u32;
-        let sp = SeqAttention {
-            batch: self.batch as u32,
-            n_heads: heads,
-            head_dim,
-            n_q: per_image as u32,
-            n_kv: kv_tokens as u32,
-            q_stride: c as u32,
-            kv_stride: c as u32,
-            o_stride: c as u32,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            causal: false,
-        };
-        let state_len = ops::seq_attention_state_len(&sp);
-        let state = self.alloc(state_len)?;
-        ops::seq_attention(
-            &mut self.s,
-            &sp,
+        self.seq_attention(
+            &SeqAttention {
+                batch: self.batch as u32,
+                n_heads: heads,
+                head_dim,
+                n_q: per_image as u32,
+                n_kv: kv_tokens as u32,
+                q_stride: c as u32,
+                kv_stride: c as u32,
+                o_stride: c as u32,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                causal: false,
+            },
             view(&q, tokens * c),
             view(&k, kv_rows * c),
             view(&v, kv_rows * c),
             view(&o, tokens * c),
-            view(&state, state_len),
         )?;
         self.linear(
             &format!("{p}.to_out.0"),

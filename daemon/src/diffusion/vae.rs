@@ -363,28 +363,23 @@ impl Vae {
         let k = cx.linear(&format!("{p}.to_k"), view(&rows, n), tokens, c, c, true)?;
         let v = cx.linear(&format!("{p}.to_v"), view(&rows, n), tokens, c, c, true)?;
         let o = cx.alloc(n)?;
-        let sp = SeqAttention {
-            batch: cx.batch as u32,
-            n_heads: 1,
-            head_dim: c as u32,
-            n_q: hw as u32,
-            n_kv: hw as u32,
-            q_stride: c as u32,
-            kv_stride: c as u32,
-            o_stride: c as u32,
-            scale: 1.0 / (c as f32).sqrt(),
-            causal: false,
-        };
-        let state_len = ops::seq_attention_state_len(&sp);
-        let state = cx.alloc(state_len)?;
-        ops::seq_attention(
-            &mut cx.s,
-            &sp,
+        cx.seq_attention(
+            &SeqAttention {
+                batch: cx.batch as u32,
+                n_heads: 1,
+                head_dim: c as u32,
+                n_q: hw as u32,
+                n_kv: hw as u32,
+                q_stride: c as u32,
+                kv_stride: c as u32,
+                o_stride: c as u32,
+                scale: 1.0 / (c as f32).sqrt(),
+                causal: false,
+            },
             view(&q, n),
             view(&k, n),
             view(&v, n),
             view(&o, n),
-            view(&state, state_len),
         )?;
         let out = cx.linear(&format!("{p}.to_out.0"), view(&o, n), tokens, c, c, true)?;
         let back = cx.alloc(n)?;

@@ -459,10 +459,7 @@ pub fn seq_attention(
     }
     groups[2] = bh as u32;
     let n_blocks = to_u32(op, "blocks", n_blocks)?;
-    let n_kv = p.n_kv as u64;
-    let mut begin = 0u64;
-    while begin < n_kv {
-        let end = n_kv.min(begin.saturating_add(per_pass));
+    for (begin, end) in super::nn::key_passes(0, p.n_kv as u64, per_pass) {
         let push = Push::default()
             .addr(q.address())
             .addr(k.address())
@@ -497,7 +494,6 @@ pub fn seq_attention(
             reads: if resumed { &reads } else { &reads[..3] },
             writes: &[out.access(), state.access()],
         })?;
-        begin = end;
     }
     Ok(())
 }

@@ -599,9 +599,7 @@ pub fn attention(
     let window = p.sliding_window.unwrap_or(0);
     let (keys_begin, keys_end) = attention_keys(&p);
     let spec = [wg, subgroup, p.head_dim, rows_per_wg, tile];
-    let mut begin = keys_begin;
-    while begin < keys_end {
-        let end = keys_end.min(begin.saturating_add(per_pass));
+    for (begin, end) in key_passes(keys_begin, keys_end, per_pass) {
         let push = Push::default()
             .addr(q.address())
             .addr(k_cache.address())
@@ -640,7 +638,6 @@ pub fn attention(
             },
             writes: &[out.access(), state.access()],
         })?;
-        begin = end;
     }
     Ok(())
 }
@@ -759,6 +756,15 @@ pub(super) fn attention_pass_keys(
     let fixed = (r * d).div_ceil(wg) + 4 * mo + 64;
     let tiles = ((cap / 2).saturating_sub(fixed) / per_tile).max(1);
     Some(tiles * t)
+}
+
+/// The key ranges of a flash-attention call's dispatches: `begin..end` cut into runs of at most
+/// `per_pass` keys (one run where nothing caps the loops).
+pub(super) fn key_passes(begin: u64, end: u64, per_pass: u64) -> impl Iterator<Item = (u64, u64)> {
+    let per_pass = per_pass.max(1);
+    (begin..end)
+        .step_by(usize::try_from(per_pass).unwrap_or(usize::MAX))
+        .map(move |b| (b, end.min(b.saturating_add(per_pass))))
 }
 
 /// Writes `n_tokens` new K or V rows from `src` (n_tokens × n_kv_heads × head_dim, f32) into
