@@ -1168,6 +1168,7 @@ async fn generate(c: &mut HaloClient<Channel>, a: GenerateArgs, out: &mut Out) -
                         "prompt_tokens": d.prompt_tokens, "cached_tokens": d.cached_tokens,
                         "completion_tokens": d.completion_tokens,
                         "prompt_ms": d.prompt_ms, "generation_ms": d.generation_ms,
+                        "peak_batch": d.peak_batch,
                     }))?;
                 } else {
                     out.text(&d.trailing_text)?;

@@ -517,3 +517,100 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// A chat and an image job on one GPU at once: both run (the chat's steps come between the
+/// image's chunks), both finish, and the chat gives the tokens it gives alone. Then an image
+/// cancelled mid-render stops while a chat started beside it carries on to its end.
+#[test]
+fn a_chat_and_an_image_share_the_gpu_and_a_cancelled_image_leaves_the_chat_running() {
+    let Some(smol) = model(SMOL) else { return };
+    let cfg = format!(
+        "{}{}",
+        llm("smol", &smol),
+        sdxl("tiny", &tiny_sdxl(), "width = 128\nheight = 128")
+    );
+    let Some(d) = daemon(&cfg) else { return };
+    d.ok(&["load", "smol"]);
+    d.ok(&["load", "tiny"]);
+    let chat = |n: &str| {
+        d.command(&[
+            "generate",
+            "smol",
+            "The capital of France is",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            n,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let tokens = |out: &str| -> Vec<u64> {
+        json_lines(out)
+            .iter()
+            .filter(|l| l["done"].is_null())
+            .map(|l| l["token"].as_u64().unwrap())
+            .collect()
+    };
+    let alone = tokens(&text(&chat("8").wait_with_output().unwrap().stdout));
+
+    // Both at once: the image starts first, the chat arrives during its render.
+    let out = d.path("both.png");
+    let image = d
+        .command(&["image", "tiny", "a fox", "--steps", "6", "--json", "-o"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c = chat("8");
+    let (image, c) = (
+        image.wait_with_output().unwrap(),
+        c.wait_with_output().unwrap(),
+    );
+    assert!(image.status.success() && c.status.success());
+    assert!(out.exists());
+    let done = json_lines(&text(&image.stdout)).pop().unwrap();
+    assert_eq!(done["steps"], 6, "{done}");
+    assert_eq!(
+        tokens(&text(&c.stdout)),
+        alone,
+        "a render beside it changes no token"
+    );
+
+    // Cancel an image mid-render: the chat beside it goes on to its last token.
+    let never = d.path("never.png");
+    let mut image = d
+        .command(&["image", "tiny", "a fox", "--steps", "500", "--json", "-o"])
+        .arg(&never)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = image.stdout.take().unwrap();
+    let p: Value = serde_json::from_str(&read_line(&mut stdout)).unwrap();
+    assert_eq!(p["step"], 1, "{p}");
+    let c = chat("24");
+    let jobs = d.json(&["jobs", "--json"]);
+    let id = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["model"] == "tiny" && j["state"] == "running")
+        .map(|j| j["id"].as_u64().unwrap())
+        .expect("the image job is running");
+    d.ok(&["cancel", &id.to_string()]);
+    let o = image.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    assert!(!never.exists());
+    let c = c.wait_with_output().unwrap();
+    assert!(c.status.success());
+    let lines = json_lines(&text(&c.stdout));
+    let done = lines.last().unwrap();
+    assert!(
+        done["finish_reason"] == "length" || done["finish_reason"] == "eos",
+        "{done}"
+    );
+    assert_eq!(&tokens(&text(&c.stdout))[..alone.len()], &alone[..]);
+}

@@ -558,3 +558,57 @@ fn bench_reports_speed_and_roofline_and_returns_its_scratch() {
     );
     assert_eq!(used(&d), before, "the probe's scratch is given back");
 }
+
+/// Two requests to one model run batched (one forward per step over both sequences: each
+/// reports a peak batch of 2) and each gives the tokens it gives alone, its log-probabilities
+/// within 1e-3 (the batch's matrix kernel rounds differently from a lone token's).
+#[test]
+fn two_requests_batched_on_one_model_give_their_solo_tokens() {
+    let Some(d) = smol_daemon("") else { return };
+    let prompts = ["The capital of France is", "1, 2, 3, 4,"];
+    let run = |prompt: &str| {
+        d.command(&[
+            "generate",
+            "smol",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let children: Vec<_> = prompts.iter().map(|p| run(p)).collect();
+    let together: Vec<Vec<Value>> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success());
+            json_lines(&text(&o.stdout))
+        })
+        .collect();
+    for lines in &together {
+        let done = lines.last().unwrap();
+        assert_eq!(
+            done["peak_batch"], 2,
+            "the two requests shared steps: {done}"
+        );
+    }
+    for (p, got) in prompts.iter().zip(&together) {
+        let o = run(p).wait_with_output().unwrap();
+        let alone = json_lines(&text(&o.stdout));
+        assert_eq!(alone.last().unwrap()["peak_batch"], 1);
+        assert_eq!(alone.len(), got.len());
+        for (x, y) in got.iter().zip(&alone).filter(|(x, _)| x["done"].is_null()) {
+            assert_eq!(x["token"], y["token"], "{p:?}: batched {x} vs alone {y}");
+            let (a, b) = (
+                x["logprob"].as_f64().unwrap(),
+                y["logprob"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-3, "{p:?}: batched {x} vs alone {y}");
+        }
+    }
+}

@@ -144,6 +144,11 @@ pub struct Config {
     /// Prompt tokens one step of an LLM job processes at most, so other jobs' steps (of any
     /// model) and cancellation get in between the chunks of a long prompt.
     pub step_tokens: u32,
+    /// What one chunk of diffusion work aims to take on the device (`chunk_ms`), so chat steps
+    /// get in between; and what no single submission may take (`ceiling_ms`, far below the
+    /// amdgpu 10 s watchdog), logged when one does.
+    pub chunk_ms: u32,
+    pub ceiling_ms: u32,
     pub models: Vec<ModelConfig>,
 }
 
@@ -161,7 +166,20 @@ impl Default for Config {
             weights: halo_kernels::LoadStrategy::Auto,
             max_request: DEFAULT_MAX_REQUEST,
             step_tokens: DEFAULT_STEP_TOKENS,
+            chunk_ms: DEFAULT_CHUNK_MS,
+            ceiling_ms: DEFAULT_CEILING_MS,
             models: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The step policy's settings.
+    pub fn step_config(&self) -> crate::scheduler::step::StepConfig {
+        crate::scheduler::step::StepConfig {
+            target: Duration::from_millis(self.chunk_ms as u64),
+            ceiling: Duration::from_millis(self.ceiling_ms as u64),
+            step_tokens: self.step_tokens as usize,
         }
     }
 }
@@ -175,6 +193,11 @@ const MAX_STEP_TOKENS: u32 = crate::llm::model::MAX_BATCH as u32;
 /// What one decode token costs on a big MoE is a few ms; a 64-token prompt chunk is of the same
 /// order on a GPU, and its matrix products still run on full tiles.
 pub const DEFAULT_STEP_TOKENS: u32 = 64;
+/// A chat's decode step is ~15 ms on a big MoE: a 50 ms chunk keeps its pace within a few×.
+pub const DEFAULT_CHUNK_MS: u32 = 50;
+pub const DEFAULT_CEILING_MS: u32 = 200;
+/// The longest ceiling accepted: well below the 10 s the amdgpu watchdog allows a submission.
+const MAX_CEILING_MS: u32 = 5000;
 const DEFAULT_RESERVE: u64 = 2 << 30;
 const DEFAULT_KEEP_ALIVE: KeepAlive = KeepAlive::For(Duration::from_secs(300));
 const DEFAULT_MAX_QUEUE: usize = 16;
@@ -230,6 +253,8 @@ struct RawDaemon {
     #[serde(default, deserialize_with = "de_size_spanned")]
     max_request: Option<Spanned<u64>>,
     step_tokens: Option<Spanned<u32>>,
+    chunk_ms: Option<Spanned<u32>>,
+    ceiling_ms: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -634,6 +659,31 @@ impl Config {
             Some(s) => s.into_inner(),
             None => DEFAULT_STEP_TOKENS,
         };
+        let ceiling_ms = match raw.daemon.ceiling_ms {
+            Some(c) if !(1..=MAX_CEILING_MS).contains(c.get_ref()) => {
+                return Err(err_at(
+                    c.span().start,
+                    "daemon.ceiling_ms".into(),
+                    format!(
+                        "ceiling_ms must be between 1 and {MAX_CEILING_MS} (the GPU watchdog \
+                         resets a submission at 10 s)"
+                    ),
+                ))
+            }
+            Some(c) => c.into_inner(),
+            None => DEFAULT_CEILING_MS,
+        };
+        let chunk_ms = match raw.daemon.chunk_ms {
+            Some(c) if !(1..=ceiling_ms).contains(c.get_ref()) => {
+                return Err(err_at(
+                    c.span().start,
+                    "daemon.chunk_ms".into(),
+                    format!("chunk_ms must be between 1 and ceiling_ms ({ceiling_ms})"),
+                ))
+            }
+            Some(c) => c.into_inner(),
+            None => DEFAULT_CHUNK_MS.min(ceiling_ms),
+        };
 
         let max_queue = match raw.defaults.max_queue {
             Some(q) if *q.get_ref() == 0 => {
@@ -778,6 +828,8 @@ impl Config {
                 .unwrap_or(halo_kernels::LoadStrategy::Auto),
             max_request,
             step_tokens,
+            chunk_ms,
+            ceiling_ms,
             models,
         })
     }
@@ -817,9 +869,11 @@ impl Config {
             out.push_str(&format!("log = {}\n", q(log)));
         }
         out.push_str(&format!(
-            "max_request = {}\nstep_tokens = {}\n",
+            "max_request = {}\nstep_tokens = {}\nchunk_ms = {}\nceiling_ms = {}\n",
             q(&size_str(self.max_request)),
-            self.step_tokens
+            self.step_tokens,
+            self.chunk_ms,
+            self.ceiling_ms
         ));
         out.push_str("\n[memory]\n");
         match self.budget {
@@ -946,6 +1000,28 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/halo/halod.toml"))
+    }
+
+    #[test]
+    fn chunk_and_ceiling_times_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!((c.chunk_ms, c.ceiling_ms), (50, 200));
+        let sc = c.step_config();
+        assert_eq!(sc.target, Duration::from_millis(50));
+        let c = parse("[daemon]\nchunk_ms = 20\nceiling_ms = 100\n").unwrap();
+        assert_eq!((c.chunk_ms, c.ceiling_ms), (20, 100));
+        let back = Config::parse(&c.to_toml(), Path::new("/x.toml")).unwrap();
+        assert_eq!((back.chunk_ms, back.ceiling_ms), (20, 100));
+        // A chunk longer than the ceiling, a ceiling near the watchdog, zero: refused.
+        let e = parse("[daemon]\nchunk_ms = 300\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.chunk_ms"), "{e}");
+        let e = parse("[daemon]\nceiling_ms = 9000\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.ceiling_ms"), "{e}");
+        assert!(e.message.contains("watchdog"), "{e}");
+        let e = parse("[daemon]\nchunk_ms = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.chunk_ms"), "{e}");
+        // A small ceiling pulls the default chunk down with it.
+        assert_eq!(parse("[daemon]\nceiling_ms = 30\n").unwrap().chunk_ms, 30);
     }
 
     #[test]

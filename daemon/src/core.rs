@@ -101,6 +101,8 @@ pub enum JobEvent {
         completion_tokens: u32,
         prompt_ms: u64,
         generation_ms: u64,
+        /// The most sequences one of the job's steps ran together.
+        peak_batch: u32,
     },
     Failed(CoreError),
     /// Stopped before it ran (or before the executor could say more).
@@ -746,6 +748,7 @@ impl Core {
             .filter(|m| m.pinned)
             .map(|m| m.name.clone())
             .collect();
+        self.executor.configure(config.step_config());
         self.config = config;
         for name in pinned {
             match self.start_load(&name, true) {
@@ -1142,7 +1145,6 @@ impl Core {
                                 params,
                                 events,
                                 stop,
-                                step_tokens: self.config.step_tokens as usize,
                             };
                             if !self.executor.submit(exec) {
                                 self.end_job(

@@ -1,8 +1,12 @@
-//! The GPU executor: one thread that runs every job's GPU work, one step at a time, round-robin
-//! across the jobs it holds (a prompt chunk or one decode token per step). Jobs are state
-//! machines: tokenize → prefill in chunks → decode steps → done. Cancellation (or a client that
-//! went away) is checked between steps, so a job stops within one decode step, and its sequence
-//! goes back to the model's pool when it ends.
+//! The GPU executor: one thread that runs every job's GPU work, one piece at a time, in the
+//! order the step policy ([`crate::scheduler::step`]) chooses. The LLM jobs of one model form a
+//! lane: one step of it is one forward over all of them, each decoding sequence's next token
+//! plus at most one chunk of one waiting prompt (continuous batching: sequences join and leave
+//! between steps, and the weights are read once per step for all of them). An image job is a
+//! lane of its own whose steps are chunks sized to the policy's time budget. LLM jobs are state
+//! machines: tokenize → prefill in chunks → decode → done. Cancellation (or a client that went
+//! away) is checked between steps, so a job stops within one step, and its sequence goes back
+//! to the model's pool when it ends.
 //!
 //! Architecture invariant: no request thread submits GPU work; everything goes through this
 //! thread. It talks to async code through channels only and never blocks the tokio runtime.
@@ -17,8 +21,9 @@ use crate::core::{CoreError, JobEvent, TokenEvent};
 use crate::diffusion::job::{ImageRun, ImageWork};
 use crate::llm::chat::Message;
 use crate::llm::engine::LlmEngine;
-use crate::llm::model::{Sequence, MAX_BATCH};
+use crate::llm::model::{Part, Sequence};
 use crate::sampler::{logprobs, Sampler, SamplerConfig};
+use crate::scheduler::step::{LlmLane, Pick, Ran, StepConfig, StepPolicy};
 use crate::scheduler::JobId;
 
 /// What a generate request asks for.
@@ -105,8 +110,6 @@ pub struct ExecJob {
     pub params: GenerateParams,
     pub events: UnboundedSender<JobEvent>,
     pub stop: Arc<StopFlag>,
-    /// Prompt tokens one step processes at most (`[daemon] step_tokens`).
-    pub step_tokens: usize,
 }
 
 /// An image job handed to the executor.
@@ -128,6 +131,8 @@ enum Msg {
         u64,
         tokio::sync::oneshot::Sender<Result<f64, String>>,
     ),
+    /// The step policy's settings changed (config load or reload).
+    Configure(StepConfig),
     /// Measure the image kernels at these shapes between job steps.
     ImageKernels(
         halo_kernels::Device,
@@ -153,6 +158,11 @@ impl Executor {
             .spawn(move || run(rx, ended))
             .expect("spawning the executor thread");
         Executor { tx }
+    }
+
+    /// Gives the step policy new settings; jobs under way keep running.
+    pub fn configure(&self, cfg: StepConfig) {
+        let _ = self.tx.send(Msg::Configure(cfg));
     }
 
     /// Hands a job to the thread; false if the thread has stopped.
@@ -197,16 +207,43 @@ impl Executor {
     }
 }
 
+/// What the executor thread holds between pieces of work.
+struct State {
+    lanes: Vec<LlmWork>,
+    images: Vec<ImageExec>,
+    policy: StepPolicy,
+}
+
 fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)>) {
-    let mut active: Vec<Active> = Vec::new();
-    let handle = |m: Msg, active: &mut Vec<Active>| match m {
-        Msg::Job(job) => active.push(Active::Llm(Box::new(Running::new(job)))),
-        Msg::Image(job) => active.push(Active::Image(Box::new(ImageExec {
+    let mut st = State {
+        lanes: Vec::new(),
+        images: Vec::new(),
+        policy: StepPolicy::new(StepConfig::default()),
+    };
+    let handle = |m: Msg, st: &mut State| match m {
+        Msg::Job(job) => {
+            let key = lane_key(&job.engine);
+            let run = Running::new(job);
+            match st.lanes.iter_mut().find(|l| l.key == key) {
+                Some(l) => l.jobs.push(run),
+                None => st.lanes.push(LlmWork {
+                    key,
+                    engine: run.job.engine.clone(),
+                    jobs: vec![run],
+                }),
+            }
+        }
+        Msg::Image(job) => st.images.push(ImageExec {
             id: job.id,
             events: job.events,
             stop: job.stop,
             run: ImageRun::new(job.work),
-        }))),
+        }),
+        Msg::Configure(cfg) => {
+            if cfg != st.policy.config() {
+                st.policy = StepPolicy::new(cfg);
+            }
+        }
         Msg::Bandwidth(device, bytes, reply) => {
             let _ = reply.send(bandwidth(&device, bytes).map_err(|e| e.to_string()));
         }
@@ -221,42 +258,211 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
         }
     };
     loop {
-        if active.is_empty() {
+        if st.lanes.is_empty() && st.images.is_empty() {
             match rx.recv() {
-                Ok(m) => handle(m, &mut active),
+                Ok(m) => handle(m, &mut st),
                 Err(_) => return, // the daemon is gone
             }
         }
         while let Ok(m) = rx.try_recv() {
-            handle(m, &mut active);
+            handle(m, &mut st);
         }
-        let mut i = 0;
-        while i < active.len() {
-            // A bug in one job must not take the others (or the daemon) down with it.
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| active[i].step()))
+        let views: Vec<LlmLane> = st.lanes.iter().map(LlmWork::view).collect();
+        let image_keys: Vec<u64> = st.images.iter().map(|j| j.id.0).collect();
+        let Some(pick) = st.policy.next(&views, &image_keys) else {
+            continue;
+        };
+        let t = Instant::now();
+        let mut gone = None;
+        // A bug in one job must not take the others (or the daemon) down with it.
+        let internal = || {
+            Ended::Failed(CoreError::FailedPrecondition(
+                "internal error while running the job (see the daemon's log)".into(),
+            ))
+        };
+        let ran = match pick {
+            Pick::Llm {
+                lane,
+                prefill_tokens,
+            } => {
+                let work = &mut st.lanes[lane];
+                let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    work.step(prefill_tokens, &ended)
+                }))
                 .unwrap_or_else(|_| {
-                    Some(Ended::Failed(CoreError::FailedPrecondition(
-                        "internal error while running the job (see the daemon's log)".into(),
-                    )))
+                    work.end_all(&ended, internal);
+                    0
                 });
-            match step {
-                None => i += 1,
-                Some(outcome) => {
-                    // The job (its engine reference, an image job's activations) goes first:
-                    // when the core hears of the end, its memory is already released.
-                    let id = match active.swap_remove(i) {
-                        Active::Llm(mut job) => {
-                            if let Some(seq) = job.seq.take() {
-                                job.job.engine.return_sequence(seq);
-                            }
-                            job.job.id
-                        }
-                        Active::Image(job) => job.id,
-                    };
-                    let _ = ended.send((id, outcome));
+                Ran {
+                    key: work.key,
+                    image: false,
+                    took: t.elapsed(),
+                    rows,
                 }
             }
+            Pick::Image { lane, budget } => {
+                let job = &mut st.images[lane];
+                let step =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.step(budget)))
+                        .unwrap_or_else(|_| (Some(internal()), None));
+                let key = job.id.0;
+                let took = step.1.unwrap_or_else(|| t.elapsed());
+                if let Some(outcome) = step.0 {
+                    // The job (its activations) goes first: when the core hears of the end,
+                    // its memory is already released.
+                    let job = st.images.swap_remove(lane);
+                    let id = job.id;
+                    drop(job);
+                    gone = Some(key);
+                    let _ = ended.send((id, outcome));
+                }
+                Ran {
+                    key,
+                    image: true,
+                    took,
+                    rows: 0,
+                }
+            }
+        };
+        if st.policy.ran(ran) {
+            tracing::warn!(
+                lane = ran.key,
+                image = ran.image,
+                took_ms = ran.took.as_millis() as u64,
+                ceiling_ms = st.policy.config().ceiling.as_millis() as u64,
+                "a piece of GPU work ran longer than the submission ceiling"
+            );
         }
+        if let Some(key) = gone {
+            st.policy.forget(key, true);
+        }
+        st.lanes.retain(|l| {
+            let keep = !l.jobs.is_empty();
+            if !keep {
+                st.policy.forget(l.key, false);
+            }
+            keep
+        });
+    }
+}
+
+/// The lane of a model: its engine's address, unique while the engine lives.
+fn lane_key(engine: &Arc<LlmEngine>) -> u64 {
+    Arc::as_ptr(engine) as usize as u64
+}
+
+/// The LLM jobs of one loaded model, stepped together.
+struct LlmWork {
+    key: u64,
+    engine: Arc<LlmEngine>,
+    /// In arrival order: the first waiting prompt is the next to get a chunk.
+    jobs: Vec<Running>,
+}
+
+impl LlmWork {
+    fn view(&self) -> LlmLane {
+        let decoding = self.jobs.iter().filter(|j| j.next.is_some()).count();
+        LlmLane {
+            key: self.key,
+            decoding,
+            prefilling: self.jobs.len() - decoding,
+        }
+    }
+
+    /// Ends job `i`: its sequence goes back to the pool first, then the core hears of it.
+    fn end(&mut self, i: usize, outcome: Ended, ended: &UnboundedSender<(JobId, Ended)>) {
+        let mut job = self.jobs.remove(i);
+        if let Some(seq) = job.seq.take() {
+            self.engine.return_sequence(seq);
+        }
+        let _ = ended.send((job.job.id, outcome));
+    }
+
+    fn end_all(&mut self, ended: &UnboundedSender<(JobId, Ended)>, why: impl Fn() -> Ended) {
+        while !self.jobs.is_empty() {
+            self.end(0, why(), ended);
+        }
+    }
+
+    /// One step: every job is checked for a stop, new ones are tokenized, then one forward runs
+    /// each decoding sequence's next token and a chunk of at most `prefill_tokens` of the first
+    /// waiting prompt. Returns the rows the forward ran.
+    fn step(&mut self, prefill_tokens: usize, ended: &UnboundedSender<(JobId, Ended)>) -> usize {
+        // Stops, a changing model file, tokenization, and the tokens decoders emit.
+        let mut i = 0;
+        while i < self.jobs.len() {
+            match self.jobs[i].before_step() {
+                Some(outcome) => self.end(i, outcome, ended),
+                None => i += 1,
+            }
+        }
+        if self.jobs.is_empty() {
+            return 0;
+        }
+        let engine = self.engine.clone();
+        let mut sc = engine.scratch();
+        let room = sc.rows() as usize;
+        let decoding = self.jobs.iter().filter(|j| j.feed.is_some()).count();
+        let prefiller = self
+            .jobs
+            .iter()
+            .position(|j| j.feed.is_none() && j.fed < j.prompt.len());
+        let chunk = prefiller.map(|p| {
+            let j = &self.jobs[p];
+            (j.prompt.len() - j.fed)
+                .min(prefill_tokens.max(1))
+                .min(room.saturating_sub(decoding))
+        });
+        let mut parts = Vec::with_capacity(decoding + 1);
+        let mut who = Vec::with_capacity(decoding + 1);
+        for (i, j) in self.jobs.iter_mut().enumerate() {
+            let Running {
+                seq,
+                feed,
+                prompt,
+                fed,
+                ..
+            } = j;
+            let Some(seq) = seq.as_mut() else { continue };
+            if let Some(t) = feed.as_ref() {
+                parts.push(Part {
+                    seq,
+                    tokens: std::slice::from_ref(t),
+                    logits: true,
+                });
+                who.push(i);
+            } else if Some(i) == prefiller && chunk.unwrap_or(0) > 0 {
+                let end = *fed + chunk.unwrap_or(0);
+                parts.push(Part {
+                    seq,
+                    tokens: &prompt[*fed..end],
+                    logits: end == prompt.len(),
+                });
+                who.push(i);
+            }
+        }
+        if parts.is_empty() {
+            return 0;
+        }
+        let counts: Vec<usize> = parts.iter().map(|p| p.tokens.len()).collect();
+        let rows = counts.iter().sum();
+        let out = engine.model.forward_batch(&mut sc, &mut parts);
+        drop(parts);
+        drop(sc);
+        let logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                // The step ran for all of them: none of their caches can be trusted.
+                for &i in who.iter().rev() {
+                    self.end(i, Ended::Failed(Running::gpu(&e)), ended);
+                }
+                return rows;
+            }
+        };
+        for ((&i, l), n) in who.iter().zip(logits).zip(counts) {
+            self.jobs[i].after_step(n, who.len(), l.as_deref());
+        }
+        rows
     }
 }
 
@@ -277,21 +483,6 @@ fn bandwidth(device: &halo_kernels::Device, bytes: u64) -> Result<f64, halo_kern
     Ok(2.0 * bytes as f64 / best)
 }
 
-/// A job the executor holds.
-enum Active {
-    Llm(Box<Running>),
-    Image(Box<ImageExec>),
-}
-
-impl Active {
-    fn step(&mut self) -> Option<Ended> {
-        match self {
-            Active::Llm(r) => r.step(),
-            Active::Image(r) => r.step(),
-        }
-    }
-}
-
 /// A running image job with its client's channel and stop flag.
 struct ImageExec {
     id: JobId,
@@ -301,7 +492,12 @@ struct ImageExec {
 }
 
 impl ImageExec {
-    fn step(&mut self) -> Option<Ended> {
+    /// One chunk of the job, aiming at `budget` of device time: how it ended if it did, and
+    /// the chunk's measured device time where the device keeps timestamps.
+    fn step(
+        &mut self,
+        budget: std::time::Duration,
+    ) -> (Option<Ended>, Option<std::time::Duration>) {
         let stop = match self.stop.get() {
             None if self.events.is_closed() => Some(StopReason::Cancelled),
             s => s,
@@ -310,14 +506,14 @@ impl ImageExec {
             let summary = self.run.summary(why.as_str(), 0, 0);
             if why == StopReason::Shutdown {
                 let _ = self.events.send(summary);
-                return Some(Ended::Cancelled(None));
+                return (Some(Ended::Cancelled(None)), None);
             }
-            return Some(Ended::Cancelled(Some(summary)));
+            return (Some(Ended::Cancelled(Some(summary))), None);
         }
-        match self.run.step(&self.events) {
-            Ok(None) => None,
-            Ok(Some(summary)) => Some(Ended::Done(summary)),
-            Err(e) => Some(Ended::Failed(e)),
+        match self.run.step(&self.events, budget) {
+            Ok((None, took)) => (None, took),
+            Ok((Some(summary), took)) => (Some(Ended::Done(summary)), took),
+            Err(e) => (Some(Ended::Failed(e)), None),
         }
     }
 }
@@ -338,12 +534,16 @@ struct Running {
     history: Vec<u32>,
     /// The sampled token waiting to be emitted, with its log-probabilities.
     next: Option<Chosen>,
+    /// The emitted token this step feeds back (decoding), None while the prompt runs.
+    feed: Option<u32>,
     generated: u32,
     /// Bytes of an incomplete UTF-8 sequence carried to the next token.
     partial: Vec<u8>,
     /// Text held back because it could be the start of a stop string.
     held: String,
     started: Instant,
+    /// The most sequences one of its steps ran together.
+    peak_batch: u32,
     prompt_ms: u64,
     decode_started: Option<Instant>,
     ready: bool,
@@ -361,18 +561,22 @@ impl Running {
             cached: 0,
             history: Vec::new(),
             next: None,
+            feed: None,
             generated: 0,
             partial: Vec::new(),
             held: String::new(),
             started: Instant::now(),
+            peak_batch: 0,
             prompt_ms: 0,
             decode_started: None,
             ready: false,
         }
     }
 
-    /// Does one step of work; `Some` when the job has ended.
-    fn step(&mut self) -> Option<Ended> {
+    /// Before a step of its model: `Some` when the job has ended (stopped, its model file
+    /// changing, a prompt it cannot run, or the token it emitted finished it); otherwise it is
+    /// tokenized, and a decoding job has its next token in `feed`.
+    fn before_step(&mut self) -> Option<Ended> {
         let stop = match self.job.stop.get() {
             None if self.job.events.is_closed() => Some(StopReason::Cancelled),
             s => s,
@@ -391,21 +595,37 @@ impl Running {
         if let Some(why) = self.job.engine.file_changed() {
             return Some(Ended::Failed(CoreError::FailedPrecondition(why)));
         }
-        let r = if !self.ready {
-            self.prepare()
-        } else if self.fed < self.prompt.len() {
-            self.prefill()
-        } else {
-            self.decode()
-        };
-        match r {
-            Ok(None) => None,
-            Ok(Some(e)) => Some(e),
-            Err(e) => Some(Ended::Failed(e)),
+        if !self.ready {
+            if let Err(e) = self.prepare() {
+                return Some(Ended::Failed(e));
+            }
+        }
+        if self.next.is_some() {
+            match self.emit() {
+                Ok(t) => self.feed = Some(t),
+                Err(end) => return Some(end),
+            }
+        }
+        None
+    }
+
+    /// After a step that ran `rows` of this job's tokens: a prompt chunk advances the prompt;
+    /// the logits (after the prompt's last token, or after a fed token) choose the next token.
+    fn after_step(&mut self, rows: usize, batch: usize, logits: Option<&[f32]>) {
+        self.peak_batch = self.peak_batch.max(batch as u32);
+        if self.feed.take().is_none() {
+            self.fed += rows;
+            if self.fed == self.prompt.len() {
+                self.prompt_ms = self.started.elapsed().as_millis() as u64;
+                self.decode_started = Some(Instant::now());
+            }
+        }
+        if let Some(l) = logits {
+            self.choose(l);
         }
     }
 
-    fn prepare(&mut self) -> Result<Option<Ended>, CoreError> {
+    fn prepare(&mut self) -> Result<(), CoreError> {
         let engine = &self.job.engine;
         let tok = &engine.tokenizer;
         let p = &self.job.params;
@@ -495,31 +715,11 @@ impl Running {
         self.history = ids.clone();
         self.prompt = ids;
         self.ready = true;
-        Ok(None)
+        Ok(())
     }
 
     fn gpu(e: impl std::fmt::Display) -> CoreError {
         CoreError::FailedPrecondition(format!("GPU work failed: {e}"))
-    }
-
-    fn prefill(&mut self) -> Result<Option<Ended>, CoreError> {
-        // One chunk per step, so other jobs' steps and cancellation come in between.
-        let chunk = self.job.step_tokens.clamp(1, MAX_BATCH as usize);
-        let end = (self.fed + chunk).min(self.prompt.len());
-        let seq = self.seq.as_mut().expect("prepared");
-        let logits = self
-            .job
-            .engine
-            .model
-            .forward(seq, &self.prompt[self.fed..end])
-            .map_err(Self::gpu)?;
-        self.fed = end;
-        if self.fed == self.prompt.len() {
-            self.prompt_ms = self.started.elapsed().as_millis() as u64;
-            self.decode_started = Some(Instant::now());
-            self.choose(&logits);
-        }
-        Ok(None)
     }
 
     fn choose(&mut self, logits: &[f32]) {
@@ -528,12 +728,14 @@ impl Running {
         self.next = Some((t, lp, top));
     }
 
-    fn decode(&mut self) -> Result<Option<Ended>, CoreError> {
+    /// Emits the chosen token: `Ok(token)` to feed it back, or how the job ended with it
+    /// (end of generation, a stop string, the length limit).
+    fn emit(&mut self) -> Result<u32, Ended> {
         let (t, lp, top) = self.next.take().expect("a token is chosen after prefill");
         let engine = self.job.engine.clone();
         let p = &self.job.params;
         if !p.ignore_eos && engine.tokenizer.is_eog(t) {
-            return Ok(Some(self.done("eos")));
+            return Err(self.done("eos"));
         }
         self.generated += 1;
         self.history.push(t);
@@ -579,16 +781,14 @@ impl Running {
         }));
         if stopped {
             self.held.clear();
-            return Ok(Some(self.done("stop")));
+            return Err(self.done("stop"));
         }
-        let seq = self.seq.as_mut().expect("prepared");
+        let seq = self.seq.as_ref().expect("prepared");
         let max = p.max_tokens.map(|m| m as u64).unwrap_or(u64::MAX);
         if self.generated as u64 >= max || seq.len() + 1 >= seq.capacity() {
-            return Ok(Some(self.done("length")));
+            return Err(self.done("length"));
         }
-        let logits = engine.model.forward(seq, &[t]).map_err(Self::gpu)?;
-        self.choose(&logits);
-        Ok(None)
+        Ok(t)
     }
 
     fn done(&mut self, reason: &str) -> Ended {
@@ -614,6 +814,7 @@ impl Running {
                 .decode_started
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
+            peak_batch: self.peak_batch,
         }
     }
 }

@@ -482,6 +482,7 @@ impl pb::halo_server::Halo for HaloService {
                     completion_tokens,
                     prompt_ms,
                     generation_ms,
+                    peak_batch,
                 } => (
                     Some(Ok(token(pb::generate_event::Event::Done(
                         pb::GenerateDone {
@@ -492,6 +493,7 @@ impl pb::halo_server::Halo for HaloService {
                             generation_ms,
                             trailing_text: std::mem::take(&mut trailing),
                             cached_tokens,
+                            peak_batch,
                         },
                     )))),
                     true,

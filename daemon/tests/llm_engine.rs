@@ -30,12 +30,13 @@ fn prefill_matches_decode(name: &str, prompt: &[u32]) {
     let m = LlmModel::load(&dev, &file, LoadStrategy::Auto, owner).unwrap();
     assert!(dev.ledger().owner(owner) >= file.header.tensors.iter().map(|t| t.size).sum::<u64>());
 
+    let mut sc = m.new_scratch(64, 1, OwnerId(2)).unwrap();
     let mut batch = m.new_sequence(64, KvCacheType::F16, OwnerId(2)).unwrap();
-    let a = m.forward(&mut batch, prompt).unwrap();
+    let a = m.forward(&mut sc, &mut batch, prompt).unwrap();
     let mut step = m.new_sequence(64, KvCacheType::F16, OwnerId(3)).unwrap();
     let mut b = Vec::new();
     for t in prompt {
-        b = m.forward(&mut step, &[*t]).unwrap();
+        b = m.forward(&mut sc, &mut step, &[*t]).unwrap();
     }
     assert!(a.iter().all(|x| x.is_finite()));
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -52,11 +53,11 @@ fn prefill_matches_decode(name: &str, prompt: &[u32]) {
         "batch and step logits differ by {diff}"
     );
     assert_eq!(argmax(&a), argmax(&b));
-    drop((batch, step));
+    drop((batch, step, sc));
     assert_eq!(
         dev.ledger().owner(OwnerId(2)),
         0,
-        "a dropped sequence frees its KV cache"
+        "a dropped sequence frees its KV cache, a dropped scratch its buffers"
     );
 }
 
@@ -108,13 +109,14 @@ fn greedy_matches_references(name: &str) {
         let prompt = ids(&case["prompt_tokens"]);
         let (llama, llama_margin) = (ids(&case["tokens"]), floats(&case["margins"]));
         let (exact, exact_margin) = (ids(&case["exact_tokens"]), floats(&case["exact_margins"]));
+        let mut sc = m.new_scratch(64, 1, OwnerId(11)).unwrap();
         let mut seq = m.new_sequence(64, KvCacheType::F16, OwnerId(11)).unwrap();
-        let mut logits = m.forward(&mut seq, &prompt).unwrap();
+        let mut logits = m.forward(&mut sc, &mut seq, &prompt).unwrap();
         let mut ours = Vec::new();
         for i in 0..exact.len() {
             ours.push(argmax(&logits));
             if i + 1 < exact.len() {
-                logits = m.forward(&mut seq, &[ours[i]]).unwrap();
+                logits = m.forward(&mut sc, &mut seq, &[ours[i]]).unwrap();
             }
         }
         let first_difference = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(x, y)| x != y);

@@ -124,8 +124,9 @@ fn check(arch: &str, ty: &str) {
     }
     for (kv, want, what, tol) in runs {
         // The whole prompt as one batch.
+        let mut sc = m.new_scratch(64, 1, OwnerId(2)).unwrap();
         let mut seq = m.new_sequence(64, kv, OwnerId(2)).unwrap();
-        let batch = m.forward(&mut seq, &prompt).unwrap();
+        let batch = m.forward(&mut sc, &mut seq, &prompt).unwrap();
         let batch_diff = max_diff(&batch, want);
 
         // Token by token: every step's top token, and the last step's logits.
@@ -133,7 +134,7 @@ fn check(arch: &str, ty: &str) {
         let mut step = Vec::new();
         let mut tops = Vec::new();
         for t in &prompt {
-            step = m.forward(&mut seq, &[*t]).unwrap();
+            step = m.forward(&mut sc, &mut seq, &[*t]).unwrap();
             tops.push(argmax(&step));
         }
         let step_diff = max_diff(&step, want);
@@ -321,6 +322,7 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
             let owner = OwnerId(100 + i as u64);
             let m = LlmModel::load(&dev, &file, LoadStrategy::Copy, owner).unwrap();
             let seq = m.new_sequence(64, kv, owner).unwrap();
+            let sc = m.new_scratch(64, 1, owner).unwrap();
             let est =
                 halod::llm::engine::estimate(&file.header, Some(64), 1, kv, dev.weight_layout())
                     .unwrap();
@@ -328,7 +330,7 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
             let got = dev.ledger().owner(owner);
             assert_eq!(got, est, "{arch} {kv:?}: estimate {est}, allocated {got}");
             actual.push(est);
-            drop((seq, m));
+            drop((seq, sc, m));
             assert_eq!(dev.ledger().owner(owner), 0);
         }
         let hp = halod::llm::hparams::HParams::from_gguf(&file.header).unwrap();
@@ -340,4 +342,89 @@ fn the_estimate_matches_the_allocation_for_both_cache_types() {
 #[test]
 fn qwen3_yarn_rope_scaling_f32() {
     check("qwen3yarn", "F32");
+}
+
+/// One forward step over several sequences at once (continuous batching) gives each sequence
+/// the logits it gets alone: three prompts that join one after another while the earlier ones
+/// decode, on a dense, a gemma and a mixture-of-experts model. Greedy tokens are equal; the
+/// logits differ only by the rounding of the batch's matrix kernel (matmul for every row
+/// instead of matvec for a lone token), stated below.
+#[test]
+fn batched_steps_give_each_sequence_its_solo_logits() {
+    use halod::llm::model::Part;
+    let Some(dev) = device() else {
+        return;
+    };
+    let prompts: [&[u32]; 3] = [&[1, 5, 9, 2, 7], &[3, 3, 8], &[4, 11, 6, 2, 10, 12, 1]];
+    const STEPS: usize = 6;
+    for arch in ["llama", "gemma3", "qwen3moe"] {
+        let path = format!("{DIR}/tiny-{arch}-Q8_0.gguf");
+        let file = GgufFile::open(std::path::Path::new(&path)).unwrap();
+        let m = LlmModel::load(&dev, &file, LoadStrategy::Copy, OwnerId(1)).unwrap();
+        let kv = KvCacheType::F16;
+        // Alone: each prompt, then greedy tokens one by one.
+        let mut solo = Vec::new();
+        for p in prompts {
+            let mut sc = m.new_scratch(64, 1, OwnerId(2)).unwrap();
+            let mut seq = m.new_sequence(64, kv, OwnerId(2)).unwrap();
+            let mut logits = vec![m.forward(&mut sc, &mut seq, p).unwrap()];
+            for _ in 0..STEPS {
+                let t = argmax(logits.last().unwrap()) as u32;
+                logits.push(m.forward(&mut sc, &mut seq, &[t]).unwrap());
+            }
+            solo.push(logits);
+        }
+        // Batched: prompt i joins at step i, beside the decoding of the earlier ones.
+        let mut sc = m.new_scratch(64, 3, OwnerId(3)).unwrap();
+        let mut seqs: Vec<_> = (0..3)
+            .map(|_| m.new_sequence(64, kv, OwnerId(3)).unwrap())
+            .collect();
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+        for step in 0..STEPS + 3 {
+            let feeds: Vec<Vec<u32>> = (0..3)
+                .map(|i| match got[i].last() {
+                    _ if step < i => Vec::new(),
+                    None => prompts[i].to_vec(),
+                    Some(_) if got[i].len() > STEPS => Vec::new(),
+                    Some(l) => vec![argmax(l) as u32],
+                })
+                .collect();
+            let mut parts: Vec<Part> = seqs
+                .iter_mut()
+                .zip(&feeds)
+                .filter(|(_, f)| !f.is_empty())
+                .map(|(seq, f)| Part {
+                    seq,
+                    tokens: f,
+                    logits: true,
+                })
+                .collect();
+            if parts.is_empty() {
+                break;
+            }
+            let out = m.forward_batch(&mut sc, &mut parts).unwrap();
+            let mut out = out.into_iter();
+            for (i, f) in feeds.iter().enumerate() {
+                if !f.is_empty() {
+                    got[i].push(out.next().unwrap().unwrap());
+                }
+            }
+        }
+        for i in 0..3 {
+            assert_eq!(got[i].len(), solo[i].len(), "{arch} sequence {i}");
+            for (s, (a, b)) in got[i].iter().zip(&solo[i]).enumerate() {
+                assert_eq!(argmax(a), argmax(b), "{arch} sequence {i} step {s}");
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                eprintln!(
+                    "{arch} seq {i} step {s}: max |batched - solo| = {:.2e} of {scale:.2}",
+                    diff
+                );
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "{arch} seq {i} step {s}: {diff} of {scale}"
+                );
+            }
+        }
+    }
 }

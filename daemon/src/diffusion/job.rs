@@ -1,7 +1,7 @@
-//! An image job on the GPU executor: a state machine over steps like an LLM job. It encodes the
-//! prompts and draws the noise, then runs the UNet one chunk per executor step (so LLM steps and
-//! cancellation come in between), reports progress after each denoising step (with a latent
-//! preview when asked), decodes with the VAE (whole or in tiles, as its memory plan says),
+//! An image job on the GPU executor: a state machine over chunks. It encodes the prompts and
+//! draws the noise, then runs the UNet and the VAE decode (whole or in tiles, as its memory plan
+//! says) in chunks of the time budget the step policy gives (so LLM steps and cancellation come
+//! in between), reports progress after each denoising step (with a latent preview when asked),
 //! writes the PNGs, and ends with a summary of its times and its memory.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use crate::core::{CoreError, ImageOut, ImageSummary, JobEvent};
 use super::png;
 use super::preview;
 use super::sdxl::{JobPlan, SdxlJob, SdxlPipeline, SdxlRequest};
+use super::vae::Decode;
 
 /// What an image request asks for, defaults filled in.
 #[derive(Clone, Debug)]
@@ -41,7 +42,8 @@ pub struct ImageWork {
 enum Phase {
     Start,
     Denoise(Box<SdxlJob>),
-    Decode(Box<SdxlJob>),
+    /// The decode, its state made on its first chunk.
+    Decode(Box<SdxlJob>, Option<Box<Decode>>),
 }
 
 /// A running image job.
@@ -52,6 +54,7 @@ pub struct ImageRun {
     encode_ms: u64,
     denoise_started: Option<Instant>,
     denoise_ms: u64,
+    decode_started: Option<Instant>,
     steps_done: u32,
 }
 
@@ -69,6 +72,7 @@ impl ImageRun {
             encode_ms: 0,
             denoise_started: None,
             denoise_ms: 0,
+            decode_started: None,
             steps_done: 0,
         }
     }
@@ -77,12 +81,15 @@ impl ImageRun {
         self.work.params.request.steps
     }
 
-    /// One step of work: events go to `events`; `Ok(Some(summary))` when the job is done.
+    /// One chunk of work aiming at `budget` of device time: events go to `events`; the
+    /// summary when the job is done, and the chunk's measured device time where known.
     pub fn step(
         &mut self,
         events: &tokio::sync::mpsc::UnboundedSender<JobEvent>,
-    ) -> Result<Option<JobEvent>, CoreError> {
+        budget: std::time::Duration,
+    ) -> Result<(Option<JobEvent>, Option<std::time::Duration>), CoreError> {
         let pipe = self.work.pipeline.clone();
+        let chunk_started = Instant::now();
         match std::mem::replace(&mut self.phase, Phase::Start) {
             Phase::Start => {
                 let job = pipe
@@ -91,13 +98,14 @@ impl ImageRun {
                 self.encode_ms = self.started.elapsed().as_millis() as u64;
                 self.denoise_started = Some(Instant::now());
                 self.phase = if job.denoised() {
-                    Phase::Decode(Box::new(job))
+                    Phase::Decode(Box::new(job), None)
                 } else {
                     Phase::Denoise(Box::new(job))
                 };
+                Ok((None, Some(chunk_started.elapsed())))
             }
             Phase::Denoise(mut job) => {
-                let stepped = pipe.advance(&mut job).map_err(gpu)?;
+                let (stepped, took) = pipe.advance_for(&mut job, Some(budget)).map_err(gpu)?;
                 if stepped {
                     self.steps_done += 1;
                     let every = self.work.params.preview_every;
@@ -117,15 +125,28 @@ impl ImageRun {
                     });
                     if last {
                         self.denoise_ms = elapsed;
-                        self.phase = Phase::Decode(job);
-                        return Ok(None);
+                        self.phase = Phase::Decode(job, None);
+                        return Ok((None, Some(took)));
                     }
                 }
                 self.phase = Phase::Denoise(job);
+                Ok((None, Some(took)))
             }
-            Phase::Decode(job) => {
-                let t = Instant::now();
-                let images = pipe.decode_with(&job, self.work.plan.tile).map_err(gpu)?;
+            Phase::Decode(job, decode) => {
+                let mut decode = match decode {
+                    Some(d) => d,
+                    None => {
+                        self.decode_started = Some(Instant::now());
+                        Box::new(pipe.begin_decode(&job, self.work.plan.tile).map_err(gpu)?)
+                    }
+                };
+                let (images, took) = pipe
+                    .decode_for(&mut decode, job.batch(), Some(budget))
+                    .map_err(gpu)?;
+                let Some(images) = images else {
+                    self.phase = Phase::Decode(job, Some(decode));
+                    return Ok((None, Some(took)));
+                };
                 let req = &self.work.params.request;
                 let params = self.parameters();
                 for (i, image) in images.iter().enumerate() {
@@ -151,11 +172,14 @@ impl ImageRun {
                         height: req.height as u32,
                     }));
                 }
-                let decode_ms = t.elapsed().as_millis() as u64;
-                return Ok(Some(self.summary("done", images.len() as u32, decode_ms)));
+                let decode_ms = self
+                    .decode_started
+                    .map(|t| t.elapsed().as_millis() as u64)
+                    .unwrap_or(0);
+                let summary = self.summary("done", images.len() as u32, decode_ms);
+                Ok((Some(summary), Some(took)))
             }
         }
-        Ok(None)
     }
 
     /// The job's parameters as the PNG's `parameters` text (the form image tools read:

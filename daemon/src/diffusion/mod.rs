@@ -11,6 +11,7 @@ pub mod clip_tokenizer;
 pub mod config;
 mod graph;
 pub mod job;
+pub mod pace;
 mod plan;
 pub mod png;
 pub mod preview;

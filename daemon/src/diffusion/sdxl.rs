@@ -25,7 +25,7 @@ use super::sampler::{Sampler, SamplerKind, Schedule};
 use super::single_file;
 use super::tensors::{DeviceTensors, Names};
 use super::unet::{Unet, UnetCall, UnetInput};
-use super::vae::Vae;
+use super::vae::{Decode, Vae};
 
 #[derive(Debug)]
 pub struct SdxlError(pub String);
@@ -554,6 +554,18 @@ impl SdxlPipeline {
     /// way); true when that finished a denoising step (guidance and the sampler's update
     /// applied). Other work can run between two calls.
     pub fn advance(&self, job: &mut SdxlJob) -> Result<bool, SdxlError> {
+        Ok(self.advance_for(job, None)?.0)
+    }
+
+    /// As [`Self::advance`], but a chunk runs only as many of the UNet's pieces as fit
+    /// `budget` of device time (as learned from the earlier chunks); also returns the chunk's
+    /// device time.
+    pub fn advance_for(
+        &self,
+        job: &mut SdxlJob,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(bool, std::time::Duration), SdxlError> {
+        let started = std::time::Instant::now();
         let i = job.done;
         if job.denoised() {
             return Err(SdxlError("every step is done".into()));
@@ -587,12 +599,13 @@ impl SdxlPipeline {
                     )
                     .map_err(err)?;
                 job.call = Some(call);
-                return Ok(false);
+                return Ok((false, started.elapsed()));
             }
         };
-        let Some(out) = self.unet.advance(&mut call).map_err(err)? else {
+        let (out, took) = self.unet.advance_for(&mut call, budget).map_err(err)?;
+        let Some(out) = out else {
             job.call = Some(call);
-            return Ok(false);
+            return Ok((false, took));
         };
         drop(call);
         let eps: Vec<f32> = if job.guided {
@@ -606,7 +619,7 @@ impl SdxlPipeline {
         };
         job.sampler.step(i, &eps, &mut job.latents, &mut job.rng);
         job.done += 1;
-        Ok(true)
+        Ok((true, took))
     }
 
     /// UNet chunks per denoising step (one [`Self::advance`] each).
@@ -625,19 +638,37 @@ impl SdxlPipeline {
         job: &SdxlJob,
         tile: Option<usize>,
     ) -> Result<Vec<Vec<f32>>, SdxlError> {
+        let mut d = self.begin_decode(job, tile)?;
+        loop {
+            if let (Some(images), _) = self.decode_for(&mut d, job.batch, None)? {
+                return Ok(images);
+            }
+        }
+    }
+
+    /// Starts decoding a job's latents, whole or in tiles of `tile` pixels; nothing runs until
+    /// [`Self::decode_for`].
+    pub fn begin_decode(&self, job: &SdxlJob, tile: Option<usize>) -> Result<Decode, SdxlError> {
         let (lh, lw) = job.latent_hw;
-        let images = match tile {
-            None => self
-                .vae
-                .decode(&job.latents, job.batch, lh, lw, job.owner)
-                .map_err(err)?,
-            Some(t) => self
-                .vae
-                .decode_tiled(&job.latents, job.batch, lh, lw, t, job.owner)
-                .map_err(err)?,
-        };
-        let per_image = images.len() / job.batch;
-        Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
+        self.vae
+            .start_decode(&job.latents, job.batch, lh, lw, tile, job.owner)
+            .map_err(err)
+    }
+
+    /// The next chunk of a decode, within `budget` of device time where given: the images
+    /// (one per batch entry) once done, and the chunk's device time.
+    pub fn decode_for(
+        &self,
+        d: &mut Decode,
+        batch: usize,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Option<Images>, std::time::Duration), SdxlError> {
+        let (images, took) = self.vae.step_decode(d, budget).map_err(err)?;
+        let images = images.map(|images| {
+            let per_image = images.len() / batch.max(1);
+            images.chunks(per_image).map(|c| c.to_vec()).collect()
+        });
+        Ok((images, took))
     }
 
     /// What a job for `req` will hold on the device, phase by phase, decoding whole
@@ -721,6 +752,9 @@ pub struct SdxlJob {
     /// The UNet call under way, between chunks.
     call: Option<UnetCall>,
 }
+
+/// Decoded images, one per batch entry: out_channels × pixels each.
+pub type Images = Vec<Vec<f32>>;
 
 /// Device bytes a job holds in each phase (its activations only; the weights are the model's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

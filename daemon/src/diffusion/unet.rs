@@ -29,6 +29,8 @@ pub struct Unet {
     shape: UnetShape,
     tensors: DeviceTensors,
     device: Device,
+    /// What each piece of a call has cost on the device, per shape.
+    pacer: super::pace::Pacer,
 }
 
 /// One call's inputs: `batch` latents (the classifier-free-guidance pair is a batch of two).
@@ -98,6 +100,7 @@ impl Unet {
             shape,
             tensors,
             device: device.clone(),
+            pacer: Default::default(),
         })
     }
 
@@ -312,96 +315,197 @@ impl Unet {
             x: Some(x),
             skips,
             next: 1,
+            piece: 0,
+            shape: super::pace::shape_key(b, input.height, input.width),
         })
     }
 
-    /// Runs the call's next chunk and waits for it; the noise prediction (batch ×
-    /// out_channels × height × width) once the last chunk is done.
+    /// Runs the rest of the call's current chunk (a down level, the mid block, an up level)
+    /// and waits for it; the noise prediction (batch × out_channels × height × width) once the
+    /// last chunk is done.
     pub fn advance(&self, call: &mut UnetCall) -> Result<Option<Vec<f32>>, TensorError> {
+        Ok(self.advance_for(call, None)?.0)
+    }
+
+    /// The pieces of chunk `chunk` (1-based after [`Self::begin`]), in order.
+    fn pieces(&self, chunk: usize) -> Vec<Piece> {
+        let sh = &self.shape;
+        let n_levels = sh.levels.len();
+        let mut out = Vec::new();
+        if chunk <= n_levels {
+            let level = &sh.levels[chunk - 1];
+            for j in 0..level.resnets {
+                out.push(Piece::Resnet(j));
+                if level.transformer_depth > 0 {
+                    out.push(Piece::Attention(j));
+                }
+            }
+            if chunk < n_levels {
+                out.push(Piece::Resample);
+            }
+        } else if chunk == n_levels + 1 {
+            out.extend([Piece::Resnet(0), Piece::Attention(0), Piece::Resnet(1)]);
+        } else {
+            let level = &sh.levels[n_levels - 1 - (chunk - n_levels - 2)];
+            for j in 0..=level.resnets {
+                out.push(Piece::Resnet(j));
+                if level.transformer_depth > 0 {
+                    out.push(Piece::Attention(j));
+                }
+            }
+            out.push(Piece::Resample);
+        }
+        out
+    }
+
+    /// Runs pieces of the call's current chunk until the next one's learned device time would
+    /// overrun `budget` (None: the rest of the chunk), never past the chunk's end, and waits
+    /// for them. Returns the noise prediction once the call is done, and the device time spent.
+    pub fn advance_for(
+        &self,
+        call: &mut UnetCall,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Option<Vec<f32>>, std::time::Duration), TensorError> {
+        let started = std::time::Instant::now();
         let sh = &self.shape;
         let n_levels = sh.levels.len();
         let mut cx = self.cx(call.owner, call.batch)?;
+        cx.s.set_profiling(budget.is_some());
         let temb_dim = sh.time_embed_dim as u64;
-        let emb = (&call.emb, temb_dim);
-        let ctx = (&call.context, call.context_tokens, call.context_dim);
         let mut x = call.x.take().ok_or_else(|| {
             TensorError::File(self.tensors.path().into(), "the UNet call is over".into())
         })?;
         let chunk = call.next;
-        call.next += 1;
-        if chunk <= n_levels {
-            let i = chunk - 1;
-            let level = &sh.levels[i];
-            for j in 0..level.resnets {
-                let p = format!("down_blocks.{i}.resnets.{j}");
-                x = cx.resnet(&p, &x, level.channels as u64, Some(emb))?;
-                if level.transformer_depth > 0 {
-                    let p = format!("down_blocks.{i}.attentions.{j}");
-                    x = cx.transformer(&p, &x, level.transformer_depth, level.heads, ctx)?;
-                }
-                call.skips.push(cx.copy(&x)?);
-            }
-            if i + 1 < n_levels {
-                x = cx.conv_stride(
-                    &format!("down_blocks.{i}.downsamplers.0.conv"),
-                    &x,
-                    level.channels as u64,
-                    2,
-                )?;
-                call.skips.push(cx.copy(&x)?);
-            }
-        } else if chunk == n_levels + 1 {
-            let last = &sh.levels[n_levels - 1];
-            let c = last.channels as u64;
-            x = cx.resnet("mid_block.resnets.0", &x, c, Some(emb))?;
-            x = cx.transformer(
-                "mid_block.attentions.0",
-                &x,
-                sh.mid_transformer_depth,
-                last.heads,
-                ctx,
-            )?;
-            x = cx.resnet("mid_block.resnets.1", &x, c, Some(emb))?;
-        } else {
-            let u = chunk - n_levels - 2;
-            let level = &sh.levels[n_levels - 1 - u];
-            for j in 0..=level.resnets {
-                let skip = call.skips.pop().expect("one skip per up resnet");
-                x = cx.concat(&x, &skip)?;
-                x = cx.resnet(
-                    &format!("up_blocks.{u}.resnets.{j}"),
-                    &x,
-                    level.channels as u64,
-                    Some(emb),
-                )?;
-                if level.transformer_depth > 0 {
-                    let p = format!("up_blocks.{u}.attentions.{j}");
-                    x = cx.transformer(&p, &x, level.transformer_depth, level.heads, ctx)?;
+        let pieces = self.pieces(chunk);
+        let mut ran = Vec::new();
+        let mut predicted = 0.0;
+        let mut out = None;
+        while call.piece < pieces.len() {
+            let id = chunk * 1000 + call.piece;
+            let cost = self.pacer.cost(call.shape, id);
+            if budget.is_some() && !ran.is_empty() {
+                match cost {
+                    Some(c) if predicted + c <= budget.unwrap_or_default().as_secs_f64() => {}
+                    _ => break,
                 }
             }
-            if u + 1 < n_levels {
-                // To the next skip's size, which is 2× unless a side was odd on the way down.
-                let to = call.skips.last().map(|s| (s.h, s.w)).expect("skips remain");
-                x = cx.upsample(&x, to)?;
-                x = cx.conv(
-                    &format!("up_blocks.{u}.upsamplers.0.conv"),
-                    &x,
-                    level.channels as u64,
-                    3,
-                    1,
-                )?;
+            let emb = (&call.emb, temb_dim);
+            let ctx = (&call.context, call.context_tokens, call.context_dim);
+            let piece = pieces[call.piece];
+            call.piece += 1;
+            ran.push(id);
+            predicted += cost.unwrap_or(0.0);
+            if chunk <= n_levels {
+                let i = chunk - 1;
+                let level = &sh.levels[i];
+                match piece {
+                    Piece::Resnet(j) => {
+                        let p = format!("down_blocks.{i}.resnets.{j}");
+                        x = cx.resnet(&p, &x, level.channels as u64, Some(emb))?;
+                        if level.transformer_depth == 0 {
+                            call.skips.push(cx.copy(&x)?);
+                        }
+                    }
+                    Piece::Attention(j) => {
+                        let p = format!("down_blocks.{i}.attentions.{j}");
+                        x = cx.transformer(&p, &x, level.transformer_depth, level.heads, ctx)?;
+                        call.skips.push(cx.copy(&x)?);
+                    }
+                    Piece::Resample => {
+                        x = cx.conv_stride(
+                            &format!("down_blocks.{i}.downsamplers.0.conv"),
+                            &x,
+                            level.channels as u64,
+                            2,
+                        )?;
+                        call.skips.push(cx.copy(&x)?);
+                    }
+                }
+            } else if chunk == n_levels + 1 {
+                let last = &sh.levels[n_levels - 1];
+                let c = last.channels as u64;
+                match piece {
+                    Piece::Resnet(j) => {
+                        x = cx.resnet(&format!("mid_block.resnets.{j}"), &x, c, Some(emb))?
+                    }
+                    _ => {
+                        x = cx.transformer(
+                            "mid_block.attentions.0",
+                            &x,
+                            sh.mid_transformer_depth,
+                            last.heads,
+                            ctx,
+                        )?
+                    }
+                }
             } else {
-                x = cx.norm("conv_norm_out", &x, true)?;
-                let out = cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?;
-                cx.flush()?;
-                let n = cx.batch * out.c * out.h * out.w;
-                return Ok(Some(self.device.read_f32(&out.buf, 0, n)?));
+                let u = chunk - n_levels - 2;
+                let level = &sh.levels[n_levels - 1 - u];
+                match piece {
+                    Piece::Resnet(j) => {
+                        let skip = call.skips.pop().expect("one skip per up resnet");
+                        x = cx.concat(&x, &skip)?;
+                        x = cx.resnet(
+                            &format!("up_blocks.{u}.resnets.{j}"),
+                            &x,
+                            level.channels as u64,
+                            Some(emb),
+                        )?;
+                    }
+                    Piece::Attention(j) => {
+                        let p = format!("up_blocks.{u}.attentions.{j}");
+                        x = cx.transformer(&p, &x, level.transformer_depth, level.heads, ctx)?;
+                    }
+                    Piece::Resample if u + 1 < n_levels => {
+                        // To the next skip's size, which is 2× unless a side was odd on the way
+                        // down.
+                        let to = call.skips.last().map(|s| (s.h, s.w)).expect("skips remain");
+                        x = cx.upsample(&x, to)?;
+                        x = cx.conv(
+                            &format!("up_blocks.{u}.upsamplers.0.conv"),
+                            &x,
+                            level.channels as u64,
+                            3,
+                            1,
+                        )?;
+                    }
+                    Piece::Resample => {
+                        x = cx.norm("conv_norm_out", &x, true)?;
+                        out = Some(cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?);
+                        break;
+                    }
+                }
+            }
+            if budget.is_some() && cost.is_none() {
+                // A piece of unknown cost runs alone, so that its time is its own.
+                break;
             }
         }
         cx.flush()?;
+        let took = super::pace::device_time(&mut cx.s, started);
+        if budget.is_some() {
+            self.pacer.learn(call.shape, &ran, took);
+        }
+        if call.piece == pieces.len() {
+            call.next += 1;
+            call.piece = 0;
+        }
+        if let Some(out) = out {
+            let n = cx.batch * out.c * out.h * out.w;
+            return Ok((Some(self.device.read_f32(&out.buf, 0, n)?), took));
+        }
         call.x = Some(x);
-        Ok(None)
+        Ok((None, took))
     }
+}
+
+/// A piece of a UNet chunk: a resnet, the transformer after it, or the level's resampling
+/// (down, up, or the output head after the last up level).
+#[derive(Clone, Copy, Debug)]
+enum Piece {
+    Resnet(u32),
+    Attention(u32),
+    Resample,
 }
 
 /// A UNet call in progress: what its chunks pass on (the time embedding, the context, the
@@ -416,8 +520,11 @@ pub struct UnetCall {
     /// None once the call is over.
     x: Option<Act>,
     skips: Vec<Act>,
-    /// The next chunk (0 was [`Unet::begin`]).
+    /// The next chunk (0 was [`Unet::begin`]), and the next piece in it.
     next: usize,
+    piece: usize,
+    /// The key of the call's shape for learned piece costs.
+    shape: u64,
 }
 
 impl UnetCall {

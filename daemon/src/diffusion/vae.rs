@@ -18,6 +18,8 @@ pub struct Vae {
     cfg: VaeConfig,
     tensors: DeviceTensors,
     device: Device,
+    /// What each piece of a decode has cost on the device, per shape.
+    pacer: super::pace::Pacer,
 }
 
 const EPS: f32 = 1e-6;
@@ -58,6 +60,7 @@ impl Vae {
             cfg,
             tensors,
             device: device.clone(),
+            pacer: Default::default(),
         })
     }
 
@@ -166,22 +169,169 @@ impl Vae {
         width: usize,
         owner: OwnerId,
     ) -> Result<Vec<f32>, TensorError> {
+        let mut d = self.start_decode(latents, batch, height, width, None, owner)?;
+        loop {
+            if let (Some(out), _) = self.step_decode(&mut d, None)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The pieces of one decode call, in order.
+    fn pieces(&self) -> Vec<VaePiece> {
+        let cfg = &self.cfg;
+        let mut out = vec![VaePiece::In, VaePiece::MidResnet(0)];
+        if cfg.mid_block_add_attention {
+            out.push(VaePiece::MidAttention);
+        }
+        out.push(VaePiece::MidResnet(1));
+        let levels = cfg.block_out_channels.len();
+        for i in 0..levels {
+            for j in 0..=cfg.layers_per_block {
+                out.push(VaePiece::Resnet(i, j));
+            }
+            if i + 1 < levels {
+                out.push(VaePiece::Upsample(i));
+            }
+        }
+        out.push(VaePiece::Out);
+        out
+    }
+
+    /// A decode as a state machine: the whole batch at once (`tile` None) or image by image in
+    /// tiles of `tile` pixels, each run by [`Self::step_decode`] one chunk at a time.
+    pub fn start_decode(
+        &self,
+        latents: &[f32],
+        batch: usize,
+        height: usize,
+        width: usize,
+        tile: Option<usize>,
+        owner: OwnerId,
+    ) -> Result<Decode, TensorError> {
+        let scale = self.scale();
+        let lc = self.cfg.latent_channels as usize;
+        let bad = |m: String| TensorError::File(self.tensors.path().into(), m);
+        if latents.len() != batch * lc * height * width {
+            return Err(bad(format!(
+                "{} latent values are not {batch} × {lc} × {height} × {width}",
+                latents.len()
+            )));
+        }
+        let mut grid = Vec::new();
+        let mut tiled = None;
+        match tile {
+            Some(tile) if tile < 2 * scale || !tile.is_multiple_of(scale) => {
+                return Err(bad(format!(
+                    "a VAE tile of {tile} pixels is not a multiple of {scale} of at least {}",
+                    2 * scale
+                )));
+            }
+            // One tile covers it: diffusers decodes such latents whole, and so do we.
+            Some(tile) if height > tile / scale || width > tile / scale => {
+                let tl = tile / scale;
+                let step = (((tl as f64) * 0.75) as usize).max(1);
+                for b in 0..batch {
+                    for i in (0..height).step_by(step) {
+                        for j in (0..width).step_by(step) {
+                            let (th, tw) = ((height - i).min(tl), (width - j).min(tl));
+                            grid.push(Tile { b, i, j, th, tw });
+                        }
+                    }
+                }
+                tiled = Some(tile);
+            }
+            _ => grid.push(Tile {
+                b: 0,
+                i: 0,
+                j: 0,
+                th: height,
+                tw: width,
+            }),
+        }
+        Ok(Decode {
+            latents: latents.to_vec(),
+            batch,
+            height,
+            width,
+            tile: tiled,
+            owner,
+            grid,
+            decoded: Vec::new(),
+            call: None,
+        })
+    }
+
+    /// Runs the next chunk of a decode: pieces of the current tile's decoder until the next
+    /// one's learned device time would overrun `budget` (None: the whole tile). Returns the
+    /// images (batch × out_channels × pixels) once every tile is done, and the device time.
+    pub fn step_decode(
+        &self,
+        d: &mut Decode,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Option<Vec<f32>>, std::time::Duration), TensorError> {
+        let started = std::time::Instant::now();
+        let lc = self.cfg.latent_channels as usize;
+        let t = d.grid[d.decoded.len()];
+        let (batch, h, w) = match d.tile {
+            None => (d.batch, d.height, d.width),
+            Some(_) => (1, t.th, t.tw),
+        };
+        let mut call = match d.call.take() {
+            Some(c) => c,
+            None => {
+                let lat = if d.tile.is_none() {
+                    d.latents.clone()
+                } else {
+                    let (hh, ww) = (d.height, d.width);
+                    let img = &d.latents[t.b * lc * hh * ww..(t.b + 1) * lc * hh * ww];
+                    let mut sub = Vec::with_capacity(lc * t.th * t.tw);
+                    for c in 0..lc {
+                        for y in t.i..t.i + t.th {
+                            let at = (c * hh + y) * ww + t.j;
+                            sub.extend(&img[at..at + t.tw]);
+                        }
+                    }
+                    sub
+                };
+                VaeCall {
+                    latents: Some(lat),
+                    x: None,
+                    next: 0,
+                    shape: super::pace::shape_key(batch, h, w),
+                }
+            }
+        };
+        let (out, took) = self.run_pieces(&mut call, batch, h, w, d.owner, budget, started)?;
+        let Some(px) = out else {
+            d.call = Some(call);
+            return Ok((None, took));
+        };
+        d.decoded.push(px);
+        if d.decoded.len() < d.grid.len() {
+            return Ok((None, took));
+        }
+        let images = match d.tile {
+            None => d.decoded.pop().expect("one decode"),
+            Some(tile) => self.blend(d, tile),
+        };
+        Ok((Some(images), took))
+    }
+
+    /// Runs pieces of one decoder call (see [`Self::step_decode`]).
+    #[allow(clippy::too_many_arguments)]
+    fn run_pieces(
+        &self,
+        call: &mut VaeCall,
+        batch: usize,
+        height: usize,
+        width: usize,
+        owner: OwnerId,
+        budget: Option<std::time::Duration>,
+        started: std::time::Instant,
+    ) -> Result<(Option<Vec<f32>>, std::time::Duration), TensorError> {
         let cfg = &self.cfg;
         let lc = cfg.latent_channels as usize;
-        if latents.len() != batch * lc * height * width {
-            return Err(TensorError::File(
-                self.tensors.path().into(),
-                format!(
-                    "{} latent values are not {batch} × {lc} × {height} × {width}",
-                    latents.len()
-                ),
-            ));
-        }
-        let shift = cfg.shift_factor.unwrap_or(0.0);
-        let z: Vec<f32> = latents
-            .iter()
-            .map(|v| v / cfg.scaling_factor + shift)
-            .collect();
         let mut cx = Cx {
             t: &self.tensors,
             dev: &self.device,
@@ -191,54 +341,117 @@ impl Vae {
             groups: cfg.norm_num_groups as u64,
             eps: EPS,
         };
-        let mut x = Act {
-            buf: cx.upload(&z)?,
-            c: lc as u64,
-            h: height as u64,
-            w: width as u64,
-        };
-        if cfg.use_post_quant_conv {
-            x = cx.conv("post_quant_conv", &x, lc as u64, 1, 1)?;
-        }
+        cx.s.set_profiling(budget.is_some());
         let rev: Vec<u64> = cfg
             .block_out_channels
             .iter()
             .rev()
             .map(|&c| c as u64)
             .collect();
-        x = cx.conv("decoder.conv_in", &x, rev[0], 3, 1)?;
-        x = cx.resnet("decoder.mid_block.resnets.0", &x, rev[0], None)?;
-        if cfg.mid_block_add_attention {
-            x = self.attention(&mut cx, "decoder.mid_block.attentions.0", &x)?;
-        }
-        x = cx.resnet("decoder.mid_block.resnets.1", &x, rev[0], None)?;
-        for (i, &c) in rev.iter().enumerate() {
-            for j in 0..=cfg.layers_per_block {
-                x = cx.resnet(&format!("decoder.up_blocks.{i}.resnets.{j}"), &x, c, None)?;
+        let pieces = self.pieces();
+        let mut ran = Vec::new();
+        let mut predicted = 0.0;
+        let mut x = call.x.take();
+        let mut out = None;
+        while call.next < pieces.len() {
+            let cost = self.pacer.cost(call.shape, call.next);
+            if let (Some(b), false) = (budget, ran.is_empty()) {
+                match cost {
+                    Some(c) if predicted + c <= b.as_secs_f64() => {}
+                    _ => break,
+                }
             }
-            if i + 1 < rev.len() {
-                x = cx.upsample(&x, (x.h * 2, x.w * 2))?;
-                x = cx.conv(
-                    &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
-                    &x,
-                    c,
-                    3,
-                    1,
-                )?;
+            let piece = pieces[call.next];
+            ran.push(call.next);
+            call.next += 1;
+            predicted += cost.unwrap_or(0.0);
+            let cur = |x: &Option<Act>| -> Result<(), TensorError> {
+                match x {
+                    Some(_) => Ok(()),
+                    None => Err(TensorError::File(
+                        self.tensors.path().into(),
+                        "the decode has no activation".into(),
+                    )),
+                }
+            };
+            if !matches!(piece, VaePiece::In) {
+                cur(&x)?;
+            }
+            let a = x.take();
+            x = Some(match (piece, a) {
+                (VaePiece::In, _) => {
+                    let shift = cfg.shift_factor.unwrap_or(0.0);
+                    let z: Vec<f32> = call
+                        .latents
+                        .take()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|v| v / cfg.scaling_factor + shift)
+                        .collect();
+                    let mut a = Act {
+                        buf: cx.upload(&z)?,
+                        c: lc as u64,
+                        h: height as u64,
+                        w: width as u64,
+                    };
+                    if cfg.use_post_quant_conv {
+                        a = cx.conv("post_quant_conv", &a, lc as u64, 1, 1)?;
+                    }
+                    cx.conv("decoder.conv_in", &a, rev[0], 3, 1)?
+                }
+                (VaePiece::MidResnet(j), Some(a)) => {
+                    cx.resnet(&format!("decoder.mid_block.resnets.{j}"), &a, rev[0], None)?
+                }
+                (VaePiece::MidAttention, Some(a)) => {
+                    self.attention(&mut cx, "decoder.mid_block.attentions.0", &a)?
+                }
+                (VaePiece::Resnet(i, j), Some(a)) => cx.resnet(
+                    &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                    &a,
+                    rev[i],
+                    None,
+                )?,
+                (VaePiece::Upsample(i), Some(a)) => {
+                    let a = cx.upsample(&a, (a.h * 2, a.w * 2))?;
+                    cx.conv(
+                        &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                        &a,
+                        rev[i],
+                        3,
+                        1,
+                    )?
+                }
+                (VaePiece::Out, Some(a)) => {
+                    let a = cx.norm("decoder.conv_norm_out", &a, true)?;
+                    out = Some(cx.conv("decoder.conv_out", &a, cfg.out_channels as u64, 3, 1)?);
+                    a
+                }
+                (_, None) => unreachable!("checked above"),
+            });
+            if budget.is_some() && cost.is_none() {
+                // A piece of unknown cost runs alone, so that its time is its own.
+                break;
             }
         }
-        x = cx.norm("decoder.conv_norm_out", &x, true)?;
-        let out = cx.conv("decoder.conv_out", &x, cfg.out_channels as u64, 3, 1)?;
         cx.s.finish()?;
-        let n = cx.batch * out.c * out.h * out.w;
-        Ok(self.device.read_f32(&out.buf, 0, n)?)
+        let took = super::pace::device_time(&mut cx.s, started);
+        if budget.is_some() {
+            self.pacer.learn(call.shape, &ran, took);
+        }
+        if let Some(out) = out {
+            let n = cx.batch * out.c * out.h * out.w;
+            return Ok((Some(self.device.read_f32(&out.buf, 0, n)?), took));
+        }
+        call.x = x;
+        Ok((None, took))
     }
 
     /// Decodes in overlapping tiles of `tile` pixels (a multiple of the VAE's scale), as
     /// diffusers' `tiled_decode` does: tiles start every ¾ tile, each tile's first quarter is
     /// blended linearly with the tile above and the tile to the left, and each tile keeps its
-    /// first ¾ (tiles blend with their neighbours as already blended). Memory then follows the tile size, not the image's. The mid block's attention
-    /// sees one tile at a time, so the result is close to, not equal to, an untiled decode.
+    /// first ¾ (tiles blend with their neighbours as already blended). Memory then follows the
+    /// tile size, not the image's. The mid block's attention sees one tile at a time, so the
+    /// result is close to, not equal to, an untiled decode.
     pub fn decode_tiled(
         &self,
         latents: &[f32],
@@ -248,52 +461,34 @@ impl Vae {
         tile: usize,
         owner: OwnerId,
     ) -> Result<Vec<f32>, TensorError> {
+        let mut d = self.start_decode(latents, batch, height, width, Some(tile), owner)?;
+        loop {
+            if let (Some(out), _) = self.step_decode(&mut d, None)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Puts a tiled decode's tiles together (see [`Self::decode_tiled`]).
+    fn blend(&self, d: &mut Decode, tile: usize) -> Vec<f32> {
         let scale = self.scale();
-        let lc = self.cfg.latent_channels as usize;
         let oc = self.cfg.out_channels as usize;
-        let bad = |m: String| TensorError::File(self.tensors.path().into(), m);
-        if tile < 2 * scale || !tile.is_multiple_of(scale) {
-            return Err(bad(format!(
-                "a VAE tile of {tile} pixels is not a multiple of {scale} of at least {}",
-                2 * scale
-            )));
-        }
-        if latents.len() != batch * lc * height * width {
-            return Err(bad(format!(
-                "{} latent values are not {batch} × {lc} × {height} × {width}",
-                latents.len()
-            )));
-        }
-        let tl = tile / scale;
-        if height <= tl && width <= tl {
-            // One tile covers it: diffusers decodes such latents whole, and so do we.
-            return self.decode(latents, batch, height, width, owner);
-        }
-        let step = ((tl as f64) * 0.75) as usize;
         let blend = ((tile as f64) * 0.25) as usize;
         let keep = tile - blend;
-        let step = step.max(1);
-        let (ph, pw) = (height * scale, width * scale);
-        let mut out = vec![0f32; batch * oc * ph * pw];
-        for b in 0..batch {
-            let lat = &latents[b * lc * height * width..(b + 1) * lc * height * width];
+        let (ph, pw) = (d.height * scale, d.width * scale);
+        let mut out = vec![0f32; d.batch * oc * ph * pw];
+        let mut decoded = std::mem::take(&mut d.decoded).into_iter();
+        for b in 0..d.batch {
             // Decoded tiles by (row, column): their pixels and their size.
             let mut rows: Vec<Vec<(Vec<f32>, usize, usize)>> = Vec::new();
-            for i in (0..height).step_by(step) {
-                let mut row = Vec::new();
-                for j in (0..width).step_by(step) {
-                    let (th, tw) = ((height - i).min(tl), (width - j).min(tl));
-                    let mut sub = Vec::with_capacity(lc * th * tw);
-                    for c in 0..lc {
-                        for y in i..i + th {
-                            let at = (c * height + y) * width + j;
-                            sub.extend(&lat[at..at + tw]);
-                        }
-                    }
-                    let px = self.decode(&sub, 1, th, tw, owner)?;
-                    row.push((px, th * scale, tw * scale));
+            for t in d.grid.iter().filter(|t| t.b == b) {
+                if t.j == 0 {
+                    rows.push(Vec::new());
                 }
-                rows.push(row);
+                let px = decoded.next().expect("a decode per tile");
+                rows.last_mut()
+                    .expect("a row")
+                    .push((px, t.th * scale, t.tw * scale));
             }
             let mut y0 = 0;
             for i in 0..rows.len() {
@@ -347,7 +542,7 @@ impl Vae {
                 y0 += row_h;
             }
         }
-        Ok(out)
+        out
     }
 
     /// The mid block's attention: group norm, one head over all pixels (q, k, v and out with
@@ -389,4 +584,53 @@ impl Vae {
         cx.flush()?;
         Ok(Act { buf: back, ..*x })
     }
+}
+
+/// A piece of one decoder call.
+#[derive(Clone, Copy, Debug)]
+enum VaePiece {
+    /// Latent scaling, the post-quant conv and conv_in.
+    In,
+    MidResnet(u32),
+    MidAttention,
+    /// Up level i's resnet j.
+    Resnet(usize, u32),
+    Upsample(usize),
+    /// Group norm, SiLU and conv_out.
+    Out,
+}
+
+/// Where one tile sits: image b, latent rows i.., columns j.., th × tw latents.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    b: usize,
+    i: usize,
+    j: usize,
+    th: usize,
+    tw: usize,
+}
+
+/// One decoder call between chunks: its latents until the first piece uploads them, then its
+/// activation on the device.
+struct VaeCall {
+    latents: Option<Vec<f32>>,
+    x: Option<Act>,
+    next: usize,
+    shape: u64,
+}
+
+/// A decode in progress (see [`Vae::start_decode`]).
+pub struct Decode {
+    latents: Vec<f32>,
+    batch: usize,
+    height: usize,
+    width: usize,
+    /// The tile size when decoding in tiles.
+    tile: Option<usize>,
+    owner: OwnerId,
+    /// The calls to make: one for a whole decode, one per tile otherwise.
+    grid: Vec<Tile>,
+    /// The pixels of each call done so far.
+    decoded: Vec<Vec<f32>>,
+    call: Option<VaeCall>,
 }

@@ -1,5 +1,6 @@
 //! A loaded LLM ready to serve requests: weights on the device, tokenizer, chat template, and a
-//! pool of sequences (KV cache + scratch), one per request that may run at once. The whole pool
+//! pool of sequences (a KV cache each), one per request that may run at once, and the scratch of a
+//! step they share. The whole pool
 //! is allocated at load time and charged to the model, so what `halo ps` shows is what the model
 //! holds, and [`estimate`] (a pure function of the GGUF header and the config) predicts it.
 
@@ -11,7 +12,9 @@ use halo_kernels::{charged_bytes, Device, LoadStrategy, OwnerId};
 
 use super::chat::ChatTemplate;
 use super::hparams::HParams;
-use super::model::{sequence_buffers, LlmError, LlmModel, Sequence};
+use super::model::{
+    scratch_buffers, scratch_rows, sequence_buffers, LlmError, LlmModel, Scratch, Sequence,
+};
 use super::tokenizer::Tokenizer;
 use crate::config::KvCacheType;
 use crate::gguf::{Gguf, GgufFile};
@@ -30,8 +33,9 @@ pub fn context_for(hp: &HParams, configured: Option<u32>) -> u64 {
 
 /// Bytes the model will hold once loaded with `parallel` sequences of `context` tokens (KV cache
 /// of type `kv`): the weights as the loader places them on a device with `layout` (whole
-/// page-aligned segments, for copies as for imports) plus each sequence's buffers, rounded as the
-/// allocator rounds them (a sequence's buffers share one chunk of exactly their size).
+/// page-aligned segments, for copies as for imports), each sequence's KV cache and the one step
+/// scratch shared by all of them, rounded as the allocator rounds them (a group's buffers share
+/// one chunk of exactly their size).
 pub fn estimate(
     g: &Gguf,
     context: Option<u32>,
@@ -43,10 +47,16 @@ pub fn estimate(
     let ranges: Vec<_> = g.tensors.iter().map(|t| g.range(t)).collect();
     let weights = layout.bytes(&ranges)?;
     let ctx = context_for(&hp, context);
-    let per_seq = sequence_buffers(&hp, ctx, kv)
-        .iter()
-        .fold(0u64, |sum, (_, b)| sum.saturating_add(charged_bytes(*b)));
-    Ok(weights.saturating_add(per_seq.saturating_mul(parallel)))
+    let charged = |bufs: Vec<(halo_kernels::MemoryKind, u64)>| {
+        bufs.iter()
+            .fold(0u64, |sum, (_, b)| sum.saturating_add(charged_bytes(*b)))
+    };
+    let parallel = parallel.max(1);
+    let per_seq = charged(sequence_buffers(&hp, ctx, kv));
+    let scratch = charged(scratch_buffers(&hp, scratch_rows(ctx, parallel), parallel));
+    Ok(weights
+        .saturating_add(per_seq.saturating_mul(parallel))
+        .saturating_add(scratch))
 }
 
 /// Gemma's turn format, for Gemma GGUFs that carry no template of their own. A system message
@@ -72,6 +82,8 @@ pub struct LlmEngine {
     pub context: u64,
     pub parallel: u64,
     free: Mutex<Vec<Sequence>>,
+    /// The step scratch every sequence's steps share (the executor runs one step at a time).
+    scratch: Mutex<Scratch>,
     /// The model file, kept mapped (and leased) while the GPU uses its pages as weights.
     mapping: Option<std::sync::Arc<Mapping>>,
     weights_note: Option<String>,
@@ -133,13 +145,16 @@ impl LlmEngine {
         let free = (0..parallel.max(1))
             .map(|_| model.new_sequence(ctx, kv, owner))
             .collect::<Result<Vec<_>, _>>()?;
+        let parallel = parallel.max(1);
+        let scratch = model.new_scratch(scratch_rows(ctx, parallel), parallel, owner)?;
         Ok(LlmEngine {
             model,
             tokenizer,
             chat,
             context: ctx,
-            parallel: parallel.max(1),
+            parallel,
             free: Mutex::new(free),
+            scratch: Mutex::new(scratch),
             mapping,
             weights_note,
         })
@@ -172,6 +187,11 @@ impl LlmEngine {
         let mut s = free.swap_remove(best);
         let kept = s.keep_prefix(prompt);
         Some((s, kept))
+    }
+
+    /// The step scratch, for the executor's forward steps.
+    pub fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn return_sequence(&self, s: Sequence) {

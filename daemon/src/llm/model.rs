@@ -1,10 +1,11 @@
 //! An LLM on the device: its weights (loaded from the GGUF by copy or import), and the forward
-//! pass that turns a batch of tokens of one sequence into the next-token logits, writing the
-//! sequence's KV cache as it goes.
+//! pass that turns one step's tokens (a prompt chunk, one decode token of each of several
+//! sequences, or both) into next-token logits, writing each sequence's KV cache as it goes.
 //!
-//! Prompt batches use the matrix-matrix kernels, single tokens the matrix-vector ones. Every
-//! buffer is charged to an owner: the model's weights to the model, a sequence's KV cache and
-//! scratch to the sequence's owner, so the allocator's ledger is the memory truth.
+//! A step's rows go through the matrix-matrix kernels together (a single token through the
+//! matrix-vector ones), so the weights are read once per step however many sequences take part.
+//! Every buffer is charged to an owner: the model's weights to the model, a sequence's KV cache
+//! and the step scratch to their owner, so the allocator's ledger is the memory truth.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,7 +20,8 @@ use super::hparams::{Arch, HParams};
 use crate::config::KvCacheType;
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 
-/// Largest number of prompt tokens run through one forward call; longer prompts are chunked.
+/// Largest number of tokens run through one forward step (all its sequences together); longer
+/// prompts are chunked.
 pub const MAX_BATCH: u64 = 256;
 
 #[derive(Debug)]
@@ -306,23 +308,22 @@ impl LlmModel {
         }
     }
 
-    /// A new sequence with room for `capacity` tokens; its KV cache (f16 or f32) and scratch
-    /// are charged to `owner`.
+    /// A new sequence with room for `capacity` tokens: its KV cache (f16 or f32), charged to
+    /// `owner`. The activations of a step live in a [`Scratch`] shared by every sequence.
     pub fn new_sequence(
         &self,
         capacity: u64,
         kv: KvCacheType,
         owner: OwnerId,
     ) -> Result<Sequence, LlmError> {
-        // One allocation for the whole sequence, of exactly its buffers' size.
+        // One allocation for the whole cache, of exactly its buffers' size.
         let bufs = self
             .device
             .alloc_many(&sequence_buffers(&self.hp, capacity, kv), owner)?;
         let n_layer = self.hp.n_layer as usize;
         let mut it = bufs.into_iter();
-        let mut next = || it.next().expect("sequence_buffers lists every buffer");
-        let k = (0..n_layer).map(|_| next()).collect();
-        let v = (0..n_layer).map(|_| next()).collect();
+        let k = it.by_ref().take(n_layer).collect();
+        let v = it.collect();
         Ok(Sequence {
             capacity,
             kv_f16: kv == KvCacheType::F16,
@@ -330,6 +331,27 @@ impl LlmModel {
             tokens: Vec::new(),
             k,
             v,
+        })
+    }
+
+    /// The buffers of one step for up to `rows` tokens of any sequences together, with logits
+    /// for up to `logit_rows` of them, charged to `owner`.
+    pub fn new_scratch(
+        &self,
+        rows: u64,
+        logit_rows: u64,
+        owner: OwnerId,
+    ) -> Result<Scratch, LlmError> {
+        let rows = rows.clamp(1, MAX_BATCH);
+        let logit_rows = logit_rows.clamp(1, rows);
+        let bufs = self
+            .device
+            .alloc_many(&scratch_buffers(&self.hp, rows, logit_rows), owner)?;
+        let mut it = bufs.into_iter();
+        let mut next = || it.next().expect("scratch_buffers lists every buffer");
+        Ok(Scratch {
+            rows,
+            logit_rows,
             ids: next(),
             positions: next(),
             x: next(),
@@ -355,43 +377,119 @@ impl LlmModel {
         })
     }
 
-    /// Runs `tokens` (at most MAX_BATCH) at the sequence's next positions and returns the logits
-    /// after the last one.
-    pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, LlmError> {
-        let n = tokens.len() as u64;
-        if n == 0 || n > MAX_BATCH {
-            return Err(LlmError::Unsupported(format!(
-                "a forward batch holds 1 to {MAX_BATCH} tokens, not {n}"
-            )));
-        }
-        if seq.pos + n > seq.capacity {
-            return Err(LlmError::ContextFull {
-                capacity: seq.capacity,
-            });
-        }
-        if let Some(bad) = tokens.iter().find(|t| **t as u64 >= self.hp.n_vocab) {
-            return Err(LlmError::Unsupported(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.hp.n_vocab
-            )));
-        }
-        let dev = &self.device;
-        let ids: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        dev.write(&mut seq.ids, 0, &ids)?;
-        let pos: Vec<u8> = (seq.pos..seq.pos + n)
-            .flat_map(|p| (p as u32).to_le_bytes())
-            .collect();
-        dev.write(&mut seq.positions, 0, &pos)?;
-        let mut s = dev.stream()?;
-        self.record(&mut s, seq, n)?;
-        s.finish()?;
-        seq.pos += n;
-        seq.tokens.extend_from_slice(tokens);
-        Ok(dev.read_f32(&seq.logits, 0, self.hp.n_vocab)?)
+    /// Runs `tokens` (at most `sc.rows()`) at the sequence's next positions and returns the
+    /// logits after the last one.
+    pub fn forward(
+        &self,
+        sc: &mut Scratch,
+        seq: &mut Sequence,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, LlmError> {
+        let mut parts = [Part {
+            seq,
+            tokens,
+            logits: true,
+        }];
+        let mut out = self.forward_batch(sc, &mut parts)?;
+        Ok(out.pop().flatten().expect("the one part asked for logits"))
     }
 
-    fn record(&self, s: &mut Stream, seq: &Sequence, n: u64) -> Result<(), LlmError> {
+    /// One step over several sequences at once: each part's tokens run at its sequence's next
+    /// positions, every weight matrix read once for all of them (their rows stacked); returns,
+    /// per part, the logits after its last token if it asked for them. Attention and the KV
+    /// cache stay per sequence, so a sequence's result does not depend on what it is batched
+    /// with (up to the rounding of the matrix kernel chosen for the batch's row count).
+    pub fn forward_batch(
+        &self,
+        sc: &mut Scratch,
+        parts: &mut [Part<'_>],
+    ) -> Result<Vec<Option<Vec<f32>>>, LlmError> {
+        let n: u64 = parts.iter().map(|p| p.tokens.len() as u64).sum();
+        let wanted = parts.iter().filter(|p| p.logits).count() as u64;
+        if parts.is_empty() || parts.iter().any(|p| p.tokens.is_empty()) || n > sc.rows {
+            return Err(LlmError::Unsupported(format!(
+                "a forward step holds 1 to {} tokens, each part at least one, not {n} in {} parts",
+                sc.rows,
+                parts.len()
+            )));
+        }
+        if wanted > sc.logit_rows {
+            return Err(LlmError::Unsupported(format!(
+                "a step reads logits for at most {} sequences, not {wanted}",
+                sc.logit_rows
+            )));
+        }
+        for p in parts.iter() {
+            if p.seq.pos + p.tokens.len() as u64 > p.seq.capacity {
+                return Err(LlmError::ContextFull {
+                    capacity: p.seq.capacity,
+                });
+            }
+            if let Some(bad) = p.tokens.iter().find(|t| **t as u64 >= self.hp.n_vocab) {
+                return Err(LlmError::Unsupported(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.hp.n_vocab
+                )));
+            }
+        }
+        let dev = &self.device;
+        let ids: Vec<u8> = parts
+            .iter()
+            .flat_map(|p| p.tokens.iter().flat_map(|t| t.to_le_bytes()))
+            .collect();
+        dev.write(&mut sc.ids, 0, &ids)?;
+        let pos: Vec<u8> = parts
+            .iter()
+            .flat_map(|p| {
+                let n = p.tokens.len() as u64;
+                (p.seq.pos..p.seq.pos + n).flat_map(|q| (q as u32).to_le_bytes())
+            })
+            .collect();
+        dev.write(&mut sc.positions, 0, &pos)?;
+        let mut row = 0;
+        let mut logit_rows = Vec::new();
+        let mut spans = Vec::with_capacity(parts.len());
+        for p in parts.iter() {
+            let len = p.tokens.len() as u64;
+            spans.push(Span {
+                seq: &*p.seq,
+                row,
+                len,
+            });
+            row += len;
+            if p.logits {
+                logit_rows.push(row - 1);
+            }
+        }
+        let mut s = dev.stream()?;
+        self.record(&mut s, sc, &spans, &logit_rows)?;
+        s.finish()?;
+        let n_vocab = self.hp.n_vocab;
+        let all = dev.read_f32(&sc.logits, 0, wanted * n_vocab)?;
+        let mut rows = all.chunks_exact(n_vocab as usize);
+        let mut out = Vec::with_capacity(parts.len());
+        for p in parts.iter_mut() {
+            p.seq.pos += p.tokens.len() as u64;
+            p.seq.tokens.extend_from_slice(p.tokens);
+            out.push(
+                p.logits
+                    .then(|| rows.next().expect("a row per part").to_vec()),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records one step: `spans` are the sequences' rows in the scratch (in order, together
+    /// `n` rows), `logit_rows` the rows whose logits go to the scratch's logit rows, in order.
+    fn record(
+        &self,
+        s: &mut Stream,
+        sc: &Scratch,
+        spans: &[Span<'_>],
+        logit_rows: &[u64],
+    ) -> Result<(), LlmError> {
         let hp = &self.hp;
+        let n: u64 = spans.iter().map(|p| p.len).sum();
         let d = hp.n_embd;
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
@@ -402,17 +500,17 @@ impl LlmModel {
                 len,
             }
         }
-        let x = all(&seq.x, n * d);
-        let h = all(&seq.h, n * d);
-        let q = all(&seq.q, n * q_dim);
-        let kk = all(&seq.kk, n * kv_dim);
-        let vv = all(&seq.vv, n * kv_dim);
-        let attn = all(&seq.attn, n * q_dim);
-        let attn_state = all(&seq.attn_state, 2 * n * hp.n_head);
-        let gate = all(&seq.gate, n * hp.n_ff);
-        let up = all(&seq.up, n * hp.n_ff);
+        let x = all(&sc.x, n * d);
+        let h = all(&sc.h, n * d);
+        let q = all(&sc.q, n * q_dim);
+        let kk = all(&sc.kk, n * kv_dim);
+        let vv = all(&sc.vv, n * kv_dim);
+        let attn = all(&sc.attn, n * q_dim);
+        let attn_state = all(&sc.attn_state, 2 * n * hp.n_head);
+        let gate = all(&sc.gate, n * hp.n_ff);
+        let up = all(&sc.up, n * hp.n_ff);
         let positions = U32s {
-            buffer: &seq.positions,
+            buffer: &sc.positions,
             start: 0,
             len: n,
         };
@@ -435,7 +533,7 @@ impl LlmModel {
             s,
             self.w("token_embd.weight")?,
             U32s {
-                buffer: &seq.ids,
+                buffer: &sc.ids,
                 start: 0,
                 len: n,
             },
@@ -510,55 +608,55 @@ impl LlmModel {
                     ..rope
                 },
             )?;
-            let kc = KvCache {
-                buffer: &seq.k[l as usize],
-                offset: 0,
-                f16: seq.kv_f16,
-            };
-            let vc = KvCache {
-                buffer: &seq.v[l as usize],
-                offset: 0,
-                f16: seq.kv_f16,
-            };
-            ops::kv_store(
-                s,
-                kk,
-                kc,
-                hp.n_head_kv,
-                hp.head_dim,
-                seq.capacity,
-                seq.pos,
-                n,
-            )?;
-            ops::kv_store(
-                s,
-                vv,
-                vc,
-                hp.n_head_kv,
-                hp.head_dim,
-                seq.capacity,
-                seq.pos,
-                n,
-            )?;
-            ops::attention(
-                s,
-                q,
-                kc,
-                vc,
-                attn,
-                attn_state,
-                AttentionParams {
-                    n_heads: hp.n_head as u32,
-                    n_kv_heads: hp.n_head_kv as u32,
-                    head_dim: hp.head_dim as u32,
-                    n_q_tokens: n as u32,
-                    first_pos: seq.pos as u32,
-                    capacity: seq.capacity as u32,
-                    scale: hp.attn_scale,
-                    sliding_window: if sliding { hp.sliding_window } else { None },
-                    softcap: None,
-                },
-            )?;
+            // The cache and attention are each sequence's own, over its rows.
+            for sp in spans {
+                let seq = sp.seq;
+                let kc = KvCache {
+                    buffer: &seq.k[l as usize],
+                    offset: 0,
+                    f16: seq.kv_f16,
+                };
+                let vc = KvCache {
+                    buffer: &seq.v[l as usize],
+                    offset: 0,
+                    f16: seq.kv_f16,
+                };
+                let (k_rows, v_rows) = (
+                    kk.sub(sp.row * kv_dim, sp.len * kv_dim),
+                    vv.sub(sp.row * kv_dim, sp.len * kv_dim),
+                );
+                for (rows, cache) in [(k_rows, kc), (v_rows, vc)] {
+                    ops::kv_store(
+                        s,
+                        rows,
+                        cache,
+                        hp.n_head_kv,
+                        hp.head_dim,
+                        seq.capacity,
+                        seq.pos,
+                        sp.len,
+                    )?;
+                }
+                ops::attention(
+                    s,
+                    q.sub(sp.row * q_dim, sp.len * q_dim),
+                    kc,
+                    vc,
+                    attn.sub(sp.row * q_dim, sp.len * q_dim),
+                    attn_state.sub(2 * sp.row * hp.n_head, 2 * sp.len * hp.n_head),
+                    AttentionParams {
+                        n_heads: hp.n_head as u32,
+                        n_kv_heads: hp.n_head_kv as u32,
+                        head_dim: hp.head_dim as u32,
+                        n_q_tokens: sp.len as u32,
+                        first_pos: seq.pos as u32,
+                        capacity: seq.capacity as u32,
+                        scale: hp.attn_scale,
+                        sliding_window: if sliding { hp.sliding_window } else { None },
+                        softcap: None,
+                    },
+                )?;
+            }
             proj(s, self.w(&layer(l, "attn_output"))?, attn, h)?;
             if post_norms {
                 ops::rms_norm(
@@ -582,7 +680,7 @@ impl LlmModel {
                 hp.eps,
                 0.0,
             )?;
-            if let Some(moe) = &seq.moe {
+            if let Some(moe) = &sc.moe {
                 self.record_moe(s, moe, l, h, n)?;
             } else {
                 let (w_gate, w_up) = if hp.arch == Arch::Glm4 {
@@ -612,12 +710,16 @@ impl LlmModel {
             }
             ops::add(s, x, h, x)?;
         }
-        // Only the last token's logits are needed.
-        let last = x.sub((n - 1) * d, d);
-        let hl = h.sub(0, d);
+        // Only the logits of each part's last token are needed: those rows of x, gathered at
+        // the start of h, normed and projected together.
+        let m = logit_rows.len() as u64;
+        for (i, r) in logit_rows.iter().enumerate() {
+            s.copy(&sc.x, r * d * 4, &sc.h, i as u64 * d * 4, d * 4)?;
+        }
+        let hl = h.sub(0, m * d);
         ops::rms_norm(
             s,
-            last,
+            hl,
             Some(self.v("output_norm.weight")?),
             hl,
             d,
@@ -625,11 +727,15 @@ impl LlmModel {
             0.0,
         )?;
         let logits = F32s {
-            buffer: &seq.logits,
+            buffer: &sc.logits,
             start: 0,
-            len: hp.n_vocab,
+            len: m * hp.n_vocab,
         };
-        ops::matvec(s, self.output()?, hl, logits)?;
+        if m == 1 {
+            ops::matvec(s, self.output()?, hl, logits)?;
+        } else {
+            ops::matmul(s, self.output()?, hl, logits, m)?;
+        }
         Ok(())
     }
 
@@ -698,8 +804,8 @@ impl LlmModel {
     }
 }
 
-/// Every buffer a sequence of `capacity` tokens allocates, in the order `new_sequence` takes them:
-/// K and V caches per layer, then the scratch. The estimate uses the same list.
+/// Every buffer a sequence of `capacity` tokens allocates, in the order `new_sequence` takes
+/// them: the K caches of every layer, then the V caches. The estimate uses the same list.
 pub fn sequence_buffers(
     hp: &HParams,
     capacity: u64,
@@ -709,12 +815,23 @@ pub fn sequence_buffers(
     let kv = (hp.n_head_kv * hp.head_dim)
         .saturating_mul(capacity)
         .saturating_mul(kv_type.bytes());
-    let b = MAX_BATCH.min(capacity.max(1));
+    vec![(MemoryKind::Device, kv); 2 * hp.n_layer as usize]
+}
+
+/// Rows a model's step scratch holds for `parallel` sequences of `capacity` tokens: a full
+/// prompt chunk, but never more than all the sequences could hold.
+pub fn scratch_rows(capacity: u64, parallel: u64) -> u64 {
+    MAX_BATCH.min(capacity.max(1).saturating_mul(parallel.max(1)))
+}
+
+/// Every buffer a step's scratch for `rows` tokens (logits for `logit_rows`) allocates, in the
+/// order `new_scratch` takes them. The estimate uses the same list.
+pub fn scratch_buffers(hp: &HParams, rows: u64, logit_rows: u64) -> Vec<(MemoryKind, u64)> {
+    let b = rows.clamp(1, MAX_BATCH);
     let q_dim = hp.n_head * hp.head_dim;
     let kv_dim = hp.n_head_kv * hp.head_dim;
     let dev = |elems: u64| (MemoryKind::Device, elems.max(1) * 4);
-    let mut out = vec![(MemoryKind::Device, kv); 2 * hp.n_layer as usize];
-    out.extend([
+    let mut out = vec![
         dev(b),
         dev(b),
         dev(b * hp.n_embd),
@@ -727,8 +844,11 @@ pub fn sequence_buffers(
         dev(2 * b * hp.n_head),
         dev(b * hp.n_ff),
         dev(b * hp.n_ff),
-        (MemoryKind::Readback, hp.n_vocab * 4),
-    ]);
+        (
+            MemoryKind::Readback,
+            logit_rows.clamp(1, b) * hp.n_vocab * 4,
+        ),
+    ];
     if hp.arch == Arch::Qwen3Moe {
         // The mixture-of-experts scratch for a batch: router logits, the chosen experts' ids and
         // weights, their gate and up activations and their outputs, then each expert's count
@@ -760,15 +880,12 @@ struct MoeScratch {
     pairs: Buffer,
 }
 
-/// One sequence's state: its KV cache and scratch. Dropping it frees them.
-pub struct Sequence {
-    capacity: u64,
-    kv_f16: bool,
-    pos: u64,
-    /// The tokens whose keys and values are in the cache, at positions 0..pos.
-    tokens: Vec<u32>,
-    k: Vec<Buffer>,
-    v: Vec<Buffer>,
+/// The activations of one step, for up to `rows` tokens of any sequences of the model, and
+/// the logits of up to `logit_rows` of them. A model needs one: the executor runs its steps
+/// one at a time.
+pub struct Scratch {
+    rows: u64,
+    logit_rows: u64,
     ids: Buffer,
     positions: Buffer,
     x: Buffer,
@@ -782,6 +899,44 @@ pub struct Sequence {
     up: Buffer,
     logits: Buffer,
     moe: Option<MoeScratch>,
+}
+
+impl Scratch {
+    /// Tokens one step holds at most.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Sequences one step reads logits for at most.
+    pub fn logit_rows(&self) -> u64 {
+        self.logit_rows
+    }
+}
+
+/// One sequence's part of a step: the tokens to run at its next positions, and whether the
+/// logits after the last of them are wanted.
+pub struct Part<'a> {
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
+    pub logits: bool,
+}
+
+/// Where a part's tokens sit among a step's rows.
+struct Span<'a> {
+    seq: &'a Sequence,
+    row: u64,
+    len: u64,
+}
+
+/// One sequence's state: its KV cache and the tokens in it. Dropping it frees the cache.
+pub struct Sequence {
+    capacity: u64,
+    kv_f16: bool,
+    pos: u64,
+    /// The tokens whose keys and values are in the cache, at positions 0..pos.
+    tokens: Vec<u32>,
+    k: Vec<Buffer>,
+    v: Vec<Buffer>,
 }
 
 impl Sequence {

@@ -37,6 +37,8 @@ use std::fmt;
 
 use crate::residency::Now;
 
+pub mod step;
+
 /// Identifies a job. Displays as the bare number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobId(pub u64);

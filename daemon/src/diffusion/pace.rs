@@ -1,0 +1,69 @@
+//! Cutting a recorded pass into chunks that fit a time budget on the device.
+//!
+//! A UNet call or a VAE decode is a list of pieces (a resnet, a transformer, an upsample, …).
+//! The executor gives each image chunk a budget of device time; the pass runs pieces until the
+//! next one's learned cost would overrun it. Costs are learned from the per-dispatch GPU
+//! timestamps of each chunk (wall time where the device keeps none): a piece whose cost is not
+//! known yet runs alone, so its time is measured exactly; a chunk of several known pieces
+//! rescales their costs by how far their sum was off. Costs are kept per shape (batch and
+//! latent size), since they scale with it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use halo_kernels::Stream;
+
+/// Learned piece costs, in seconds, by (shape, piece).
+#[derive(Default)]
+pub struct Pacer {
+    costs: Mutex<HashMap<(u64, usize), f64>>,
+}
+
+impl Pacer {
+    pub fn cost(&self, shape: u64, piece: usize) -> Option<f64> {
+        self.lock().get(&(shape, piece)).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, usize), f64>> {
+        self.costs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `pieces` together took `took`.
+    pub fn learn(&self, shape: u64, pieces: &[usize], took: Duration) {
+        let took = took.as_secs_f64();
+        let mut costs = self.lock();
+        if let [one] = pieces {
+            let e = costs.entry((shape, *one)).or_insert(took);
+            *e = 0.5 * *e + 0.5 * took;
+            return;
+        }
+        let known: f64 = pieces.iter().filter_map(|p| costs.get(&(shape, *p))).sum();
+        if known <= 0.0 {
+            return;
+        }
+        // Move every piece's cost halfway towards what the chunk measured.
+        let ratio = 1.0 + 0.5 * (took / known - 1.0);
+        for p in pieces {
+            if let Some(c) = costs.get_mut(&(shape, *p)) {
+                *c *= ratio;
+            }
+        }
+    }
+}
+
+/// A chunk's device time: the sum of its profiled dispatches, or the wall time since `started`
+/// where the device keeps no timestamps.
+pub fn device_time(s: &mut Stream, started: Instant) -> Duration {
+    let gpu: Duration = s.take_profile().iter().map(|(_, d)| *d).sum();
+    if gpu.is_zero() {
+        started.elapsed()
+    } else {
+        gpu
+    }
+}
+
+/// A shape key for costs: batch and latent size.
+pub fn shape_key(batch: usize, height: usize, width: usize) -> u64 {
+    ((batch as u64) << 40) | ((height as u64) << 20) | width as u64
+}
