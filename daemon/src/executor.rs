@@ -212,6 +212,9 @@ struct State {
     lanes: Vec<LlmWork>,
     images: Vec<ImageExec>,
     policy: StepPolicy,
+    /// Pieces over the ceiling since the last warning, and when that was.
+    overruns: u64,
+    overrun_logged: Option<Instant>,
 }
 
 fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)>) {
@@ -219,6 +222,8 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
         lanes: Vec::new(),
         images: Vec::new(),
         policy: StepPolicy::new(StepConfig::default()),
+        overruns: 0,
+        overrun_logged: None,
     };
     let handle = |m: Msg, st: &mut State| match m {
         Msg::Job(job) => {
@@ -325,13 +330,22 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
             }
         };
         if st.policy.ran(ran) {
-            tracing::warn!(
-                lane = ran.key,
-                image = ran.image,
-                took_ms = ran.took.as_millis() as u64,
-                ceiling_ms = st.policy.config().ceiling.as_millis() as u64,
-                "a piece of GPU work ran longer than the submission ceiling"
-            );
+            st.overruns += 1;
+            // On a slow device every step may overrun: say so once per 10 s, with a count.
+            if st
+                .overrun_logged
+                .is_none_or(|t| t.elapsed().as_secs() >= 10)
+            {
+                tracing::warn!(
+                    image = ran.image,
+                    took_ms = ran.took.as_millis() as u64,
+                    ceiling_ms = st.policy.config().ceiling.as_millis() as u64,
+                    overruns = st.overruns,
+                    "a piece of GPU work ran longer than the submission ceiling"
+                );
+                st.overrun_logged = Some(Instant::now());
+                st.overruns = 0;
+            }
         }
         if let Some(key) = gone {
             st.policy.forget(key, true);

@@ -205,7 +205,7 @@ fn matmul_matches_the_reference_for_every_type() {
         let m = Matrix::new(&dev, ty, 67, cols, 7, true);
         let mut s = dev.stream().unwrap();
         let mut cases = Vec::new();
-        for n in [1usize, 2, 5, 33, 67] {
+        for n in [1usize, 2, 3, 5, 8, 12, 33, 67] {
             let x = rng.f32s(n * cols, 1.0);
             let gx = dev.upload_f32(&x, OWNER).unwrap();
             let gy = out_buffer(&dev, n * m.rows);

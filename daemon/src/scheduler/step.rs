@@ -11,6 +11,8 @@
 //!   one image chunk, every LLM lane with work gets one step before the next image chunk. So at
 //!   most one diffusion chunk runs between two steps of a chat, and an image still advances by
 //!   one chunk per round, however many chats keep arriving (no starvation either way).
+//! - An image chunk aims at the target time, and beside decoding sequences at no more than half
+//!   the LLM round before it, so a token waits at most about 1.5× its own step.
 //! - With no LLM work, image chunks run back to back, the least recently run job first.
 //! - Prompt chunks are sized so that a step stays near the target time while anything else is
 //!   waiting (decoding sequences or an image): the policy learns the time per row of an LLM step
@@ -93,6 +95,8 @@ pub struct StepPolicy {
     last_run: HashMap<(bool, u64), u64>,
     /// When the last image chunk ran.
     last_image: Option<u64>,
+    /// Device time of the LLM steps since the last image chunk (the round so far).
+    round: Duration,
     /// Smoothed time per row of an LLM step, per lane, in seconds.
     per_row: HashMap<u64, f64>,
 }
@@ -108,6 +112,7 @@ impl StepPolicy {
             count: 0,
             last_run: HashMap::new(),
             last_image: None,
+            round: Duration::ZERO,
             per_row: HashMap::new(),
         }
     }
@@ -137,10 +142,17 @@ impl StepPolicy {
             });
         }
         let i = (0..images.len()).min_by_key(|&i| last(true, images[i]))?;
-        Some(Pick::Image {
-            lane: i,
-            budget: self.cfg.target,
-        })
+        // Beside decoding sequences, a chunk is also held to half the round of LLM steps it
+        // follows, so a token waits at most 1.5× its own step for the chunk between.
+        let decoding = llm.iter().any(|l| l.decoding > 0);
+        let budget = if decoding && !self.round.is_zero() {
+            self.cfg
+                .target
+                .min((self.round / 2).max(Duration::from_millis(1)))
+        } else {
+            self.cfg.target
+        };
+        Some(Pick::Image { lane: i, budget })
     }
 
     /// Prompt tokens for a step of lane `i`: `step_tokens` while no sequence is decoding (a
@@ -168,7 +180,11 @@ impl StepPolicy {
         self.last_run.insert((r.image, r.key), self.count);
         if r.image {
             self.last_image = Some(self.count);
-        } else if r.rows > 0 {
+            self.round = Duration::ZERO;
+        } else {
+            self.round += r.took;
+        }
+        if !r.image && r.rows > 0 {
             let sample = r.took.as_secs_f64() / r.rows as f64;
             let e = self.per_row.entry(r.key).or_insert(sample);
             *e = 0.7 * *e + 0.3 * sample;
@@ -466,6 +482,64 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn beside_decoding_an_image_chunk_is_held_to_half_the_round() {
+        let mut p = StepPolicy::new(StepConfig::default());
+        let lanes = [LlmLane {
+            key: 1,
+            decoding: 1,
+            prefilling: 0,
+        }];
+        p.ran(Ran {
+            key: 9,
+            image: true,
+            took: ms(50),
+            rows: 0,
+        });
+        assert!(matches!(
+            p.next(&lanes, &[9]),
+            Some(Pick::Llm { lane: 0, .. })
+        ));
+        p.ran(Ran {
+            key: 1,
+            image: false,
+            took: ms(16),
+            rows: 1,
+        });
+        assert_eq!(
+            p.next(&lanes, &[9]),
+            Some(Pick::Image {
+                lane: 0,
+                budget: ms(8)
+            })
+        );
+        // A slow step leaves the target as the limit; with nothing decoding, the target.
+        p.ran(Ran {
+            key: 1,
+            image: false,
+            took: ms(400),
+            rows: 1,
+        });
+        assert_eq!(
+            p.next(&lanes, &[9]),
+            Some(Pick::Image {
+                lane: 0,
+                budget: ms(50)
+            })
+        );
+        let idle = [LlmLane {
+            decoding: 0,
+            ..lanes[0]
+        }];
+        assert_eq!(
+            p.next(&idle, &[9]),
+            Some(Pick::Image {
+                lane: 0,
+                budget: ms(50)
+            })
+        );
     }
 
     #[test]

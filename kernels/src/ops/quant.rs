@@ -341,7 +341,7 @@ pub fn matmul(
 /// The largest (TM, TN) output tile that fits the device: each thread computes 4 × 4 outputs,
 /// so the workgroup has TM·TN/16 threads, and shared memory holds (TM + TN) padded rows of the
 /// column step (plus, for the indexed form, the TN pair indices of the tile). Few input rows get
-/// a narrower TN so most of the tile is not wasted.
+/// a narrower TN (down to 4) so most of the tile is not wasted.
 fn matmul_tiles(
     stream: &Stream,
     op: &'static str,
@@ -354,7 +354,14 @@ fn matmul_tiles(
         (tm / 4) * (tn / 4) <= limits.max_compute_workgroup_invocations
             && (tm + tn) * MATMUL_BK_STRIDE * 4 + pair_ids <= limits.max_compute_shared_memory_size
     };
-    let tn_want = if n <= 16 { 16 } else { 64 };
+    // A step of a few decoding sequences is a handful of rows: a tile of 4 or 8 keeps the
+    // weights read once without computing 16 columns for 2 of them.
+    let tn_want = match n {
+        0..=4 => 4,
+        5..=8 => 8,
+        9..=16 => 16,
+        _ => 64,
+    };
     [(64, tn_want), (64, 16), (32, 32), (32, 16), (16, 16)]
         .into_iter()
         .find(|&(tm, tn)| fits(tm, tn))
