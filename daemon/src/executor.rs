@@ -375,7 +375,7 @@ struct LlmWork {
 
 impl LlmWork {
     fn view(&self) -> LlmLane {
-        let decoding = self.jobs.iter().filter(|j| j.next.is_some()).count();
+        let decoding = self.jobs.iter().filter(|j| j.feed.is_some()).count();
         LlmLane {
             key: self.key,
             decoding,
@@ -473,8 +473,15 @@ impl LlmWork {
                 return rows;
             }
         };
+        let mut finished = Vec::new();
         for ((&i, l), n) in who.iter().zip(logits).zip(counts) {
-            self.jobs[i].after_step(n, who.len(), l.as_deref());
+            if let Some(end) = self.jobs[i].after_step(n, who.len(), l.as_deref()) {
+                finished.push((i, end));
+            }
+        }
+        // Highest index first, so the others keep theirs.
+        for (i, end) in finished.into_iter().rev() {
+            self.end(i, end, ended);
         }
         rows
     }
@@ -548,7 +555,7 @@ struct Running {
     history: Vec<u32>,
     /// The sampled token waiting to be emitted, with its log-probabilities.
     next: Option<Chosen>,
-    /// The emitted token this step feeds back (decoding), None while the prompt runs.
+    /// The emitted token the next step feeds back (decoding), None while the prompt runs.
     feed: Option<u32>,
     generated: u32,
     /// Bytes of an incomplete UTF-8 sequence carried to the next token.
@@ -588,8 +595,7 @@ impl Running {
     }
 
     /// Before a step of its model: `Some` when the job has ended (stopped, its model file
-    /// changing, a prompt it cannot run, or the token it emitted finished it); otherwise it is
-    /// tokenized, and a decoding job has its next token in `feed`.
+    /// changing, a prompt it cannot run); otherwise it is tokenized if it was not yet.
     fn before_step(&mut self) -> Option<Ended> {
         let stop = match self.job.stop.get() {
             None if self.job.events.is_closed() => Some(StopReason::Cancelled),
@@ -614,18 +620,14 @@ impl Running {
                 return Some(Ended::Failed(e));
             }
         }
-        if self.next.is_some() {
-            match self.emit() {
-                Ok(t) => self.feed = Some(t),
-                Err(end) => return Some(end),
-            }
-        }
         None
     }
 
     /// After a step that ran `rows` of this job's tokens: a prompt chunk advances the prompt;
-    /// the logits (after the prompt's last token, or after a fed token) choose the next token.
-    fn after_step(&mut self, rows: usize, batch: usize, logits: Option<&[f32]>) {
+    /// the logits (after the prompt's last token, or after a fed token) choose the next token,
+    /// which goes to the client at once and becomes the next step's feed. `Some` when that
+    /// token ended the job.
+    fn after_step(&mut self, rows: usize, batch: usize, logits: Option<&[f32]>) -> Option<Ended> {
         self.peak_batch = self.peak_batch.max(batch as u32);
         if self.feed.take().is_none() {
             self.fed += rows;
@@ -636,7 +638,12 @@ impl Running {
         }
         if let Some(l) = logits {
             self.choose(l);
+            match self.emit() {
+                Ok(t) => self.feed = Some(t),
+                Err(end) => return Some(end),
+            }
         }
+        None
     }
 
     fn prepare(&mut self) -> Result<(), CoreError> {

@@ -1,5 +1,5 @@
-//! An image job on the GPU executor: a state machine over chunks. It encodes the prompts and
-//! draws the noise, then runs the UNet and the VAE decode (whole or in tiles, as its memory plan
+//! An image job on the GPU executor: a state machine over chunks. It encodes the prompt, then
+//! the negative prompt and draws the noise (a chunk each), then runs the UNet and the VAE decode (whole or in tiles, as its memory plan
 //! says) in chunks of the time budget the step policy gives (so LLM steps and cancellation come
 //! in between), reports progress after each denoising step (with a latent preview when asked),
 //! writes the PNGs, and ends with a summary of its times and its memory.
@@ -13,7 +13,7 @@ use crate::core::{CoreError, ImageOut, ImageSummary, JobEvent};
 
 use super::png;
 use super::preview;
-use super::sdxl::{JobPlan, SdxlJob, SdxlPipeline, SdxlRequest};
+use super::sdxl::{Encoded, JobPlan, SdxlJob, SdxlPipeline, SdxlRequest};
 use super::vae::Decode;
 
 /// What an image request asks for, defaults filled in.
@@ -41,6 +41,8 @@ pub struct ImageWork {
 
 enum Phase {
     Start,
+    /// The prompt is encoded; the negative prompt, the noise and the sampler come next.
+    Encoded(Box<Encoded>),
     Denoise(Box<SdxlJob>),
     /// The decode, its state made on its first chunk.
     Decode(Box<SdxlJob>, Option<Box<Decode>>),
@@ -92,8 +94,15 @@ impl ImageRun {
         let chunk_started = Instant::now();
         match std::mem::replace(&mut self.phase, Phase::Start) {
             Phase::Start => {
+                let cond = pipe
+                    .encode_prompt(&self.work.params.request, self.work.owner)
+                    .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+                self.phase = Phase::Encoded(Box::new(cond));
+                Ok((None, Some(chunk_started.elapsed())))
+            }
+            Phase::Encoded(cond) => {
                 let job = pipe
-                    .start(&self.work.params.request, self.work.owner)
+                    .start_encoded(&self.work.params.request, *cond, self.work.owner)
                     .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
                 self.encode_ms = self.started.elapsed().as_millis() as u64;
                 self.denoise_started = Some(Instant::now());

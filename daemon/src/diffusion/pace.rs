@@ -1,9 +1,12 @@
 //! Cutting a recorded pass into chunks that fit a time budget on the device.
 //!
 //! A UNet call or a VAE decode is a list of pieces (a resnet, a transformer, an upsample, …).
-//! The executor gives each image chunk a budget of device time; the pass runs pieces until the
-//! next one's learned cost would overrun it. Costs are learned from the per-dispatch GPU
-//! timestamps of each chunk (wall time where the device keeps none): a piece whose cost is not
+//! The executor gives each image chunk a time budget; the pass runs pieces until the next one's
+//! learned cost would overrun it. A piece's cost is what the executor is held up for: the
+//! chunk's wall time from recording to the end of its wait, never less than its device time
+//! (the sum of its dispatches' GPU timestamps, which the chunk also reports for the submission
+//! ceiling). Where the CPU records and the device runs on the same cores (lavapipe) the two
+//! differ by the recording; on a GPU, by the submission and wake-up. A piece whose cost is not
 //! known yet runs alone, so its time is measured exactly; a chunk of several known pieces
 //! rescales their costs by how far their sum was off. Costs are kept per shape (batch and
 //! latent size), since they scale with it.

@@ -436,7 +436,7 @@ impl SdxlPipeline {
     }
 
     /// (context 77 × (c1 + c2), pooled) for one prompt.
-    fn encode_one(&self, text: &str, owner: OwnerId) -> Result<(Vec<f32>, Vec<f32>), SdxlError> {
+    fn encode_one(&self, text: &str, owner: OwnerId) -> Result<Encoded, SdxlError> {
         let a = self
             .te1
             .encode(
@@ -487,6 +487,31 @@ impl SdxlPipeline {
     /// sets up the sampler. The job then advances one UNet call at a time ([`Self::step`]) and
     /// ends with [`Self::decode`], so other work can run between its steps.
     pub fn start(&self, req: &SdxlRequest, owner: OwnerId) -> Result<SdxlJob, SdxlError> {
+        let cond = self.encode_prompt(req, owner)?;
+        self.start_encoded(req, cond, owner)
+    }
+
+    /// The prompt's text embeddings (context rows and pooled vector): the first chunk of a
+    /// job, checked first so a bad request fails before any GPU work.
+    pub fn encode_prompt(&self, req: &SdxlRequest, owner: OwnerId) -> Result<Encoded, SdxlError> {
+        let scale = self.vae_scale();
+        if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
+            return Err(SdxlError(format!(
+                "{}×{} is not a multiple of {scale}, or the batch is empty",
+                req.width, req.height
+            )));
+        }
+        self.encode_one(&req.prompt, owner)
+    }
+
+    /// The rest of [`Self::start`] once the prompt is encoded: the negative prompt (the second
+    /// chunk of a job), the noise and the sampler.
+    pub fn start_encoded(
+        &self,
+        req: &SdxlRequest,
+        cond: Encoded,
+        owner: OwnerId,
+    ) -> Result<SdxlJob, SdxlError> {
         let scale = self.vae_scale();
         if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
             return Err(SdxlError(format!(
@@ -495,7 +520,7 @@ impl SdxlPipeline {
             )));
         }
         let (lh, lw) = (req.height / scale, req.width / scale);
-        let (cond_ctx, cond_pool) = self.encode_one(&req.prompt, owner)?;
+        let (cond_ctx, cond_pool) = cond;
         let guided = req.cfg > 1.0;
         let (unc_ctx, unc_pool) = match req.negative.as_deref().filter(|n| !n.is_empty()) {
             Some(n) => self.encode_one(n, owner)?,
@@ -752,6 +777,9 @@ pub struct SdxlJob {
     /// The UNet call under way, between chunks.
     call: Option<UnetCall>,
 }
+
+/// A prompt's text embeddings: 77 context rows of both encoders' widths, and the pooled vector.
+pub type Encoded = (Vec<f32>, Vec<f32>);
 
 /// Decoded images, one per batch entry: out_channels × pixels each.
 pub type Images = Vec<Vec<f32>>;

@@ -484,7 +484,8 @@ impl Unet {
         cx.flush()?;
         let took = super::pace::device_time(&mut cx.s, started);
         if budget.is_some() {
-            self.pacer.learn(call.shape, &ran, took);
+            self.pacer
+                .learn(call.shape, &ran, started.elapsed().max(took));
         }
         if call.piece == pieces.len() {
             call.next += 1;

@@ -436,7 +436,8 @@ impl Vae {
         cx.s.finish()?;
         let took = super::pace::device_time(&mut cx.s, started);
         if budget.is_some() {
-            self.pacer.learn(call.shape, &ran, took);
+            self.pacer
+                .learn(call.shape, &ran, started.elapsed().max(took));
         }
         if let Some(out) = out {
             let n = cx.batch * out.c * out.h * out.w;
