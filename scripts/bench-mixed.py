@@ -77,8 +77,14 @@ class Daemon:
         self.proc.wait()
 
 
+COUNT = [0]
+
+
 def chat(d, prompt, tokens, out):
-    """Runs one greedy chat; appends {start, first, times, n} to `out`."""
+    """Runs one greedy chat; appends {start, first, times} to `out`. Each prompt starts with its
+    own number, so no chat reuses another's cached prompt (only the chat template's start)."""
+    COUNT[0] += 1
+    prompt = f"{COUNT[0]}. {prompt}"
     start = time.monotonic()
     p = d.spawn("generate", "smol", prompt, "--chat", "--temperature", "0", "--max-tokens", str(tokens),
                 "--json")
@@ -177,10 +183,11 @@ def run(d, a):
     s1 = time.monotonic()
     busy.set()
     tc.join()
-    # The chat's device time during the render, from its steps alone: one step per token it
-    # got then (its first token's step is its prompt).
-    steps = sum(1 for r in steady for t in r["times"] if s0 <= t <= s1)
-    chat_secs = steps * pct(itl_alone, 50) / 1000
+    # The chat's device time during the render, from its steps alone: a decode step per token
+    # it got then, and a prompt's time alone for each first token.
+    steps = sum(1 for r in steady for t in r["times"][1:] if s0 <= t <= s1)
+    prompts = sum(1 for r in steady if r["times"] and s0 <= r["times"][0] <= s1)
+    chat_secs = steps * pct(itl_alone, 50) / 1000 + prompts * ttft_alone
 
     print(f"device: {json.loads(d.halo('status', '--json').stdout).get('device', {}).get('name')}")
     print(f"image: {a.sdxl} at {a.size}x{a.size}, {a.steps} steps; chat: {a.tokens} tokens, greedy")
@@ -198,13 +205,13 @@ def run(d, a):
     bound = img_alone + chat_secs
     print(f"{'  alone + the chat steps device time (s)':<44} {bound:>10.1f} {img_steady:>10.1f}"
           f" {img_steady / bound:>7.2f}")
-    print(f"{'  (chat steps during the render)':<44} {steps:>10}")
+    print(f"{'  (chat prompts, decode steps in the render)':<44} {prompts:>4} {steps:>5}")
     print()
     print(f"{'streams':<10} {'tokens/s':>10} {'vs 1':>7}")
     base = None
     for n in (1, 2, 4, 8):
         runs = []
-        ts = [threading.Thread(target=chat, args=(d, f"{prompt} ({i})", a.tokens, runs))
+        ts = [threading.Thread(target=chat, args=(d, prompt, a.tokens, runs))
               for i in range(n)]
         t = time.monotonic()
         for x in ts:

@@ -329,6 +329,14 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
                 }
             }
         };
+        tracing::trace!(
+            image = ran.image,
+            lane = ran.key,
+            rows = ran.rows,
+            took_us = ran.took.as_micros() as u64,
+            wall_us = t.elapsed().as_micros() as u64,
+            "ran a piece of GPU work"
+        );
         if st.policy.ran(ran) {
             st.overruns += 1;
             // On a slow device every step may overrun: say so once per 10 s, with a count.
