@@ -233,8 +233,8 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
                 Some(l) => l.jobs.push(run),
                 None => st.lanes.push(LlmWork {
                     key,
-                    engine: run.job.engine.clone(),
                     jobs: vec![run],
+                    finished: Vec::new(),
                 }),
             }
         }
@@ -292,12 +292,17 @@ fn run(rx: std::sync::mpsc::Receiver<Msg>, ended: UnboundedSender<(JobId, Ended)
             } => {
                 let work = &mut st.lanes[lane];
                 let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    work.step(prefill_tokens, &ended)
+                    work.step(prefill_tokens)
                 }))
                 .unwrap_or_else(|_| {
-                    work.end_all(&ended, internal);
+                    work.end_all(internal);
                     0
                 });
+                // The step's engine reference is gone: a model the core drops on hearing of
+                // these ends is freed at once.
+                for end in work.finished.drain(..) {
+                    let _ = ended.send(end);
+                }
                 Ran {
                     key: work.key,
                     image: false,
@@ -376,9 +381,11 @@ fn lane_key(engine: &Arc<LlmEngine>) -> u64 {
 /// The LLM jobs of one loaded model, stepped together.
 struct LlmWork {
     key: u64,
-    engine: Arc<LlmEngine>,
     /// In arrival order: the first waiting prompt is the next to get a chunk.
     jobs: Vec<Running>,
+    /// Jobs that ended, dropped already, for the run loop to report once nothing of this step
+    /// holds their engine any more.
+    finished: Vec<(JobId, Ended)>,
 }
 
 impl LlmWork {
@@ -391,37 +398,40 @@ impl LlmWork {
         }
     }
 
-    /// Ends job `i`: its sequence goes back to the pool first, then the core hears of it.
-    fn end(&mut self, i: usize, outcome: Ended, ended: &UnboundedSender<(JobId, Ended)>) {
+    /// Ends job `i`: its sequence goes back to the pool and the job (with its engine
+    /// reference) is dropped; the core hears of it from the run loop after the step.
+    fn end(&mut self, i: usize, outcome: Ended) {
         let mut job = self.jobs.remove(i);
         if let Some(seq) = job.seq.take() {
-            self.engine.return_sequence(seq);
+            job.job.engine.return_sequence(seq);
         }
-        let _ = ended.send((job.job.id, outcome));
+        let id = job.job.id;
+        drop(job);
+        self.finished.push((id, outcome));
     }
 
-    fn end_all(&mut self, ended: &UnboundedSender<(JobId, Ended)>, why: impl Fn() -> Ended) {
+    fn end_all(&mut self, why: impl Fn() -> Ended) {
         while !self.jobs.is_empty() {
-            self.end(0, why(), ended);
+            self.end(0, why());
         }
     }
 
     /// One step: every job is checked for a stop, new ones are tokenized, then one forward runs
     /// each decoding sequence's next token and a chunk of at most `prefill_tokens` of the first
     /// waiting prompt. Returns the rows the forward ran.
-    fn step(&mut self, prefill_tokens: usize, ended: &UnboundedSender<(JobId, Ended)>) -> usize {
+    fn step(&mut self, prefill_tokens: usize) -> usize {
         // Stops, a changing model file, tokenization, and the tokens decoders emit.
         let mut i = 0;
         while i < self.jobs.len() {
             match self.jobs[i].before_step() {
-                Some(outcome) => self.end(i, outcome, ended),
+                Some(outcome) => self.end(i, outcome),
                 None => i += 1,
             }
         }
         if self.jobs.is_empty() {
             return 0;
         }
-        let engine = self.engine.clone();
+        let engine = self.jobs[0].job.engine.clone();
         let mut sc = engine.scratch();
         let room = sc.rows() as usize;
         let decoding = self.jobs.iter().filter(|j| j.feed.is_some()).count();
@@ -476,7 +486,7 @@ impl LlmWork {
             Err(e) => {
                 // The step ran for all of them: none of their caches can be trusted.
                 for &i in who.iter().rev() {
-                    self.end(i, Ended::Failed(Running::gpu(&e)), ended);
+                    self.end(i, Ended::Failed(Running::gpu(&e)));
                 }
                 return rows;
             }
@@ -489,7 +499,7 @@ impl LlmWork {
         }
         // Highest index first, so the others keep theirs.
         for (i, end) in finished.into_iter().rev() {
-            self.end(i, end, ended);
+            self.end(i, end);
         }
         rows
     }
