@@ -461,7 +461,7 @@ fn one_unet_call_equals_diffusers() {
                     batch: 2,
                     height: h,
                     width: w,
-                    sample: &sample,
+                    sample: halod::diffusion::unet::Sample::Host(&sample),
                     timestep: f("timestep")[0],
                     context: &context,
                     context_tokens: 77,
@@ -659,6 +659,7 @@ fn a_jobs_memory_estimate_is_what_it_holds() {
         dev.watch_peak(owner);
         pipe.decode_with(&job, tile).unwrap();
         let decode = dev.take_peak(owner).unwrap();
+        drop(job);
         assert_eq!(dev.ledger().owner(owner), 0, "the job's buffers are gone");
         for (phase, est, got) in [
             ("encode", plan.encode, encode),

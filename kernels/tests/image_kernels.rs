@@ -526,3 +526,72 @@ fn upsample_to_a_size_picks_the_nearest_source() {
     }
     assert_eq!(got, want);
 }
+
+/// Every combination the samplers use (guided or not; the previous x0 read, kept, both or
+/// neither; noise or none), at lengths around the workgroup size: the new latents, the kept
+/// x0 and the next input match the reference to f32 rounding (the GPU may fuse a multiply-add).
+#[test]
+fn sampler_step_matches_the_reference() {
+    use halo_kernels::ops::SamplerUpdate;
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(77);
+    let mut case = 0;
+    for &n in &[1usize, 255, 256, 1000] {
+        for guided in [false, true] {
+            for (prev, keep) in [(false, false), (false, true), (true, true), (true, false)] {
+                for noisy in [false, true] {
+                    case += 1;
+                    let up = SamplerUpdate {
+                        guidance: guided.then_some(4.5),
+                        sigma: 2.5,
+                        inv_alpha: 0.75,
+                        x: 0.9,
+                        x0: -0.4,
+                        prev: prev.then_some(0.3),
+                        noise: noisy.then_some(1.7),
+                        keep_x0: keep,
+                        next_scale: 0.25,
+                    };
+                    let copies = if guided { 2 } else { 1 };
+                    let eps = rng.f32s(n * copies, 1.0);
+                    let x = rng.f32s(n, 3.0);
+                    let p = rng.f32s(n, 1.0);
+                    let z = rng.f32s(n, 1.0);
+                    let (eb, xb, pb, zb) = (
+                        upload(&dev, &eps),
+                        upload(&dev, &x),
+                        upload(&dev, &p),
+                        upload(&dev, &z),
+                    );
+                    let nb = zeros(&dev, n * copies);
+                    run(&dev, |s| {
+                        ops::sampler_step(
+                            s,
+                            &up,
+                            F32s::all(&eb),
+                            F32s::all(&xb),
+                            (prev || keep).then(|| F32s::all(&pb)),
+                            noisy.then(|| F32s::all(&zb)),
+                            F32s::all(&nb),
+                        )
+                    });
+                    let (mut wx, mut wp) = (x.clone(), p.clone());
+                    let want_next = r::sampler_step(&up, &eps, &mut wx, &mut wp, &z, copies);
+                    let what = format!("case {case}: n {n} {up:?}");
+                    let close = |name: &str, got: &[f32], want: &[f32]| {
+                        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{what}: {name}[{i}] {g} vs {w}"
+                            );
+                        }
+                    };
+                    close("x", &dev.read_f32(&xb, 0, n as u64).unwrap(), &wx);
+                    close("prev", &dev.read_f32(&pb, 0, n as u64).unwrap(), &wp);
+                    let got_next = dev.read_f32(&nb, 0, (n * copies) as u64).unwrap();
+                    close("next", &got_next, &want_next);
+                }
+            }
+        }
+    }
+}

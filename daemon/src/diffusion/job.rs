@@ -221,8 +221,9 @@ impl ImageRun {
     /// A PNG of the first image's latents through the fixed latent→RGB map.
     fn preview(&self, job: &SdxlJob) -> Option<Vec<u8>> {
         let (h, w) = job.latent_size();
-        let c = job.latents().len() / job.batch() / (h * w);
-        let rgb = preview::latent_rgb(&job.latents()[..c * h * w], c, h, w);
+        let latents = job.latents(&self.work.device).ok()?;
+        let c = latents.len() / job.batch() / (h * w);
+        let rgb = preview::latent_rgb(&latents[..c * h * w], c, h, w);
         png::encode(&rgb, w as u32, h as u32, &[]).ok()
     }
 

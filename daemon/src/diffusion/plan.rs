@@ -29,6 +29,16 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
+    /// A replay that starts with buffers of these many f32 values already held (a job's own,
+    /// kept through the pass): they share chunks with what the pass allocates.
+    pub(crate) fn holding(held: &[u64]) -> Sim {
+        let mut sim = Sim::default();
+        for &n in held {
+            sim.keep(n);
+        }
+        sim
+    }
+
     /// What the live buffers are charged: large ones exactly, small ones by the chunks they
     /// fill.
     fn charge(&self) -> u64 {

@@ -14,9 +14,13 @@
 //! (fractional) timesteps by interpolating log σ. The Euler samplers work on x = x₀ + σ·ε (the
 //! starting noise times [`Sampler::init_noise_sigma`], the model's input x ÷ √(σ² + 1));
 //! DPM-Solver++ works on the variance-preserving x with α = 1/√(σ² + 1).
-//! Updates run in f32 on the host copy of the latents, like diffusers' f32 tensors.
+//! Each step is a few coefficients over every latent value ([`Sampler::update`]), in f32 like
+//! diffusers' tensors: on the device in a job, on the host in [`Sampler::step`].
 
 use std::fmt;
+
+use halo_kernels::ops::SamplerUpdate;
+use halo_kernels::reference::image::sampler_step;
 
 use super::config::SchedulerConfig;
 use super::rng::TorchRng;
@@ -91,7 +95,7 @@ pub struct Sampler {
     /// The UNet's timestep at each step.
     timesteps: Vec<f32>,
     init_noise_sigma: f32,
-    /// DPM-Solver++: the previous step's x₀ prediction.
+    /// DPM-Solver++: the previous step's x₀ prediction, for steps on the host.
     previous: Option<Vec<f32>>,
 }
 
@@ -332,31 +336,36 @@ impl Sampler {
         }
     }
 
-    /// Advances `x` by step `i` given the guided noise prediction `eps`. Euler ancestral draws
-    /// its noise from `rng` (one draw of `x.len()` values per step, as diffusers does).
-    pub fn step(&mut self, i: usize, eps: &[f32], x: &mut [f32], rng: &mut TorchRng) {
-        assert_eq!(eps.len(), x.len());
+    /// Step `i` as coefficients over each latent value (see [`SamplerUpdate`]), with the
+    /// prediction's guidance `guidance` and the next step's input scale folded in; the GPU runs
+    /// it as one kernel (`ops::sampler_step`) and [`Self::step`] on the host.
+    pub fn update(&self, i: usize, guidance: Option<f32>) -> SamplerUpdate {
         let s = self.sigmas[i];
         let s_next = self.sigmas[i + 1];
+        let steps = self.timesteps.len();
+        let next_scale = if i + 1 < steps {
+            self.input_scale(i + 1)
+        } else {
+            1.0
+        };
+        // Euler: x0 = x − σ·ε and x' = x + (x − x0)/σ · dt, which is (1 + dt/σ)·x − dt/σ·x0.
+        let euler = |dt: f32, noise: Option<f32>| SamplerUpdate {
+            guidance,
+            sigma: s,
+            inv_alpha: 1.0,
+            x: 1.0 + dt / s,
+            x0: -dt / s,
+            prev: None,
+            noise,
+            keep_x0: false,
+            next_scale,
+        };
         match self.kind {
-            SamplerKind::Euler => {
-                let dt = s_next - s;
-                for (x, &e) in x.iter_mut().zip(eps) {
-                    let x0 = *x - s * e;
-                    let d = (*x - x0) / s;
-                    *x += d * dt;
-                }
-            }
+            SamplerKind::Euler => euler(s_next - s, None),
             SamplerKind::EulerAncestral => {
                 let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s)).sqrt();
                 let down = (s_next * s_next - up * up).sqrt();
-                let dt = down - s;
-                let noise = rng.randn(x.len());
-                for ((x, &e), &z) in x.iter_mut().zip(eps).zip(&noise) {
-                    let x0 = *x - s * e;
-                    let d = (*x - x0) / s;
-                    *x = *x + d * dt + z * up;
-                }
+                euler(down - s, Some(up))
             }
             SamplerKind::DpmPp2m => {
                 let alpha_sigma = |sigma: f32| {
@@ -366,33 +375,44 @@ impl Sampler {
                 let lambda = |a: f32, s: f32| a.ln() - s.ln();
                 let (a_s0, s_s0) = alpha_sigma(s);
                 let (a_t, s_t) = alpha_sigma(s_next);
-                let x0: Vec<f32> = x
-                    .iter()
-                    .zip(eps)
-                    .map(|(&x, &e)| (x - s_s0 * e) / a_s0)
-                    .collect();
                 let h = lambda(a_t, s_t) - lambda(a_s0, s_s0);
                 let phi = a_t * ((-h).exp() - 1.0);
-                let ratio = s_t / s_s0;
-                let last = i + 1 == self.timesteps.len();
-                match (&self.previous, last) {
-                    (Some(m1), false) => {
-                        let (a_s1, s_s1) = alpha_sigma(self.sigmas[i - 1]);
-                        let h0 = lambda(a_s0, s_s0) - lambda(a_s1, s_s1);
-                        let r0 = h0 / h;
-                        for ((x, &m0), &m1) in x.iter_mut().zip(&x0).zip(m1) {
-                            let d1 = (1.0 / r0) * (m0 - m1);
-                            *x = ratio * *x - phi * m0 - 0.5 * phi * d1;
-                        }
-                    }
-                    _ => {
-                        for (x, &m0) in x.iter_mut().zip(&x0) {
-                            *x = ratio * *x - phi * m0;
-                        }
-                    }
+                let mut up = SamplerUpdate {
+                    guidance,
+                    sigma: s_s0,
+                    inv_alpha: 1.0 / a_s0,
+                    x: s_t / s_s0,
+                    x0: -phi,
+                    prev: None,
+                    noise: None,
+                    keep_x0: true,
+                    next_scale,
+                };
+                // The second-order update from the second step on, but for the last (a
+                // first-order step onto σ = 0): x' = r·x − φ·m0 − ½φ·(m0 − m1)/r0.
+                if i > 0 && i + 1 < steps {
+                    let (a_s1, s_s1) = alpha_sigma(self.sigmas[i - 1]);
+                    let h0 = lambda(a_s0, s_s0) - lambda(a_s1, s_s1);
+                    let r0 = h0 / h;
+                    up.x0 = -phi - 0.5 * phi / r0;
+                    up.prev = Some(0.5 * phi / r0);
                 }
-                self.previous = Some(x0);
+                up
             }
         }
+    }
+
+    /// Advances `x` by step `i` given the guided noise prediction `eps`, on the host. Euler
+    /// ancestral draws its noise from `rng` (one draw of `x.len()` values per step, as
+    /// diffusers does).
+    pub fn step(&mut self, i: usize, eps: &[f32], x: &mut [f32], rng: &mut TorchRng) {
+        assert_eq!(eps.len(), x.len());
+        let up = self.update(i, None);
+        let noise = match up.noise {
+            Some(_) => rng.randn(x.len()),
+            None => Vec::new(),
+        };
+        let prev = self.previous.get_or_insert_with(|| vec![0.0; x.len()]);
+        sampler_step(&up, eps, x, prev, &noise, 0);
     }
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use halo_kernels::bench::ImageKernelShapes;
-use halo_kernels::ops::{Conv2d, SeqAttention};
+use halo_kernels::ops::{self, Conv2d, F32s, SeqAttention};
 use halo_kernels::{Device, LoadStrategy, OwnerId, WeightLayout};
 
 use crate::models::Mapping;
@@ -24,7 +24,7 @@ use super::rng::TorchRng;
 use super::sampler::{Sampler, SamplerKind, Schedule};
 use super::single_file;
 use super::tensors::{DeviceTensors, Names};
-use super::unet::{Unet, UnetCall, UnetInput};
+use super::unet::{Sample, Unet, UnetCall, UnetInput};
 use super::vae::{Decode, Vae};
 
 #[derive(Debug)]
@@ -551,6 +551,23 @@ impl SdxlPipeline {
             .iter()
             .map(|v| v * sampler.init_noise_sigma())
             .collect();
+        // The first UNet input (the latents scaled, twice with guidance); later ones the
+        // sampler's kernel writes.
+        let s0 = sampler.input_scale(0);
+        let first: Vec<f32> = (0..rows / n)
+            .flat_map(|_| latents.iter().map(move |v| v * s0))
+            .collect();
+        let len = latents.len() as u64;
+        let copies = (rows / n) as u64;
+        let extra = req.sampler != SamplerKind::Euler;
+        let mut init = first;
+        init.extend(&latents);
+        init.resize((Latents::floats(len, copies, extra)) as usize, 0.0);
+        let state = Latents {
+            buf: self.unet.device().upload_f32(&init, owner).map_err(err)?,
+            len,
+            copies,
+        };
         Ok(SdxlJob {
             owner,
             batch: n,
@@ -563,7 +580,7 @@ impl SdxlPipeline {
             time_ids,
             sampler,
             rng,
-            latents,
+            state,
             done: 0,
             call: None,
         })
@@ -598,13 +615,6 @@ impl SdxlPipeline {
         let mut call = match job.call.take() {
             Some(call) => call,
             None => {
-                let s = job.sampler.input_scale(i);
-                let scaled: Vec<f32> = job.latents.iter().map(|v| v * s).collect();
-                let input: Vec<f32> = if job.guided {
-                    scaled.iter().chain(&scaled).copied().collect()
-                } else {
-                    scaled
-                };
                 let (lh, lw) = job.latent_hw;
                 let call = self
                     .unet
@@ -613,7 +623,7 @@ impl SdxlPipeline {
                             batch: job.rows,
                             height: lh,
                             width: lw,
-                            sample: &input,
+                            sample: Sample::Device(&job.state.buf),
                             timestep: job.sampler.timesteps()[i],
                             context: &job.context,
                             context_tokens: 77,
@@ -627,22 +637,37 @@ impl SdxlPipeline {
                 return Ok((false, started.elapsed()));
             }
         };
-        let (out, took) = self.unet.advance_for(&mut call, budget).map_err(err)?;
-        let Some(out) = out else {
+        // After the call's last piece, in its submission: guidance and the sampler's update on
+        // the device, which also writes the next call's input.
+        let up = job.sampler.update(i, job.guided.then_some(job.cfg));
+        let (st, rng, dev) = (&mut job.state, &mut job.rng, self.unet.device());
+        let mut then = |s: &mut halo_kernels::Stream, eps: halo_kernels::ops::F32s<'_>| {
+            let (n, copies) = (st.len, st.copies);
+            if up.noise.is_some() {
+                // Euler ancestral: this step's draw, in diffusers' order.
+                dev.write_f32(&mut st.buf, (copies + 1) * n, &rng.randn(n as usize))?;
+            }
+            let all = F32s::all(&st.buf);
+            let extra = all.sub((copies + 1) * n, n);
+            ops::sampler_step(
+                s,
+                &up,
+                eps,
+                all.sub(copies * n, n),
+                up.keep_x0.then_some(extra),
+                up.noise.map(|_| extra),
+                all.sub(0, copies * n),
+            )?;
+            Ok(())
+        };
+        let (out, took) = self
+            .unet
+            .advance_for(&mut call, budget, Some(&mut then))
+            .map_err(err)?;
+        if out.is_none() {
             job.call = Some(call);
             return Ok((false, took));
-        };
-        drop(call);
-        let eps: Vec<f32> = if job.guided {
-            let (u, c) = out.split_at(job.latents.len());
-            u.iter()
-                .zip(c)
-                .map(|(u, c)| u + job.cfg * (c - u))
-                .collect()
-        } else {
-            out
-        };
-        job.sampler.step(i, &eps, &mut job.latents, &mut job.rng);
+        }
         job.done += 1;
         Ok((true, took))
     }
@@ -675,8 +700,10 @@ impl SdxlPipeline {
     /// [`Self::decode_for`].
     pub fn begin_decode(&self, job: &SdxlJob, tile: Option<usize>) -> Result<Decode, SdxlError> {
         let (lh, lw) = job.latent_hw;
+        // The one read of the latents: the decoder takes them from the host.
+        let latents = job.latents(self.unet.device())?;
         self.vae
-            .start_decode(&job.latents, job.batch, lh, lw, tile, job.owner)
+            .start_decode(&latents, job.batch, lh, lw, tile, job.owner)
             .map_err(err)
     }
 
@@ -706,21 +733,32 @@ impl SdxlPipeline {
         } else {
             req.batch
         };
+        // The job's latents and sampler state, held from the end of encoding to the end.
+        // The job's latents and sampler state (see [`Latents`]), held from the end of encoding
+        // to the end.
+        let n = (req.batch * self.latent_channels * lh * lw) as u64;
+        let copies = (rows / req.batch.max(1)) as u64;
+        let held = [Latents::floats(
+            n,
+            copies,
+            req.sampler != SamplerKind::Euler,
+        )];
         let encode = self
             .te1
             .peak_bytes(1, false)
-            .max(self.te2.peak_bytes(1, true));
+            .max(self.te2.peak_bytes(1, true))
+            .max(super::plan::Sim::holding(&held).peak());
         let context_dim = (self.te1.hidden_size() + self.te2.hidden_size()) as usize;
-        let denoise = self.unet.peak_bytes(rows, lh, lw, 77, context_dim);
+        let denoise = self.unet.peak_bytes(rows, lh, lw, 77, context_dim, &held);
         let (decode, largest) = match tile {
             None => (
-                self.vae.peak_bytes(req.batch, lh, lw),
+                self.vae.peak_bytes(req.batch, lh, lw, &held),
                 self.vae.largest_buffer(lh, lw) * req.batch as u64,
             ),
             Some(t) => {
                 let tl = (t / scale).max(1);
                 (
-                    self.vae.tiled_peak_bytes(lh, lw, t),
+                    self.vae.tiled_peak_bytes(lh, lw, t, &held),
                     self.vae.largest_buffer(lh.min(tl), lw.min(tl)),
                 )
             }
@@ -772,11 +810,33 @@ pub struct SdxlJob {
     time_ids: Vec<f32>,
     sampler: Sampler,
     rng: TorchRng,
-    latents: Vec<f32>,
+    state: Latents,
     done: usize,
     /// The UNet call under way, between chunks.
     call: Option<UnetCall>,
 }
+
+/// A job's latents and its sampler's state, on the device from the first step to the end:
+/// one buffer of the next UNet input (the scaled latents, `copies` times: twice with
+/// guidance), the latents (batch × channels × h × w: `len` values), and where the sampler has
+/// one, its extra run (DPM++ 2M's previous x0, Euler ancestral's noise). One buffer of at
+/// least 1 MiB, so that it has a chunk of its own and never splits the free space the job's
+/// passes share.
+struct Latents {
+    buf: halo_kernels::Buffer,
+    len: u64,
+    copies: u64,
+}
+
+impl Latents {
+    /// The buffer's length in f32 values.
+    fn floats(len: u64, copies: u64, extra: bool) -> u64 {
+        ((copies + 1 + extra as u64) * len).max(LARGE_REQUEST / 4)
+    }
+}
+
+/// Requests of this many bytes get a device memory chunk of their own.
+const LARGE_REQUEST: u64 = 1 << 20;
 
 /// A prompt's text embeddings: 77 context rows of both encoders' widths, and the pooled vector.
 pub type Encoded = (Vec<f32>, Vec<f32>);
@@ -829,8 +889,11 @@ impl SdxlJob {
         self.batch
     }
 
-    /// The current latents (batch × channels × h × w), for previews.
-    pub fn latents(&self) -> &[f32] {
-        &self.latents
+    /// The current latents (batch × channels × h × w), read from the device (previews, the
+    /// decode).
+    pub fn latents(&self, dev: &Device) -> Result<Vec<f32>, SdxlError> {
+        let st = &self.state;
+        dev.read_f32(&st.buf, st.copies * st.len, st.len)
+            .map_err(err)
     }
 }

@@ -17,8 +17,8 @@
 
 use std::path::Path;
 
-use halo_kernels::ops;
-use halo_kernels::{Device, LoadStrategy, OwnerId};
+use halo_kernels::ops::{self, F32s};
+use halo_kernels::{Buffer, Device, LoadStrategy, OwnerId, Stream};
 
 use super::config::UnetShape;
 use super::graph::{view, Act, Cx};
@@ -39,7 +39,7 @@ pub struct UnetInput<'a> {
     pub height: usize,
     pub width: usize,
     /// batch × in_channels × height × width.
-    pub sample: &'a [f32],
+    pub sample: Sample<'a>,
     pub timestep: f32,
     /// batch × context_tokens × context_dim.
     pub context: &'a [f32],
@@ -49,6 +49,18 @@ pub struct UnetInput<'a> {
     /// batch × 6 (text_time only).
     pub time_ids: &'a [f32],
 }
+
+/// A call's latents: from the host (uploaded for the call), or already on the device (the
+/// first values of a job's own buffer, which the call only reads).
+#[derive(Clone, Copy)]
+pub enum Sample<'a> {
+    Host(&'a [f32]),
+    Device(&'a halo_kernels::Buffer),
+}
+
+/// What runs right after a call's last piece, in the same submission: given the stream and
+/// the noise prediction (batch × out_channels × height × width) on the device.
+pub type Epilogue<'a> = dyn FnMut(&mut Stream, F32s<'_>) -> Result<(), TensorError> + 'a;
 
 /// diffusers' `get_timestep_embedding`: half sines and half cosines of t · 10000^(−i/(half −
 /// shift)), cosines first when `flip`.
@@ -133,7 +145,8 @@ impl Unet {
     }
 
     /// Device bytes one call on `batch` latents of `height` × `width` holds at most, charged as
-    /// the allocator charges them: the replay of [`Self::begin`] and [`Self::advance`].
+    /// the allocator charges them: the replay of [`Self::begin`] and [`Self::advance`], beside
+    /// buffers of `held` f32 values that the job holds throughout (its latents).
     pub fn peak_bytes(
         &self,
         batch: usize,
@@ -141,10 +154,11 @@ impl Unet {
         width: usize,
         context_tokens: usize,
         context_dim: usize,
+        held: &[u64],
     ) -> u64 {
         let sh = &self.shape;
         let b = batch as u64;
-        let mut sim = Sim::default();
+        let mut sim = Sim::holding(held);
         let mut cx = SimCx {
             sim: &mut sim,
             batch: b,
@@ -162,8 +176,8 @@ impl Unet {
         }
         cx.sim.keep(b * temb);
         cx.sim.keep(b * (context_tokens * context_dim) as u64);
+        // The sample is the job's own buffer (a host sample's upload is not counted).
         let (h, w) = (height as u64, width as u64);
-        cx.sim.temp(b * sh.in_channels as u64 * h * w);
         let mut x = cx.act(c0, h, w);
         let mut skips = vec![cx.act(c0, h, w)];
         cx.sim.flush();
@@ -236,10 +250,17 @@ impl Unet {
         let b = input.batch;
         let bad = |m: String| TensorError::File(self.tensors.path().into(), m);
         let latents = b * sh.in_channels as usize * input.height * input.width;
-        if b == 0 || input.sample.len() != latents {
+        let fits = match input.sample {
+            Sample::Host(v) => v.len() == latents,
+            Sample::Device(buf) => buf.len() / 4 >= latents as u64,
+        };
+        if b == 0 || !fits {
             return Err(bad(format!(
                 "{} sample values are not {b} × {} × {} × {}",
-                input.sample.len(),
+                match input.sample {
+                    Sample::Host(v) => v.len(),
+                    Sample::Device(buf) => (buf.len() / 4) as usize,
+                },
                 sh.in_channels,
                 input.height,
                 input.width
@@ -295,7 +316,10 @@ impl Unet {
         ops::silu(&mut cx.s, view(&emb, n), view(&emb_act, n))?;
         emb = emb_act;
         let context = cx.upload(input.context)?;
-        let sample = cx.upload(input.sample)?;
+        let sample = match input.sample {
+            Sample::Host(v) => cx.upload(v)?,
+            Sample::Device(b) => b.clone(),
+        };
         let x = Act {
             buf: sample,
             c: sh.in_channels as u64,
@@ -317,6 +341,7 @@ impl Unet {
             next: 1,
             piece: 0,
             shape: super::pace::shape_key(b, input.height, input.width),
+            out_len: (b * sh.out_channels as usize * input.height * input.width) as u64,
         })
     }
 
@@ -324,7 +349,11 @@ impl Unet {
     /// and waits for it; the noise prediction (batch × out_channels × height × width) once the
     /// last chunk is done.
     pub fn advance(&self, call: &mut UnetCall) -> Result<Option<Vec<f32>>, TensorError> {
-        Ok(self.advance_for(call, None)?.0)
+        let n = call.out_len;
+        match self.advance_for(call, None, None)?.0 {
+            Some(out) => Ok(Some(self.device.read_f32(&out, 0, n)?)),
+            None => Ok(None),
+        }
     }
 
     /// The pieces of chunk `chunk` (1-based after [`Self::begin`]), in order.
@@ -360,12 +389,14 @@ impl Unet {
 
     /// Runs pieces of the call's current chunk until the next one's learned device time would
     /// overrun `budget` (None: the rest of the chunk), never past the chunk's end, and waits
-    /// for them. Returns the noise prediction once the call is done, and the device time spent.
+    /// for them; `then` is recorded after the call's last piece, before that wait. Returns the
+    /// noise prediction (on the device) once the call is done, and the device time spent.
     pub fn advance_for(
         &self,
         call: &mut UnetCall,
         budget: Option<std::time::Duration>,
-    ) -> Result<(Option<Vec<f32>>, std::time::Duration), TensorError> {
+        then: Option<&mut Epilogue<'_>>,
+    ) -> Result<(Option<Buffer>, std::time::Duration), TensorError> {
         let started = std::time::Instant::now();
         let sh = &self.shape;
         let n_levels = sh.levels.len();
@@ -471,7 +502,11 @@ impl Unet {
                     }
                     Piece::Resample => {
                         x = cx.norm("conv_norm_out", &x, true)?;
-                        out = Some(cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?);
+                        let o = cx.conv("conv_out", &x, sh.out_channels as u64, 3, 1)?;
+                        if let Some(then) = then {
+                            then(&mut cx.s, view(&o.buf, call.out_len))?;
+                        }
+                        out = Some(o);
                         break;
                     }
                 }
@@ -492,8 +527,7 @@ impl Unet {
             call.piece = 0;
         }
         if let Some(out) = out {
-            let n = cx.batch * out.c * out.h * out.w;
-            return Ok((Some(self.device.read_f32(&out.buf, 0, n)?), took));
+            return Ok((Some(out.buf), took));
         }
         call.x = Some(x);
         Ok((None, took))
@@ -526,6 +560,8 @@ pub struct UnetCall {
     piece: usize,
     /// The key of the call's shape for learned piece costs.
     shape: u64,
+    /// Values in the noise prediction.
+    out_len: u64,
 }
 
 impl UnetCall {

@@ -74,11 +74,12 @@ impl Vae {
     }
 
     /// Device bytes [`Self::decode`] holds at most for `batch` latents of `height` × `width`,
-    /// charged as the allocator charges them (a replay of its allocations).
-    pub fn peak_bytes(&self, batch: usize, height: usize, width: usize) -> u64 {
+    /// charged as the allocator charges them (a replay of its allocations), beside buffers
+    /// of `held` f32 values that the job holds throughout.
+    pub fn peak_bytes(&self, batch: usize, height: usize, width: usize, held: &[u64]) -> u64 {
         let cfg = &self.cfg;
         let lc = cfg.latent_channels as u64;
-        let mut sim = Sim::default();
+        let mut sim = Sim::holding(held);
         let mut cx = SimCx {
             sim: &mut sim,
             batch: batch as u64,
@@ -126,12 +127,9 @@ impl Vae {
 
     /// The most [`Self::decode_tiled`] holds on the device: one tile's decode (the blending is
     /// on the host).
-    pub fn tiled_peak_bytes(&self, height: usize, width: usize, tile: usize) -> u64 {
+    pub fn tiled_peak_bytes(&self, height: usize, width: usize, tile: usize, held: &[u64]) -> u64 {
         let tl = (tile / self.scale()).max(1);
-        if height <= tl && width <= tl {
-            return self.peak_bytes(1, height, width);
-        }
-        self.peak_bytes(1, height.min(tl), width.min(tl))
+        self.peak_bytes(1, height.min(tl), width.min(tl), held)
     }
 
     /// The largest single buffer [`Self::decode`] makes for one image of `height` × `width`

@@ -576,3 +576,115 @@ pub fn add_channel(
         &[out.access()],
     )
 }
+
+/// The coefficients of one diffusion sampler step, as [`sampler_step`] applies them to every
+/// latent value x with the noise prediction e (guided from its unguided and guided halves when
+/// `guidance` is set):
+/// x0 = (x − sigma·e)·inv_alpha; x' = x·x + x0·x0 + prev·(the previous x0) + noise·z, and the
+/// next UNet input is next_scale·x'. Every sampler halod has (Euler, Euler ancestral,
+/// DPM++ 2M) is one of these per step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerUpdate {
+    /// The guidance scale, where the prediction comes as an unguided and a guided half.
+    pub guidance: Option<f32>,
+    pub sigma: f32,
+    pub inv_alpha: f32,
+    pub x: f32,
+    pub x0: f32,
+    /// The coefficient of the previous step's x0, where the step reads it.
+    pub prev: Option<f32>,
+    /// The coefficient of fresh noise, where the step adds some.
+    pub noise: Option<f32>,
+    /// Whether this step's x0 is kept for the next.
+    pub keep_x0: bool,
+    pub next_scale: f32,
+}
+
+/// One sampler step over `x` (updated in place) from the prediction `eps` (x's length, or
+/// twice it with guidance: the unguided half first), writing the new x, scaled, to `next` as
+/// many times as it holds x's length. `prev` (x's length) is read and written as `up` says; `noise` (x's length) is read
+/// when `up.noise` is set.
+pub fn sampler_step(
+    stream: &mut Stream,
+    up: &SamplerUpdate,
+    eps: F32s<'_>,
+    x: F32s<'_>,
+    prev: Option<F32s<'_>>,
+    noise: Option<F32s<'_>>,
+    next: F32s<'_>,
+) -> Result<(), VulkanError> {
+    let op = "sampler_step_f32";
+    let n = x.len;
+    let halves = if up.guidance.is_some() { 2 } else { 1 };
+    let copies = next.len / n.max(1);
+    if eps.len != halves * n || next.len != copies * n || (n > 0 && copies == 0) {
+        return Err(bad(
+            op,
+            format!(
+                "x has {n} values, the prediction {} ({halves} × expected), next {} (a \
+                 multiple expected)",
+                eps.len, next.len
+            ),
+        ));
+    }
+    let wants_prev = up.prev.is_some() || up.keep_x0;
+    match (wants_prev, prev) {
+        (true, None) => {
+            return Err(bad(
+                op,
+                "the step uses the previous x0 but has no buffer".into(),
+            ))
+        }
+        (_, Some(p)) if p.len != n => {
+            return Err(bad(op, format!("prev has {} values, x {n}", p.len)))
+        }
+        _ => {}
+    }
+    match (up.noise.is_some(), noise) {
+        (true, None) => return Err(bad(op, "the step adds noise but has no buffer".into())),
+        (_, Some(z)) if z.len != n => {
+            return Err(bad(op, format!("noise has {} values, x {n}", z.len)))
+        }
+        _ => {}
+    }
+    to_u32(op, "length", eps.len.max(next.len))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let flags = up.guidance.is_some() as u32
+        | (up.prev.is_some() as u32) << 1
+        | (up.keep_x0 as u32) << 2
+        | (up.noise.is_some() as u32) << 3;
+    // Buffers the step does not touch take x's address.
+    let prev = prev.filter(|_| wants_prev);
+    let noise = noise.filter(|_| up.noise.is_some());
+    let push = Push::default()
+        .addr(eps.address())
+        .addr(x.address())
+        .addr(prev.map_or(x.address(), |p| p.address()))
+        .addr(noise.map_or(x.address(), |z| z.address()))
+        .addr(next.address())
+        .u32(to_u32(op, "n", n)?)
+        .u32(flags)
+        .u32(to_u32(op, "copies", copies)?)
+        .f32(up.guidance.unwrap_or(1.0))
+        .f32(up.sigma)
+        .f32(up.inv_alpha)
+        .f32(up.x)
+        .f32(up.x0)
+        .f32(up.prev.unwrap_or(0.0))
+        .f32(up.noise.unwrap_or(0.0))
+        .f32(up.next_scale);
+    let mut reads = vec![eps.access(), x.access()];
+    let mut writes = vec![x.access(), next.access()];
+    if let Some(p) = prev {
+        reads.push(p.access());
+        if up.keep_x0 {
+            writes.push(p.access());
+        }
+    }
+    if let Some(z) = noise {
+        reads.push(z.access());
+    }
+    elementwise(stream, KernelId::SamplerStepF32, n, &push, &reads, &writes)
+}

@@ -142,3 +142,43 @@ pub fn seq_attention(
     }
     out
 }
+
+/// `ops::sampler_step` in f32, in the kernel's order: updates `x` (and `prev`, when the step
+/// keeps its x0) and returns the next UNet input, `copies` × x's length. `prev` and `noise`
+/// may be empty where the step does not use them.
+pub fn sampler_step(
+    up: &crate::ops::SamplerUpdate,
+    eps: &[f32],
+    x: &mut [f32],
+    prev: &mut [f32],
+    noise: &[f32],
+    copies: usize,
+) -> Vec<f32> {
+    let n = x.len();
+    for i in 0..n {
+        let e = match up.guidance {
+            Some(g) => {
+                let (u, c) = (eps[i], eps[n + i]);
+                u + g * (c - u)
+            }
+            None => eps[i],
+        };
+        let x0 = (x[i] - up.sigma * e) * up.inv_alpha;
+        let mut y = up.x * x[i] + up.x0 * x0;
+        if let Some(c) = up.prev {
+            y += c * prev[i];
+        }
+        if let Some(c) = up.noise {
+            y += c * noise[i];
+        }
+        if up.keep_x0 {
+            prev[i] = x0;
+        }
+        x[i] = y;
+    }
+    let mut next = Vec::with_capacity(copies * n);
+    for _ in 0..copies {
+        next.extend(x.iter().map(|v| up.next_scale * v));
+    }
+    next
+}
