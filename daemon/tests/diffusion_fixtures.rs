@@ -849,3 +849,93 @@ fn the_built_in_clip_vocabulary_tokenizes_as_clip() {
         );
     }
 }
+
+/// A job cut as finely as it goes (a budget of 1 ns: one piece per chunk) through the text
+/// encoders' layers, the UNet's blocks and the VAE's layers, with Euler ancestral (noise each
+/// step) and DPM++ 2M (the previous prediction kept on the device): the same image, bit for
+/// bit, as the job run whole.
+#[test]
+fn a_job_in_one_piece_chunks_makes_the_whole_jobs_image() {
+    use halod::diffusion::sampler::{SamplerKind, Schedule};
+    use halod::diffusion::sdxl::{SdxlPipeline, SdxlRequest};
+    use std::time::Duration;
+    let Some(dev) = common::device() else { return };
+    let owner = halo_kernels::OwnerId(70);
+    let pipe =
+        SdxlPipeline::load_folder(&dev, &pipeline(), halo_kernels::LoadStrategy::Auto, owner)
+            .unwrap();
+    let tiny = Some(Duration::from_nanos(1));
+    for (sampler, schedule, negative) in [
+        (
+            SamplerKind::EulerAncestral,
+            Schedule::Normal,
+            Some("blurry".to_string()),
+        ),
+        (SamplerKind::DpmPp2m, Schedule::Karras, None),
+    ] {
+        let req = SdxlRequest {
+            prompt: "a lighthouse at dusk".into(),
+            negative,
+            width: 64,
+            height: 64,
+            steps: 3,
+            cfg: 5.0,
+            sampler,
+            schedule,
+            seed: 9,
+            batch: 1,
+        };
+        let whole = pipe.generate(&req, owner, |_, _| {}).unwrap();
+        let job_owner = halo_kernels::OwnerId(71);
+        let mut te = pipe.begin_encode(&req).unwrap();
+        let mut chunks = 0;
+        let (cond, uncond) = loop {
+            chunks += 1;
+            if let (Some(done), _) = pipe.encode_for(&mut te, job_owner, tiny).unwrap() {
+                break done;
+            }
+        };
+        assert_eq!(uncond.is_some(), req.negative.is_some());
+        let encode_chunks = chunks;
+        let mut job = pipe.start_encoded(&req, cond, uncond, job_owner).unwrap();
+        while !job.denoised() {
+            pipe.advance_for(&mut job, tiny).unwrap();
+            chunks += 1;
+        }
+        let denoise_chunks = chunks - encode_chunks;
+        let mut d = pipe.begin_decode(&job, None).unwrap();
+        let images = loop {
+            chunks += 1;
+            if let (Some(images), _) = pipe.decode_for(&mut d, 1, tiny).unwrap() {
+                break images;
+            }
+        };
+        eprintln!(
+            "{sampler:?}: {encode_chunks} encode chunks, {denoise_chunks} denoise chunks, {} \
+             decode chunks",
+            chunks - encode_chunks - denoise_chunks
+        );
+        // Every encoder layer and every UNet piece was a chunk of its own: per prompt, the
+        // first encoder's embeddings, layers to the penultimate and output; the second's
+        // embeddings, every layer, and its pooled output.
+        let layers = |part: &str| {
+            let cfg: ClipTextConfig =
+                config::read(&pipeline().join(part).join("config.json")).unwrap();
+            cfg.num_hidden_layers as usize
+        };
+        let per_prompt = layers("text_encoder") + 1 + layers("text_encoder_2") + 2;
+        let prompts = 1 + req.negative.is_some() as usize;
+        assert_eq!(encode_chunks, prompts * per_prompt);
+        assert!(
+            denoise_chunks > 3 * pipe.chunks_per_step(),
+            "{denoise_chunks}"
+        );
+        assert_eq!(images, whole, "{sampler:?}");
+        drop((job, d));
+        assert_eq!(
+            dev.ledger().owner(job_owner),
+            0,
+            "the job's buffers are gone"
+        );
+    }
+}

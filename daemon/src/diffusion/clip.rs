@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use halo_kernels::ops::{self, F32s, SeqAttention, U32s};
-use halo_kernels::{Buffer, Device, LoadStrategy, MemoryKind, OwnerId};
+use halo_kernels::{Buffer, Device, LoadStrategy, MemoryKind, OwnerId, Stream};
 
 use super::config::ClipTextConfig;
 use super::plan::Sim;
@@ -23,6 +23,8 @@ pub struct ClipTextEncoder {
     projection: Option<u64>,
     /// "text_model." as transformers 4 saves the model, "" as transformers 5 does.
     base: &'static str,
+    /// What each piece of an encode has cost on the device.
+    pacer: super::pace::Pacer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +86,7 @@ impl ClipTextEncoder {
             act,
             projection,
             base,
+            pacer: Default::default(),
         };
         enc.check()?;
         Ok(enc)
@@ -174,6 +177,23 @@ impl ClipTextEncoder {
         pooled: bool,
         owner: OwnerId,
     ) -> Result<ClipOutput, TensorError> {
+        let mut run = self.begin(ids, eos, pooled, owner)?;
+        loop {
+            if let (Some(out), _) = self.advance_for(&mut run, None)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Starts an encode (see [`Self::encode`]): its buffers are allocated, nothing runs until
+    /// [`Self::advance_for`].
+    pub fn begin(
+        &self,
+        ids: &[u32],
+        eos: u32,
+        pooled: bool,
+        owner: OwnerId,
+    ) -> Result<ClipRun, TensorError> {
         let n_ctx = self.cfg.max_position_embeddings as usize;
         if ids.is_empty() || !ids.len().is_multiple_of(n_ctx) {
             return Err(TensorError::File(
@@ -181,222 +201,301 @@ impl ClipTextEncoder {
                 format!("{} token ids are not whole prompts of {n_ctx}", ids.len()),
             ));
         }
-        let batch = ids.len() / n_ctx;
         let rows = ids.len() as u64;
         let c = self.cfg.hidden_size as u64;
         let f = self.cfg.intermediate_size as u64;
-        let heads = self.cfg.num_attention_heads;
         let dev = &self.device;
-        let t = &self.tensors;
         let alloc = |n: u64| dev.alloc(MemoryKind::Device, n.max(1) * 4, owner);
-        let ids_buf = upload_u32(dev, ids, owner)?;
         let positions: Vec<u32> = (0..ids.len()).map(|i| (i % n_ctx) as u32).collect();
-        let pos_buf = upload_u32(dev, &positions, owner)?;
-        let x = alloc(rows * c)?;
-        let h = alloc(rows * c)?;
-        let q = alloc(rows * c)?;
-        let k = alloc(rows * c)?;
-        let v = alloc(rows * c)?;
-        let a = alloc(rows * c)?;
-        let m = alloc(rows * f)?;
-        let penultimate = alloc(rows * c)?;
-        // The attention's running state: a maximum and a sum per (prompt, head, token).
-        let state_len = 2 * rows * heads as u64;
-        let state = alloc(state_len)?;
-        fn view(b: &Buffer, len: u64) -> F32s<'_> {
-            F32s::all(b).sub(0, len)
-        }
-        let all = |b| view(b, rows * c);
-        let mlp = F32s::all(&m).sub(0, rows * f);
+        let layers = self.cfg.num_hidden_layers;
+        Ok(ClipRun {
+            ids: ids.to_vec(),
+            eos,
+            owner,
+            ids_buf: upload_u32(dev, ids, owner)?,
+            pos_buf: upload_u32(dev, &positions, owner)?,
+            x: alloc(rows * c)?,
+            h: alloc(rows * c)?,
+            q: alloc(rows * c)?,
+            k: alloc(rows * c)?,
+            v: alloc(rows * c)?,
+            a: alloc(rows * c)?,
+            m: alloc(rows * f)?,
+            penultimate: alloc(rows * c)?,
+            // The attention's running state: a maximum and a sum per (prompt, head, token).
+            state: alloc(2 * rows * self.cfg.num_attention_heads as u64)?,
+            // The pooled path needs the last layer too; the penultimate output alone does not.
+            run_layers: if pooled && self.projection.is_some() {
+                layers
+            } else {
+                layers - 1
+            },
+            pooled: pooled && self.projection.is_some(),
+            next: 0,
+        })
+    }
 
-        let mut s = dev.stream()?;
+    /// Runs the next pieces of an encode (the embeddings, each layer, the pooled output) until
+    /// the next one's learned device time would overrun `budget` (None: to the end), and waits
+    /// for them. Returns the output once the last piece is done, and the device time spent.
+    pub fn advance_for(
+        &self,
+        run: &mut ClipRun,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Option<ClipOutput>, std::time::Duration), TensorError> {
+        let started = std::time::Instant::now();
+        let rows = run.ids.len() as u64;
+        let batch = run.ids.len() / self.cfg.max_position_embeddings as usize;
+        let shape = super::pace::shape_key(batch, 0, run.run_layers as usize);
+        let mut paced = super::pace::Chunk::new(&self.pacer, shape, budget, started);
+        let mut s = self.device.stream()?;
+        s.set_profiling(budget.is_some());
+        let last = run.run_layers + 1;
+        let mut done = false;
+        while run.next <= last && paced.admit(run.next as usize) {
+            match run.next {
+                0 => self.embed(&mut s, run)?,
+                l if l < last => self.layer(&mut s, run, l - 1)?,
+                _ => done = true,
+            }
+            run.next += 1;
+        }
+        if !done {
+            s.finish()?;
+            return Ok((None, paced.end(&mut s)));
+        }
+        let c = self.cfg.hidden_size as u64;
+        let pooled = match (run.pooled, self.projection) {
+            (true, Some(pd)) => {
+                let out = self.pool(&mut s, run, batch, pd)?;
+                s.finish()?;
+                Some(self.device.read_f32(&out, 0, batch as u64 * pd)?)
+            }
+            _ => {
+                s.finish()?;
+                None
+            }
+        };
+        let took = paced.end(&mut s);
+        Ok((
+            Some(ClipOutput {
+                penultimate: self.device.read_f32(&run.penultimate, 0, rows * c)?,
+                pooled,
+            }),
+            took,
+        ))
+    }
+
+    /// rows × in → rows × out: y = x Wᵀ + b.
+    fn linear(
+        &self,
+        s: &mut Stream,
+        name: &str,
+        (out_dim, in_dim): (u64, u64),
+        input: F32s<'_>,
+        output: F32s<'_>,
+        rows: u64,
+    ) -> Result<(), TensorError> {
+        let t = &self.tensors;
+        ops::matmul(
+            s,
+            t.matrix(&format!("{name}.weight"), &[out_dim, in_dim])?,
+            input,
+            output,
+            rows,
+        )?;
+        ops::add(
+            s,
+            output,
+            t.vector(&format!("{name}.bias"), out_dim)?,
+            output,
+        )?;
+        Ok(())
+    }
+
+    /// The token and position embeddings, summed into `x`.
+    fn embed(&self, s: &mut Stream, run: &ClipRun) -> Result<(), TensorError> {
+        let (t, c) = (&self.tensors, self.cfg.hidden_size as u64);
+        let n_ctx = self.cfg.max_position_embeddings as u64;
+        let all = |b| view(b, run.ids.len() as u64 * c);
         ops::get_rows(
-            &mut s,
+            s,
             t.matrix(
                 &format!("{}embeddings.token_embedding.weight", self.base),
                 &[self.cfg.vocab_size as u64, c],
             )?,
-            U32s::all(&ids_buf),
-            all(&x),
+            U32s::all(&run.ids_buf),
+            all(&run.x),
         )?;
         ops::get_rows(
-            &mut s,
+            s,
             t.matrix(
                 &format!("{}embeddings.position_embedding.weight", self.base),
-                &[n_ctx as u64, c],
+                &[n_ctx, c],
             )?,
-            U32s::all(&pos_buf),
-            all(&h),
+            U32s::all(&run.pos_buf),
+            all(&run.h),
         )?;
-        ops::add(&mut s, all(&x), all(&h), all(&x))?;
-        let eps = self.cfg.layer_norm_eps;
-        let linear = |s: &mut halo_kernels::Stream,
-                      name: &str,
-                      out_dim: u64,
-                      in_dim: u64,
-                      input: F32s<'_>,
-                      output: F32s<'_>|
-         -> Result<(), TensorError> {
-            ops::matmul(
-                s,
-                t.matrix(&format!("{name}.weight"), &[out_dim, in_dim])?,
-                input,
-                output,
-                rows,
-            )?;
-            ops::add(
-                s,
-                output,
-                t.vector(&format!("{name}.bias"), out_dim)?,
-                output,
-            )?;
-            Ok(())
-        };
-        let layers = self.cfg.num_hidden_layers;
-        // The pooled path needs the last layer too; the penultimate output alone does not.
-        let run_layers = if pooled && self.projection.is_some() {
-            layers
-        } else {
-            layers - 1
-        };
-        for l in 0..run_layers {
-            let p = format!("{}encoder.layers.{l}.", self.base);
-            ops::layer_norm(
-                &mut s,
-                all(&x),
-                Some(t.vector(&format!("{p}layer_norm1.weight"), c)?),
-                Some(t.vector(&format!("{p}layer_norm1.bias"), c)?),
-                all(&h),
-                c,
-                eps,
-            )?;
-            linear(
-                &mut s,
-                &format!("{p}self_attn.q_proj"),
-                c,
-                c,
-                all(&h),
-                all(&q),
-            )?;
-            linear(
-                &mut s,
-                &format!("{p}self_attn.k_proj"),
-                c,
-                c,
-                all(&h),
-                all(&k),
-            )?;
-            linear(
-                &mut s,
-                &format!("{p}self_attn.v_proj"),
-                c,
-                c,
-                all(&h),
-                all(&v),
-            )?;
-            let head_dim = self.cfg.hidden_size / heads;
-            ops::seq_attention(
-                &mut s,
-                &SeqAttention {
-                    batch: batch as u32,
-                    n_heads: heads,
-                    head_dim,
-                    n_q: n_ctx as u32,
-                    n_kv: n_ctx as u32,
-                    q_stride: c as u32,
-                    kv_stride: c as u32,
-                    o_stride: c as u32,
-                    scale: 1.0 / (head_dim as f32).sqrt(),
-                    causal: true,
-                },
-                all(&q),
-                all(&k),
-                all(&v),
-                all(&a),
-                F32s::all(&state).sub(0, state_len),
-            )?;
-            linear(
-                &mut s,
-                &format!("{p}self_attn.out_proj"),
-                c,
-                c,
-                all(&a),
-                all(&h),
-            )?;
-            ops::add(&mut s, all(&x), all(&h), all(&x))?;
-            ops::layer_norm(
-                &mut s,
-                all(&x),
-                Some(t.vector(&format!("{p}layer_norm2.weight"), c)?),
-                Some(t.vector(&format!("{p}layer_norm2.bias"), c)?),
-                all(&h),
-                c,
-                eps,
-            )?;
-            linear(&mut s, &format!("{p}mlp.fc1"), f, c, all(&h), mlp)?;
-            match self.act {
-                Activation::QuickGelu => ops::quick_gelu(&mut s, mlp, mlp)?,
-                Activation::Gelu => ops::gelu(&mut s, mlp, mlp)?,
-            }
-            linear(&mut s, &format!("{p}mlp.fc2"), c, f, mlp, all(&h))?;
-            ops::add(&mut s, all(&x), all(&h), all(&x))?;
-            if l + 2 == layers {
-                s.copy(&x, 0, &penultimate, 0, rows * c * 4)?;
-            }
-        }
-        let mut pooled_out = None;
-        if let (true, Some(pd)) = (pooled, self.projection) {
-            ops::layer_norm(
-                &mut s,
-                all(&x),
-                Some(t.vector(&format!("{}final_layer_norm.weight", self.base), c)?),
-                Some(t.vector(&format!("{}final_layer_norm.bias", self.base), c)?),
-                all(&h),
-                c,
-                eps,
-            )?;
-            // Each prompt's first end-of-text token (its last token when there is none).
-            let picks: Vec<u32> = ids
-                .chunks(n_ctx)
-                .enumerate()
-                .map(|(b, p)| {
-                    let at = p.iter().position(|&i| i == eos).unwrap_or(n_ctx - 1);
-                    (b * n_ctx + at) as u32
-                })
-                .collect();
-            let pick_buf = upload_u32(dev, &picks, owner)?;
-            let picked = alloc(batch as u64 * c)?;
-            let out = alloc(batch as u64 * pd)?;
-            // Gather the rows with an f32 "embedding table" view of the normed states.
-            ops::get_rows(
-                &mut s,
-                halo_kernels::ops::Weights {
-                    buffer: &h,
-                    offset: 0,
-                    ty: halo_kernels::quant::WeightType::F32,
-                    rows,
-                    cols: c,
-                },
-                U32s::all(&pick_buf),
-                F32s::all(&picked).sub(0, batch as u64 * c),
-            )?;
-            ops::matmul(
-                &mut s,
-                t.matrix("text_projection.weight", &[pd, c])?,
-                F32s::all(&picked).sub(0, batch as u64 * c),
-                F32s::all(&out).sub(0, batch as u64 * pd),
-                batch as u64,
-            )?;
-            s.finish()?;
-            pooled_out = Some(dev.read_f32(&out, 0, batch as u64 * pd)?);
-        } else {
-            s.finish()?;
-        }
-        Ok(ClipOutput {
-            penultimate: dev.read_f32(&penultimate, 0, rows * c)?,
-            pooled: pooled_out,
-        })
+        ops::add(s, all(&run.x), all(&run.h), all(&run.x))?;
+        Ok(())
     }
+
+    /// Encoder layer `l` over `x`, in place; the penultimate output is kept.
+    fn layer(&self, s: &mut Stream, run: &ClipRun, l: u32) -> Result<(), TensorError> {
+        let t = &self.tensors;
+        let rows = run.ids.len() as u64;
+        let n_ctx = self.cfg.max_position_embeddings;
+        let batch = run.ids.len() / n_ctx as usize;
+        let c = self.cfg.hidden_size as u64;
+        let f = self.cfg.intermediate_size as u64;
+        let heads = self.cfg.num_attention_heads;
+        let eps = self.cfg.layer_norm_eps;
+        let all = |b| view(b, rows * c);
+        let mlp = view(&run.m, rows * f);
+        let p = format!("{}encoder.layers.{l}.", self.base);
+        ops::layer_norm(
+            s,
+            all(&run.x),
+            Some(t.vector(&format!("{p}layer_norm1.weight"), c)?),
+            Some(t.vector(&format!("{p}layer_norm1.bias"), c)?),
+            all(&run.h),
+            c,
+            eps,
+        )?;
+        for (name, out) in [("q_proj", &run.q), ("k_proj", &run.k), ("v_proj", &run.v)] {
+            let name = format!("{p}self_attn.{name}");
+            self.linear(s, &name, (c, c), all(&run.h), all(out), rows)?;
+        }
+        let head_dim = self.cfg.hidden_size / heads;
+        ops::seq_attention(
+            s,
+            &SeqAttention {
+                batch: batch as u32,
+                n_heads: heads,
+                head_dim,
+                n_q: n_ctx,
+                n_kv: n_ctx,
+                q_stride: c as u32,
+                kv_stride: c as u32,
+                o_stride: c as u32,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                causal: true,
+            },
+            all(&run.q),
+            all(&run.k),
+            all(&run.v),
+            all(&run.a),
+            F32s::all(&run.state).sub(0, 2 * rows * heads as u64),
+        )?;
+        let out_proj = format!("{p}self_attn.out_proj");
+        self.linear(s, &out_proj, (c, c), all(&run.a), all(&run.h), rows)?;
+        ops::add(s, all(&run.x), all(&run.h), all(&run.x))?;
+        ops::layer_norm(
+            s,
+            all(&run.x),
+            Some(t.vector(&format!("{p}layer_norm2.weight"), c)?),
+            Some(t.vector(&format!("{p}layer_norm2.bias"), c)?),
+            all(&run.h),
+            c,
+            eps,
+        )?;
+        self.linear(s, &format!("{p}mlp.fc1"), (f, c), all(&run.h), mlp, rows)?;
+        match self.act {
+            Activation::QuickGelu => ops::quick_gelu(s, mlp, mlp)?,
+            Activation::Gelu => ops::gelu(s, mlp, mlp)?,
+        }
+        self.linear(s, &format!("{p}mlp.fc2"), (c, f), mlp, all(&run.h), rows)?;
+        ops::add(s, all(&run.x), all(&run.h), all(&run.x))?;
+        if l + 2 == self.cfg.num_hidden_layers {
+            s.copy(&run.x, 0, &run.penultimate, 0, rows * c * 4)?;
+        }
+        Ok(())
+    }
+
+    /// The final layer norm at each prompt's first end-of-text token (its last token when
+    /// there is none), projected: a buffer of batch × `pd`.
+    fn pool(
+        &self,
+        s: &mut Stream,
+        run: &ClipRun,
+        batch: usize,
+        pd: u64,
+    ) -> Result<Buffer, TensorError> {
+        let (t, dev, owner) = (&self.tensors, &self.device, run.owner);
+        let rows = run.ids.len() as u64;
+        let c = self.cfg.hidden_size as u64;
+        let n_ctx = self.cfg.max_position_embeddings as usize;
+        let all = |b| view(b, rows * c);
+        ops::layer_norm(
+            s,
+            all(&run.x),
+            Some(t.vector(&format!("{}final_layer_norm.weight", self.base), c)?),
+            Some(t.vector(&format!("{}final_layer_norm.bias", self.base), c)?),
+            all(&run.h),
+            c,
+            self.cfg.layer_norm_eps,
+        )?;
+        let picks: Vec<u32> = run
+            .ids
+            .chunks(n_ctx)
+            .enumerate()
+            .map(|(b, p)| {
+                let at = p.iter().position(|&i| i == run.eos).unwrap_or(n_ctx - 1);
+                (b * n_ctx + at) as u32
+            })
+            .collect();
+        let pick_buf = upload_u32(dev, &picks, owner)?;
+        let alloc = |n: u64| dev.alloc(MemoryKind::Device, n.max(1) * 4, owner);
+        let picked = alloc(batch as u64 * c)?;
+        let out = alloc(batch as u64 * pd)?;
+        // Gather the rows with an f32 "embedding table" view of the normed states.
+        ops::get_rows(
+            s,
+            halo_kernels::ops::Weights {
+                buffer: &run.h,
+                offset: 0,
+                ty: halo_kernels::quant::WeightType::F32,
+                rows,
+                cols: c,
+            },
+            U32s::all(&pick_buf),
+            F32s::all(&picked).sub(0, batch as u64 * c),
+        )?;
+        ops::matmul(
+            s,
+            t.matrix("text_projection.weight", &[pd, c])?,
+            F32s::all(&picked).sub(0, batch as u64 * c),
+            F32s::all(&out).sub(0, batch as u64 * pd),
+            batch as u64,
+        )?;
+        Ok(out)
+    }
+}
+
+fn view(b: &Buffer, len: u64) -> F32s<'_> {
+    F32s::all(b).sub(0, len)
+}
+
+/// An encode in progress: its token ids and every buffer its layers pass on, on the device.
+pub struct ClipRun {
+    ids: Vec<u32>,
+    eos: u32,
+    owner: OwnerId,
+    ids_buf: Buffer,
+    pos_buf: Buffer,
+    x: Buffer,
+    h: Buffer,
+    q: Buffer,
+    k: Buffer,
+    v: Buffer,
+    a: Buffer,
+    m: Buffer,
+    penultimate: Buffer,
+    state: Buffer,
+    run_layers: u32,
+    pooled: bool,
+    /// The next piece: 0 the embeddings, then the layers, then the output.
+    next: u32,
 }
 
 fn upload_u32(dev: &Device, v: &[u32], owner: OwnerId) -> Result<Buffer, TensorError> {

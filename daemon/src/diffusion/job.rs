@@ -13,7 +13,7 @@ use crate::core::{CoreError, ImageOut, ImageSummary, JobEvent};
 
 use super::png;
 use super::preview;
-use super::sdxl::{Encoded, JobPlan, SdxlJob, SdxlPipeline, SdxlRequest};
+use super::sdxl::{JobPlan, SdxlJob, SdxlPipeline, SdxlRequest, TextEncode};
 use super::vae::Decode;
 
 /// What an image request asks for, defaults filled in.
@@ -41,8 +41,9 @@ pub struct ImageWork {
 
 enum Phase {
     Start,
-    /// The prompt is encoded; the negative prompt, the noise and the sampler come next.
-    Encoded(Box<Encoded>),
+    /// The prompt and the negative being encoded; the noise and the sampler come with the
+    /// chunk that ends it.
+    Encode(Box<TextEncode>),
     Denoise(Box<SdxlJob>),
     /// The decode, its state made on its first chunk.
     Decode(Box<SdxlJob>, Option<Box<Decode>>),
@@ -94,15 +95,22 @@ impl ImageRun {
         let chunk_started = Instant::now();
         match std::mem::replace(&mut self.phase, Phase::Start) {
             Phase::Start => {
-                let cond = pipe
-                    .encode_prompt(&self.work.params.request, self.work.owner)
+                let te = pipe
+                    .begin_encode(&self.work.params.request)
                     .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
-                self.phase = Phase::Encoded(Box::new(cond));
-                Ok((None, Some(chunk_started.elapsed())))
+                self.phase = Phase::Encode(Box::new(te));
+                self.step(events, budget)
             }
-            Phase::Encoded(cond) => {
+            Phase::Encode(mut te) => {
+                let (done, took) = pipe
+                    .encode_for(&mut te, self.work.owner, Some(budget))
+                    .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+                let Some((cond, uncond)) = done else {
+                    self.phase = Phase::Encode(te);
+                    return Ok((None, Some(took)));
+                };
                 let job = pipe
-                    .start_encoded(&self.work.params.request, *cond, self.work.owner)
+                    .start_encoded(&self.work.params.request, cond, uncond, self.work.owner)
                     .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
                 self.encode_ms = self.started.elapsed().as_millis() as u64;
                 self.denoise_started = Some(Instant::now());

@@ -70,3 +70,61 @@ pub fn device_time(s: &mut Stream, started: Instant) -> Duration {
 pub fn shape_key(batch: usize, height: usize, width: usize) -> u64 {
     ((batch as u64) << 40) | ((height as u64) << 20) | width as u64
 }
+
+/// The pieces of one chunk as they are chosen: each is admitted while the learned costs so far
+/// fit the budget (the first always; with no budget, every one), a piece of unknown cost ends
+/// the chunk after itself, and [`Chunk::end`] teaches the pacer what the chunk took.
+pub struct Chunk<'a> {
+    pacer: &'a Pacer,
+    shape: u64,
+    budget: Option<Duration>,
+    started: Instant,
+    ran: Vec<usize>,
+    predicted: f64,
+    closed: bool,
+}
+
+impl<'a> Chunk<'a> {
+    /// A chunk of pieces of a pass of `shape`, timed from `started`.
+    pub fn new(pacer: &'a Pacer, shape: u64, budget: Option<Duration>, started: Instant) -> Self {
+        Chunk {
+            pacer,
+            shape,
+            budget,
+            started,
+            ran: Vec::new(),
+            predicted: 0.0,
+            closed: false,
+        }
+    }
+
+    /// Whether piece `id` runs in this chunk (then it counts as run).
+    pub fn admit(&mut self, id: usize) -> bool {
+        if self.closed {
+            return false;
+        }
+        let cost = self.pacer.cost(self.shape, id);
+        if let (Some(b), false) = (self.budget, self.ran.is_empty()) {
+            match cost {
+                Some(c) if self.predicted + c <= b.as_secs_f64() => {}
+                _ => return false,
+            }
+        }
+        self.ran.push(id);
+        self.predicted += cost.unwrap_or(0.0);
+        // A piece of unknown cost runs alone, so that its time is its own.
+        self.closed = self.budget.is_some() && cost.is_none();
+        true
+    }
+
+    /// After the chunk's wait: its device time (see [`device_time`]); with a budget, the
+    /// pieces' costs learn from it.
+    pub fn end(self, s: &mut Stream) -> Duration {
+        let took = device_time(s, self.started);
+        if self.budget.is_some() {
+            self.pacer
+                .learn(self.shape, &self.ran, self.started.elapsed().max(took));
+        }
+        took
+    }
+}

@@ -17,7 +17,7 @@ use halo_kernels::{Device, LoadStrategy, OwnerId, WeightLayout};
 use crate::models::Mapping;
 use crate::safetensors::SafeTensors;
 
-use super::clip::ClipTextEncoder;
+use super::clip::{ClipOutput, ClipRun, ClipTextEncoder};
 use super::clip_tokenizer::ClipTokenizer;
 use super::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use super::rng::TorchRng;
@@ -455,6 +455,12 @@ impl SdxlPipeline {
                 owner,
             )
             .map_err(err)?;
+        Ok(self.combine(a, b))
+    }
+
+    /// Both encoders' outputs for one prompt as the UNet takes them: each context row the
+    /// first encoder's then the second's, and the second's pooled vector.
+    fn combine(&self, a: ClipOutput, b: ClipOutput) -> Encoded {
         let (c1, c2) = (
             self.te1.hidden_size() as usize,
             self.te2.hidden_size() as usize,
@@ -464,7 +470,63 @@ impl SdxlPipeline {
             ctx.extend(&a.penultimate[i * c1..(i + 1) * c1]);
             ctx.extend(&b.penultimate[i * c2..(i + 1) * c2]);
         }
-        Ok((ctx, b.pooled.expect("the second encoder has a projection")))
+        (ctx, b.pooled.expect("the second encoder has a projection"))
+    }
+
+    /// Starts encoding a job's prompt and its negative (where it has one), checking the
+    /// request first so that a bad one fails before any GPU work; nothing runs until
+    /// [`Self::encode_for`].
+    pub fn begin_encode(&self, req: &SdxlRequest) -> Result<TextEncode, SdxlError> {
+        self.check(req)?;
+        let mut texts = vec![req.prompt.clone()];
+        texts.extend(req.negative.clone().filter(|n| !n.is_empty()));
+        Ok(TextEncode {
+            texts,
+            at: 0,
+            run: None,
+            first: None,
+            done: Vec::new(),
+        })
+    }
+
+    /// The next chunk of an encode: layers of the current prompt's current encoder within
+    /// `budget` of device time (as learned). Returns the prompt's and the negative's
+    /// embeddings once both encoders have run on each, and the chunk's device time.
+    #[allow(clippy::type_complexity)]
+    pub fn encode_for(
+        &self,
+        te: &mut TextEncode,
+        owner: OwnerId,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Option<(Encoded, Option<Encoded>)>, std::time::Duration), SdxlError> {
+        let (text, second) = (&te.texts[te.at / 2], te.at % 2 == 1);
+        let (enc, tok) = match second {
+            false => (&self.te1, &self.tok1),
+            true => (&self.te2, &self.tok2),
+        };
+        let mut run = match te.run.take() {
+            Some(run) => run,
+            None => enc
+                .begin(&tok.encode(text).map_err(err)?, tok.eos(), second, owner)
+                .map_err(err)?,
+        };
+        let (out, took) = enc.advance_for(&mut run, budget).map_err(err)?;
+        let Some(out) = out else {
+            te.run = Some(run);
+            return Ok((None, took));
+        };
+        drop(run);
+        te.at += 1;
+        match te.first.take() {
+            None => te.first = Some(out),
+            Some(first) => te.done.push(self.combine(first, out)),
+        }
+        if te.at < 2 * te.texts.len() {
+            return Ok((None, took));
+        }
+        let mut done = std::mem::take(&mut te.done).into_iter();
+        let cond = done.next().expect("the prompt is encoded");
+        Ok((Some((cond, done.next())), took))
     }
 
     /// Runs the whole pipeline; `on_step(i, n)` after each denoising step. Returns each image
@@ -487,13 +549,17 @@ impl SdxlPipeline {
     /// sets up the sampler. The job then advances one UNet call at a time ([`Self::step`]) and
     /// ends with [`Self::decode`], so other work can run between its steps.
     pub fn start(&self, req: &SdxlRequest, owner: OwnerId) -> Result<SdxlJob, SdxlError> {
-        let cond = self.encode_prompt(req, owner)?;
-        self.start_encoded(req, cond, owner)
+        self.check(req)?;
+        let cond = self.encode_one(&req.prompt, owner)?;
+        let uncond = match req.negative.as_deref().filter(|n| !n.is_empty()) {
+            Some(n) => Some(self.encode_one(n, owner)?),
+            None => None,
+        };
+        self.start_encoded(req, cond, uncond, owner)
     }
 
-    /// The prompt's text embeddings (context rows and pooled vector): the first chunk of a
-    /// job, checked first so a bad request fails before any GPU work.
-    pub fn encode_prompt(&self, req: &SdxlRequest, owner: OwnerId) -> Result<Encoded, SdxlError> {
+    /// Whether the pipeline can make `req`: sizes a multiple of the VAE's scale, a batch.
+    fn check(&self, req: &SdxlRequest) -> Result<(), SdxlError> {
         let scale = self.vae_scale();
         if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
             return Err(SdxlError(format!(
@@ -501,29 +567,25 @@ impl SdxlPipeline {
                 req.width, req.height
             )));
         }
-        self.encode_one(&req.prompt, owner)
+        Ok(())
     }
 
-    /// The rest of [`Self::start`] once the prompt is encoded: the negative prompt (the second
-    /// chunk of a job), the noise and the sampler.
+    /// The rest of [`Self::start`] once the prompt and the negative (None: no negative,
+    /// zero embeddings as diffusers' SDXL uses) are encoded: the noise and the sampler.
     pub fn start_encoded(
         &self,
         req: &SdxlRequest,
         cond: Encoded,
+        uncond: Option<Encoded>,
         owner: OwnerId,
     ) -> Result<SdxlJob, SdxlError> {
+        self.check(req)?;
         let scale = self.vae_scale();
-        if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) || req.batch == 0 {
-            return Err(SdxlError(format!(
-                "{}×{} is not a multiple of {scale}, or the batch is empty",
-                req.width, req.height
-            )));
-        }
         let (lh, lw) = (req.height / scale, req.width / scale);
         let (cond_ctx, cond_pool) = cond;
         let guided = req.cfg > 1.0;
-        let (unc_ctx, unc_pool) = match req.negative.as_deref().filter(|n| !n.is_empty()) {
-            Some(n) => self.encode_one(n, owner)?,
+        let (unc_ctx, unc_pool) = match uncond {
+            Some(u) => u,
             None => (vec![0.0; cond_ctx.len()], vec![0.0; cond_pool.len()]),
         };
         let n = req.batch;
@@ -837,6 +899,18 @@ impl Latents {
 
 /// Requests of this many bytes get a device memory chunk of their own.
 const LARGE_REQUEST: u64 = 1 << 20;
+
+/// A job's prompts being encoded: the prompt and the negative (where it has one), each by
+/// both encoders in turn, layers at a time.
+pub struct TextEncode {
+    texts: Vec<String>,
+    /// The next (prompt, encoder) pair: 2 × prompt + encoder.
+    at: usize,
+    run: Option<ClipRun>,
+    /// The first encoder's output for the current prompt.
+    first: Option<ClipOutput>,
+    done: Vec<Encoded>,
+}
 
 /// A prompt's text embeddings: 77 context rows of both encoders' widths, and the pooled vector.
 pub type Encoded = (Vec<f32>, Vec<f32>);

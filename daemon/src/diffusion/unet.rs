@@ -408,24 +408,13 @@ impl Unet {
         })?;
         let chunk = call.next;
         let pieces = self.pieces(chunk);
-        let mut ran = Vec::new();
-        let mut predicted = 0.0;
+        let mut paced = super::pace::Chunk::new(&self.pacer, call.shape, budget, started);
         let mut out = None;
-        while call.piece < pieces.len() {
-            let id = chunk * 1000 + call.piece;
-            let cost = self.pacer.cost(call.shape, id);
-            if budget.is_some() && !ran.is_empty() {
-                match cost {
-                    Some(c) if predicted + c <= budget.unwrap_or_default().as_secs_f64() => {}
-                    _ => break,
-                }
-            }
+        while call.piece < pieces.len() && paced.admit(chunk * 1000 + call.piece) {
             let emb = (&call.emb, temb_dim);
             let ctx = (&call.context, call.context_tokens, call.context_dim);
             let piece = pieces[call.piece];
             call.piece += 1;
-            ran.push(id);
-            predicted += cost.unwrap_or(0.0);
             if chunk <= n_levels {
                 let i = chunk - 1;
                 let level = &sh.levels[i];
@@ -511,17 +500,9 @@ impl Unet {
                     }
                 }
             }
-            if budget.is_some() && cost.is_none() {
-                // A piece of unknown cost runs alone, so that its time is its own.
-                break;
-            }
         }
         cx.flush()?;
-        let took = super::pace::device_time(&mut cx.s, started);
-        if budget.is_some() {
-            self.pacer
-                .learn(call.shape, &ran, started.elapsed().max(took));
-        }
+        let took = paced.end(&mut cx.s);
         if call.piece == pieces.len() {
             call.next += 1;
             call.piece = 0;

@@ -347,22 +347,12 @@ impl Vae {
             .map(|&c| c as u64)
             .collect();
         let pieces = self.pieces();
-        let mut ran = Vec::new();
-        let mut predicted = 0.0;
+        let mut paced = super::pace::Chunk::new(&self.pacer, call.shape, budget, started);
         let mut x = call.x.take();
         let mut out = None;
-        while call.next < pieces.len() {
-            let cost = self.pacer.cost(call.shape, call.next);
-            if let (Some(b), false) = (budget, ran.is_empty()) {
-                match cost {
-                    Some(c) if predicted + c <= b.as_secs_f64() => {}
-                    _ => break,
-                }
-            }
+        while call.next < pieces.len() && paced.admit(call.next) {
             let piece = pieces[call.next];
-            ran.push(call.next);
             call.next += 1;
-            predicted += cost.unwrap_or(0.0);
             let cur = |x: &Option<Act>| -> Result<(), TensorError> {
                 match x {
                     Some(_) => Ok(()),
@@ -426,17 +416,9 @@ impl Vae {
                 }
                 (_, None) => unreachable!("checked above"),
             });
-            if budget.is_some() && cost.is_none() {
-                // A piece of unknown cost runs alone, so that its time is its own.
-                break;
-            }
         }
         cx.s.finish()?;
-        let took = super::pace::device_time(&mut cx.s, started);
-        if budget.is_some() {
-            self.pacer
-                .learn(call.shape, &ran, started.elapsed().max(took));
-        }
+        let took = paced.end(&mut cx.s);
         if let Some(out) = out {
             let n = cx.batch * out.c * out.h * out.w;
             return Ok((Some(self.device.read_f32(&out.buf, 0, n)?), took));
