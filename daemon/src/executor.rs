@@ -522,6 +522,26 @@ fn bandwidth(device: &halo_kernels::Device, bytes: u64) -> Result<f64, halo_kern
     Ok(2.0 * bytes as f64 / best)
 }
 
+/// The end of a job asked to stop (or whose client has gone), if so. The client still gets a
+/// summary of what it was sent: at once on shutdown, else with the end.
+fn stopped(
+    flag: &StopFlag,
+    events: &UnboundedSender<JobEvent>,
+    summary: impl FnOnce(&'static str) -> JobEvent,
+) -> Option<Ended> {
+    let why = match flag.get() {
+        None if events.is_closed() => StopReason::Cancelled,
+        None => return None,
+        Some(why) => why,
+    };
+    let summary = summary(why.as_str());
+    if why == StopReason::Shutdown {
+        let _ = events.send(summary);
+        return Some(Ended::Cancelled(None));
+    }
+    Some(Ended::Cancelled(Some(summary)))
+}
+
 /// A running image job with its client's channel and stop flag.
 struct ImageExec {
     id: JobId,
@@ -537,17 +557,8 @@ impl ImageExec {
         &mut self,
         budget: std::time::Duration,
     ) -> (Option<Ended>, Option<std::time::Duration>) {
-        let stop = match self.stop.get() {
-            None if self.events.is_closed() => Some(StopReason::Cancelled),
-            s => s,
-        };
-        if let Some(why) = stop {
-            let summary = self.run.summary(why.as_str(), 0, 0);
-            if why == StopReason::Shutdown {
-                let _ = self.events.send(summary);
-                return (Some(Ended::Cancelled(None)), None);
-            }
-            return (Some(Ended::Cancelled(Some(summary))), None);
+        if let Some(end) = stopped(&self.stop, &self.events, |why| self.run.summary(why, 0, 0)) {
+            return (Some(end), None);
         }
         match self.run.step(&self.events, budget) {
             Ok((None, took)) => (None, took),
@@ -615,18 +626,9 @@ impl Running {
     /// Before a step of its model: `Some` when the job has ended (stopped, its model file
     /// changing, a prompt it cannot run); otherwise it is tokenized if it was not yet.
     fn before_step(&mut self) -> Option<Ended> {
-        let stop = match self.job.stop.get() {
-            None if self.job.events.is_closed() => Some(StopReason::Cancelled),
-            s => s,
-        };
-        if let Some(why) = stop {
-            // The client still gets a summary of what it was sent before the stop.
-            let summary = self.summary(why.as_str());
-            if why == StopReason::Shutdown {
-                let _ = self.job.events.send(summary);
-                return Some(Ended::Cancelled(None));
-            }
-            return Some(Ended::Cancelled(Some(summary)));
+        let (stop, events) = (self.job.stop.clone(), self.job.events.clone());
+        if let Some(end) = stopped(&stop, &events, |why| self.summary(why)) {
+            return Some(end);
         }
         // The weights may be the model file's own pages: never touch them once the file is
         // being changed (the writer waits on our lease until the model is dropped).

@@ -210,6 +210,18 @@ impl Cx<'_> {
         co: u64,
         temb: Option<(&Buffer, u64)>,
     ) -> Result<Act, TensorError> {
+        let h = self.resnet_first(p, x, co, temb)?;
+        self.resnet_second(p, x, h, co)
+    }
+
+    /// The first half of [`Self::resnet`]: norm1, SiLU, conv1 and the time embedding.
+    pub(crate) fn resnet_first(
+        &mut self,
+        p: &str,
+        x: &Act,
+        co: u64,
+        temb: Option<(&Buffer, u64)>,
+    ) -> Result<Act, TensorError> {
         let h = self.norm(&format!("{p}.norm1"), x, true)?;
         let h = self.conv(&format!("{p}.conv1"), &h, co, 3, 1)?;
         let n = self.len(&h);
@@ -230,6 +242,19 @@ impl Cx<'_> {
                 h.h * h.w,
             )?;
         }
+        Ok(h)
+    }
+
+    /// The rest of [`Self::resnet`] from the first half's `h`: norm2, SiLU, conv2, the
+    /// shortcut and the sum; flushed.
+    pub(crate) fn resnet_second(
+        &mut self,
+        p: &str,
+        x: &Act,
+        h: Act,
+        co: u64,
+    ) -> Result<Act, TensorError> {
+        let n = self.len(&h);
         let h = self.norm(&format!("{p}.norm2"), &h, true)?;
         let h = self.conv(&format!("{p}.conv2"), &h, co, 3, 1)?;
         let skip = if x.c != co {

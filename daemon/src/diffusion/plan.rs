@@ -151,6 +151,27 @@ impl SimCx<'_> {
         }
     }
 
+    /// `Cx::resnet` run as its two halves with a flush between (the VAE's pieces): conv1's
+    /// output is kept over the flush, norm1's temporary is not.
+    pub(crate) fn resnet_halves(&mut self, x: SimAct, co: u64) -> SimAct {
+        let n_in = self.batch * x.c * x.h * x.w;
+        let n_out = self.batch * co * x.h * x.w;
+        self.sim.temp(n_in); // norm1
+        let h = self.sim.keep(n_out); // conv1
+        self.sim.flush();
+        self.sim.temp(n_out); // norm2
+        let out = self.sim.keep(n_out); // conv2
+        self.sim.temp(n_out); // shortcut
+        self.sim.drop(h);
+        self.sim.flush();
+        self.sim.free(x.slot);
+        SimAct {
+            slot: out,
+            c: co,
+            ..x
+        }
+    }
+
     /// `Cx::transformer` with `depth` blocks of `heads` heads whose feed-forward is `inner`
     /// wide, over `kv_tokens` context rows per image; flushed at its end, the input freed after
     /// it.

@@ -96,7 +96,7 @@ impl Vae {
             .map(|&c| c as u64)
             .collect();
         x = cx.op(x, rev[0], h, w, true);
-        x = cx.resnet(x, rev[0], false);
+        x = cx.resnet_halves(x, rev[0]);
         if cfg.mid_block_add_attention {
             for _ in 0..7 {
                 // norm, rows, q, k, v, o, out
@@ -109,10 +109,10 @@ impl Vae {
             cx.sim.free(x.slot);
             x = back;
         }
-        x = cx.resnet(x, rev[0], false);
+        x = cx.resnet_halves(x, rev[0]);
         for (i, &c) in rev.iter().enumerate() {
             for _ in 0..=cfg.layers_per_block {
-                x = cx.resnet(x, c, false);
+                x = cx.resnet_halves(x, c);
             }
             if i + 1 < rev.len() {
                 x = cx.op(x, c, x.h * 2, x.w * 2, true);
@@ -178,15 +178,19 @@ impl Vae {
     /// The pieces of one decode call, in order.
     fn pieces(&self) -> Vec<VaePiece> {
         let cfg = &self.cfg;
-        let mut out = vec![VaePiece::In, VaePiece::MidResnet(0)];
+        let mut out = vec![
+            VaePiece::In,
+            VaePiece::MidResnet(0, false),
+            VaePiece::MidResnet(0, true),
+        ];
         if cfg.mid_block_add_attention {
             out.push(VaePiece::MidAttention);
         }
-        out.push(VaePiece::MidResnet(1));
+        out.extend([VaePiece::MidResnet(1, false), VaePiece::MidResnet(1, true)]);
         let levels = cfg.block_out_channels.len();
         for i in 0..levels {
             for j in 0..=cfg.layers_per_block {
-                out.push(VaePiece::Resnet(i, j));
+                out.extend([VaePiece::Resnet(i, j, false), VaePiece::Resnet(i, j, true)]);
             }
             if i + 1 < levels {
                 out.push(VaePiece::Upsample(i));
@@ -295,6 +299,7 @@ impl Vae {
                 VaeCall {
                     latents: Some(lat),
                     x: None,
+                    half: None,
                     next: 0,
                     shape: super::pace::shape_key(batch, h, w),
                 }
@@ -387,18 +392,17 @@ impl Vae {
                     }
                     cx.conv("decoder.conv_in", &a, rev[0], 3, 1)?
                 }
-                (VaePiece::MidResnet(j), Some(a)) => {
-                    cx.resnet(&format!("decoder.mid_block.resnets.{j}"), &a, rev[0], None)?
+                (VaePiece::MidResnet(j, second), Some(a)) => {
+                    let p = format!("decoder.mid_block.resnets.{j}");
+                    self.resnet_half(&mut cx, call, &p, a, rev[0], second)?
                 }
                 (VaePiece::MidAttention, Some(a)) => {
                     self.attention(&mut cx, "decoder.mid_block.attentions.0", &a)?
                 }
-                (VaePiece::Resnet(i, j), Some(a)) => cx.resnet(
-                    &format!("decoder.up_blocks.{i}.resnets.{j}"),
-                    &a,
-                    rev[i],
-                    None,
-                )?,
+                (VaePiece::Resnet(i, j, second), Some(a)) => {
+                    let p = format!("decoder.up_blocks.{i}.resnets.{j}");
+                    self.resnet_half(&mut cx, call, &p, a, rev[i], second)?
+                }
                 (VaePiece::Upsample(i), Some(a)) => {
                     let a = cx.upsample(&a, (a.h * 2, a.w * 2))?;
                     cx.conv(
@@ -425,6 +429,29 @@ impl Vae {
         }
         call.x = x;
         Ok((None, took))
+    }
+
+    /// One half of a resnet over `a`: the first keeps its output in the call and returns `a`
+    /// (the second half's input too); the second returns the block's output.
+    fn resnet_half(
+        &self,
+        cx: &mut Cx<'_>,
+        call: &mut VaeCall,
+        p: &str,
+        a: Act,
+        co: u64,
+        second: bool,
+    ) -> Result<Act, TensorError> {
+        if !second {
+            let h = cx.resnet_first(p, &a, co, None)?;
+            cx.flush()?;
+            call.half = Some(h);
+            return Ok(a);
+        }
+        let h = call.half.take().ok_or_else(|| {
+            TensorError::File(self.tensors.path().into(), "a resnet lost its half".into())
+        })?;
+        cx.resnet_second(p, &a, h, co)
     }
 
     /// Decodes in overlapping tiles of `tile` pixels (a multiple of the VAE's scale), as
@@ -572,10 +599,12 @@ impl Vae {
 enum VaePiece {
     /// Latent scaling, the post-quant conv and conv_in.
     In,
-    MidResnet(u32),
+    /// A resnet's first half (false: norm1, conv1) or its second (true: norm2, conv2, the
+    /// shortcut), so that no piece holds more than one full-resolution convolution.
+    MidResnet(u32, bool),
     MidAttention,
-    /// Up level i's resnet j.
-    Resnet(usize, u32),
+    /// Up level i's resnet j, a half.
+    Resnet(usize, u32, bool),
     Upsample(usize),
     /// Group norm, SiLU and conv_out.
     Out,
@@ -596,6 +625,8 @@ struct Tile {
 struct VaeCall {
     latents: Option<Vec<f32>>,
     x: Option<Act>,
+    /// A resnet's first half's output, between its two pieces.
+    half: Option<Act>,
     next: usize,
     shape: u64,
 }
