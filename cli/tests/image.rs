@@ -400,20 +400,20 @@ fn an_image_job_that_can_never_fit_is_refused_while_llms_run() {
     let last = lines.last().unwrap();
     assert_eq!(last["done"], true, "{last}");
     assert!(last["completion_tokens"].as_u64().unwrap() > 0, "{last}");
-    // With smol pinned, a whole 512² decode (about 61 MiB) does not fit the 48 MiB left: the job
+    // With smol pinned, a whole 640² decode (about 64 MiB) does not fit the 48 MiB left: the job
     // picks VAE tiles that do, by itself.
     d.ok(&["pin", "smol"]);
     let out = d.path("tiled.png");
     let args = [
-        "image", "tiny", "a fox", "--width", "512", "--height", "512",
+        "image", "tiny", "a fox", "--width", "640", "--height", "640",
     ];
     let more = ["--steps", "1", "--json", "-o", out.to_str().unwrap()];
     let lines = json_lines(&d.ok(&[&args[..], &more[..]].concat()));
     let done = lines.last().unwrap();
-    eprintln!("512² with tiles: {done}");
+    eprintln!("640² with tiles: {done}");
     assert_eq!(done["done"], true, "{done}");
     assert!(done["vae_tile"].as_u64().unwrap() > 0, "{done}");
-    assert_eq!(png_facts(&out).0, 512);
+    assert_eq!(png_facts(&out).0, 640);
     assert_eq!(d.resident(), ["smol", "tiny"]);
 }
 
