@@ -313,6 +313,27 @@ impl ClipTextEncoder {
         Ok(())
     }
 
+    /// The layer norm `name` (weight and bias) of `x`'s rows into `out`.
+    fn layer_norm(
+        &self,
+        s: &mut Stream,
+        name: &str,
+        x: F32s<'_>,
+        out: F32s<'_>,
+    ) -> Result<(), TensorError> {
+        let (t, c) = (&self.tensors, self.cfg.hidden_size as u64);
+        ops::layer_norm(
+            s,
+            x,
+            Some(t.vector(&format!("{name}.weight"), c)?),
+            Some(t.vector(&format!("{name}.bias"), c)?),
+            out,
+            c,
+            self.cfg.layer_norm_eps,
+        )?;
+        Ok(())
+    }
+
     /// The token and position embeddings, summed into `x`.
     fn embed(&self, s: &mut Stream, run: &ClipRun) -> Result<(), TensorError> {
         let (t, c) = (&self.tensors, self.cfg.hidden_size as u64);
@@ -342,26 +363,16 @@ impl ClipTextEncoder {
 
     /// Encoder layer `l` over `x`, in place; the penultimate output is kept.
     fn layer(&self, s: &mut Stream, run: &ClipRun, l: u32) -> Result<(), TensorError> {
-        let t = &self.tensors;
         let rows = run.ids.len() as u64;
         let n_ctx = self.cfg.max_position_embeddings;
         let batch = run.ids.len() / n_ctx as usize;
         let c = self.cfg.hidden_size as u64;
         let f = self.cfg.intermediate_size as u64;
         let heads = self.cfg.num_attention_heads;
-        let eps = self.cfg.layer_norm_eps;
         let all = |b| view(b, rows * c);
         let mlp = view(&run.m, rows * f);
         let p = format!("{}encoder.layers.{l}.", self.base);
-        ops::layer_norm(
-            s,
-            all(&run.x),
-            Some(t.vector(&format!("{p}layer_norm1.weight"), c)?),
-            Some(t.vector(&format!("{p}layer_norm1.bias"), c)?),
-            all(&run.h),
-            c,
-            eps,
-        )?;
+        self.layer_norm(s, &format!("{p}layer_norm1"), all(&run.x), all(&run.h))?;
         for (name, out) in [("q_proj", &run.q), ("k_proj", &run.k), ("v_proj", &run.v)] {
             let name = format!("{p}self_attn.{name}");
             self.linear(s, &name, (c, c), all(&run.h), all(out), rows)?;
@@ -390,15 +401,7 @@ impl ClipTextEncoder {
         let out_proj = format!("{p}self_attn.out_proj");
         self.linear(s, &out_proj, (c, c), all(&run.a), all(&run.h), rows)?;
         ops::add(s, all(&run.x), all(&run.h), all(&run.x))?;
-        ops::layer_norm(
-            s,
-            all(&run.x),
-            Some(t.vector(&format!("{p}layer_norm2.weight"), c)?),
-            Some(t.vector(&format!("{p}layer_norm2.bias"), c)?),
-            all(&run.h),
-            c,
-            eps,
-        )?;
+        self.layer_norm(s, &format!("{p}layer_norm2"), all(&run.x), all(&run.h))?;
         self.linear(s, &format!("{p}mlp.fc1"), (f, c), all(&run.h), mlp, rows)?;
         match self.act {
             Activation::QuickGelu => ops::quick_gelu(s, mlp, mlp)?,
@@ -426,15 +429,8 @@ impl ClipTextEncoder {
         let c = self.cfg.hidden_size as u64;
         let n_ctx = self.cfg.max_position_embeddings as usize;
         let all = |b| view(b, rows * c);
-        ops::layer_norm(
-            s,
-            all(&run.x),
-            Some(t.vector(&format!("{}final_layer_norm.weight", self.base), c)?),
-            Some(t.vector(&format!("{}final_layer_norm.bias", self.base), c)?),
-            all(&run.h),
-            c,
-            self.cfg.layer_norm_eps,
-        )?;
+        let name = format!("{}final_layer_norm", self.base);
+        self.layer_norm(s, &name, all(&run.x), all(&run.h))?;
         let picks: Vec<u32> = run
             .ids
             .chunks(n_ctx)

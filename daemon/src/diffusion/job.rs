@@ -1,7 +1,7 @@
-//! An image job on the GPU executor: a state machine over chunks. It encodes the prompt, then
-//! the negative prompt and draws the noise (a chunk each), then runs the UNet and the VAE decode (whole or in tiles, as its memory plan
-//! says) in chunks of the time budget the step policy gives (so LLM steps and cancellation come
-//! in between), reports progress after each denoising step (with a latent preview when asked),
+//! An image job on the GPU executor: a state machine over chunks. It encodes the prompt and the
+//! negative through both text encoders (layers at a time) and draws the noise, then runs the
+//! UNet and the VAE decode (whole or in tiles, as its memory plan says) in chunks of the time
+//! budget the step policy gives (so LLM steps and cancellation come in between), reports progress after each denoising step (with a latent preview when asked),
 //! writes the PNGs, and ends with a summary of its times and its memory.
 
 use std::sync::Arc;

@@ -7,10 +7,7 @@
 //! kernels crate's allocator does: requests of 1 MiB or more get a chunk of their own, rounded
 //! to the sub-allocation alignment, and smaller ones share the owner's 4 MiB chunks.
 
-use halo_kernels::{charged_bytes, SMALL_CHUNK};
-
-/// Single requests below this share chunks (the allocator's threshold).
-const SMALL_REQUEST: u64 = 1 << 20;
+use halo_kernels::{charged_bytes, SMALL_CHUNK, SMALL_REQUEST};
 
 /// A handle to a simulated buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,33 +129,26 @@ impl SimCx<'_> {
     /// `Cx::resnet`: norm, conv, the time projection (if any), norm, conv, the shortcut (a
     /// 1×1 conv or a copy), and a flush; the input is freed after it.
     pub(crate) fn resnet(&mut self, x: SimAct, co: u64, temb: bool) -> SimAct {
-        let n_in = self.batch * x.c * x.h * x.w;
-        let n_out = self.batch * co * x.h * x.w;
-        self.sim.temp(n_in); // norm1
-        self.sim.temp(n_out); // conv1
-        if temb {
-            self.sim.temp(self.batch * co);
-        }
-        self.sim.temp(n_out); // norm2
-        let out = self.sim.keep(n_out); // conv2
-        self.sim.temp(n_out); // shortcut
-        self.sim.flush();
-        self.sim.free(x.slot);
-        SimAct {
-            slot: out,
-            c: co,
-            ..x
-        }
+        self.resnet_run(x, co, temb, false)
     }
 
     /// `Cx::resnet` run as its two halves with a flush between (the VAE's pieces): conv1's
     /// output is kept over the flush, norm1's temporary is not.
     pub(crate) fn resnet_halves(&mut self, x: SimAct, co: u64) -> SimAct {
+        self.resnet_run(x, co, false, true)
+    }
+
+    fn resnet_run(&mut self, x: SimAct, co: u64, temb: bool, halves: bool) -> SimAct {
         let n_in = self.batch * x.c * x.h * x.w;
         let n_out = self.batch * co * x.h * x.w;
         self.sim.temp(n_in); // norm1
         let h = self.sim.keep(n_out); // conv1
-        self.sim.flush();
+        if temb {
+            self.sim.temp(self.batch * co);
+        }
+        if halves {
+            self.sim.flush();
+        }
         self.sim.temp(n_out); // norm2
         let out = self.sim.keep(n_out); // conv2
         self.sim.temp(n_out); // shortcut

@@ -42,6 +42,12 @@ impl SamplerKind {
         })
     }
 
+    /// Whether its steps use a run of values beside the latents (DPM++ 2M's previous x0, Euler
+    /// ancestral's noise), as [`Sampler::update`] says.
+    pub fn carries_state(self) -> bool {
+        self != SamplerKind::Euler
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SamplerKind::Euler => "euler",

@@ -613,18 +613,15 @@ impl SdxlPipeline {
             .iter()
             .map(|v| v * sampler.init_noise_sigma())
             .collect();
-        // The first UNet input (the latents scaled, twice with guidance); later ones the
-        // sampler's kernel writes.
+        // The first UNet input (the latents scaled, twice with guidance; later ones the
+        // sampler's kernel writes), then the latents, then the sampler's run, zeroed.
         let s0 = sampler.input_scale(0);
-        let first: Vec<f32> = (0..rows / n)
-            .flat_map(|_| latents.iter().map(move |v| v * s0))
+        let (len, copies) = (latents.len() as u64, (rows / n) as u64);
+        let mut init: Vec<f32> = (0..copies)
+            .flat_map(|_| latents.iter().map(|v| v * s0))
             .collect();
-        let len = latents.len() as u64;
-        let copies = (rows / n) as u64;
-        let extra = req.sampler != SamplerKind::Euler;
-        let mut init = first;
         init.extend(&latents);
-        init.resize((Latents::floats(len, copies, extra)) as usize, 0.0);
+        init.resize(Latents::floats(len, copies, req.sampler) as usize, 0.0);
         let state = Latents {
             buf: self.unet.device().upload_f32(&init, owner).map_err(err)?,
             len,
@@ -800,11 +797,7 @@ impl SdxlPipeline {
         // to the end.
         let n = (req.batch * self.latent_channels * lh * lw) as u64;
         let copies = (rows / req.batch.max(1)) as u64;
-        let held = [Latents::floats(
-            n,
-            copies,
-            req.sampler != SamplerKind::Euler,
-        )];
+        let held = [Latents::floats(n, copies, req.sampler)];
         let encode = self
             .te1
             .peak_bytes(1, false)
@@ -892,13 +885,11 @@ struct Latents {
 
 impl Latents {
     /// The buffer's length in f32 values.
-    fn floats(len: u64, copies: u64, extra: bool) -> u64 {
-        ((copies + 1 + extra as u64) * len).max(LARGE_REQUEST / 4)
+    fn floats(len: u64, copies: u64, sampler: SamplerKind) -> u64 {
+        let extra = sampler.carries_state() as u64;
+        ((copies + 1 + extra) * len).max(halo_kernels::SMALL_REQUEST / 4)
     }
 }
-
-/// Requests of this many bytes get a device memory chunk of their own.
-const LARGE_REQUEST: u64 = 1 << 20;
 
 /// A job's prompts being encoded: the prompt and the negative (where it has one), each by
 /// both encoders in turn, layers at a time.

@@ -68,7 +68,7 @@ impl Ledger {
 /// device and keeps 16-byte vector loads aligned.
 const ALIGN: u64 = 256;
 /// Single requests below this share their owner's small chunks; larger ones get their own.
-const SMALL_REQUEST: u64 = 1 << 20;
+pub const SMALL_REQUEST: u64 = 1 << 20;
 /// The size of a chunk for small single requests (staging, readbacks, test buffers).
 pub const SMALL_CHUNK: u64 = 4 << 20;
 

@@ -13,6 +13,8 @@ mod stream;
 mod weights;
 
 pub use device::{Device, DeviceOptions, Features};
-pub use memory::{charged_bytes, Buffer, HostMemory, Ledger, MemoryKind, OwnerId, SMALL_CHUNK};
+pub use memory::{
+    charged_bytes, Buffer, HostMemory, Ledger, MemoryKind, OwnerId, SMALL_CHUNK, SMALL_REQUEST,
+};
 pub use stream::{Access, Dispatch, Stream};
 pub use weights::{LoadStrategy, LoadedWeights, WeightLayout};
