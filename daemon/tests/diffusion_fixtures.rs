@@ -851,7 +851,8 @@ fn the_built_in_clip_vocabulary_tokenizes_as_clip() {
 }
 
 /// A job cut as finely as it goes (a budget of 1 ns: one piece per chunk) through the text
-/// encoders' layers, the UNet's blocks and the VAE's layers, with Euler ancestral (noise each
+/// encoders' layers, the UNet's blocks and the VAE's layers, the VAE's convolutions down to one
+/// output row per chunk, with Euler ancestral (noise each
 /// step) and DPM++ 2M (the previous prediction kept on the device): the same image, bit for
 /// bit, as the job run whole.
 #[test]
@@ -910,11 +911,14 @@ fn a_job_in_one_piece_chunks_makes_the_whole_jobs_image() {
                 break images;
             }
         };
+        let decode_chunks = chunks - encode_chunks - denoise_chunks;
         eprintln!(
-            "{sampler:?}: {encode_chunks} encode chunks, {denoise_chunks} denoise chunks, {} \
-             decode chunks",
-            chunks - encode_chunks - denoise_chunks
+            "{sampler:?}: {encode_chunks} encode chunks, {denoise_chunks} denoise chunks, \
+             {decode_chunks} decode chunks"
         );
+        // conv_out alone has `height` output rows: after a first eighth to measure it, they run
+        // one row per chunk.
+        assert!(decode_chunks > req.height, "{decode_chunks}");
         // Every encoder layer and every UNet piece was a chunk of its own: per prompt, the
         // first encoder's embeddings, layers to the penultimate and output; the second's
         // embeddings, every layer, and its pooled output.

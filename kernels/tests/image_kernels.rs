@@ -158,6 +158,135 @@ fn conv2d_matches_the_reference() {
     }
 }
 
+/// A convolution cut into row bands (uneven, some crossing from one image to the next) writes
+/// only its rows, and the bands together equal the whole convolution bit for bit.
+#[test]
+fn conv2d_in_row_bands_equals_the_whole() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(5);
+    // (n, ci, h, w, co, k, stride, pad) and band ends (the last is n · oh).
+    type Shape = (u64, u64, u64, u64, u64, u64, u64, u64);
+    let cases: [(Shape, &[u64]); 3] = [
+        ((1, 8, 9, 7, 12, 3, 1, 1), &[1, 4, 9]),
+        ((2, 5, 6, 11, 70, 3, 1, 1), &[5, 7, 8, 12]),
+        ((3, 4, 8, 8, 6, 3, 2, 1), &[3, 3, 10, 12]),
+    ];
+    for ((n, ci, h, w, co, k, stride, pad), ends) in cases {
+        let shape = Conv2d {
+            n,
+            ci,
+            h,
+            w,
+            co,
+            k,
+            stride,
+            pad,
+        };
+        let (oh, ow) = shape.out_hw();
+        assert_eq!(*ends.last().unwrap(), n * oh);
+        let x = rng.f32s(shape.in_len() as usize, 1.0);
+        let (wb, wf) = weights(WeightType::F16, (co * ci * k * k) as usize, 7);
+        let bias = rng.f32s(co as usize, 0.5);
+        let (xb, wbuf, bb) = (
+            upload(&dev, &x),
+            upload_bytes(&dev, &wb),
+            upload(&dev, &bias),
+        );
+        let wv = Weights {
+            buffer: &wbuf,
+            offset: 0,
+            ty: WeightType::F16,
+            rows: co,
+            cols: ci * k * k,
+        };
+        let whole = zeros(&dev, shape.out_len() as usize);
+        run(&dev, |s| {
+            ops::conv2d(
+                s,
+                shape,
+                wv,
+                Some(F32s::all(&bb)),
+                F32s::all(&xb),
+                F32s::all(&whole),
+            )
+        });
+        let whole = dev.read_f32(&whole, 0, shape.out_len()).unwrap();
+        let plane = (oh * ow) as usize;
+        let unbiased: Vec<f32> = whole
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v - bias[(j / plane) % co as usize])
+            .collect();
+        check_conv(&format!("{shape:?}"), &unbiased, &x, &wf, shape);
+
+        let sentinel = -12345.0f32;
+        let banded = upload(&dev, &vec![sentinel; shape.out_len() as usize]);
+        let mut start = 0;
+        for &end in ends {
+            run(&dev, |s| {
+                ops::conv2d_rows(
+                    s,
+                    shape,
+                    wv,
+                    Some(F32s::all(&bb)),
+                    F32s::all(&xb),
+                    F32s::all(&banded),
+                    start..end,
+                )
+            });
+            let got = dev.read_f32(&banded, 0, shape.out_len()).unwrap();
+            // Output j is image j / (co · plane), row (j % plane) / ow of it.
+            for (j, v) in got.iter().enumerate() {
+                let img = j / (co as usize * plane);
+                let row = (img * oh as usize + (j % plane) / ow as usize) as u64;
+                if row < end {
+                    assert_eq!(
+                        v.to_bits(),
+                        whole[j].to_bits(),
+                        "{shape:?}: output {j} after rows ..{end}"
+                    );
+                } else {
+                    assert_eq!(
+                        *v, sentinel,
+                        "{shape:?}: output {j} written before its band"
+                    );
+                }
+            }
+            start = end;
+        }
+    }
+    let shape = Conv2d {
+        n: 1,
+        ci: 1,
+        h: 4,
+        w: 4,
+        co: 1,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let (wbuf, x, y) = (zeros(&dev, 9), zeros(&dev, 16), zeros(&dev, 16));
+    let mut s = dev.stream().unwrap();
+    let e = ops::conv2d_rows(
+        &mut s,
+        shape,
+        Weights {
+            buffer: &wbuf,
+            offset: 0,
+            ty: WeightType::F32,
+            rows: 1,
+            cols: 9,
+        },
+        None,
+        F32s::all(&x),
+        F32s::all(&y),
+        2..5,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("rows 2..5 are not within the 4"), "{e}");
+}
+
 #[test]
 fn conv2d_refuses_bad_shapes() {
     let Some(dev) = device() else { return };

@@ -163,6 +163,43 @@ impl Cx<'_> {
         })
     }
 
+    /// Rows `rows` (of batch · out.h) of a same-size k × k convolution of `x` into `out`, which
+    /// has the output's shape: one band of [`Self::conv`], cut so that a long convolution spans
+    /// several submissions.
+    pub(crate) fn conv_rows(
+        &mut self,
+        name: &str,
+        x: &Act,
+        out: &Act,
+        k: u64,
+        rows: std::ops::Range<u64>,
+    ) -> Result<(), TensorError> {
+        let shape = Conv2d {
+            n: self.batch,
+            ci: x.c,
+            h: x.h,
+            w: x.w,
+            co: out.c,
+            k,
+            stride: 1,
+            pad: k / 2,
+        };
+        let w = self
+            .t
+            .matrix(&format!("{name}.weight"), &[out.c, x.c, k, k])?;
+        let b = self.t.vector(&format!("{name}.bias"), out.c)?;
+        ops::conv2d_rows(
+            &mut self.s,
+            shape,
+            w,
+            Some(b),
+            view(&x.buf, shape.in_len()),
+            view(&out.buf, shape.out_len()),
+            rows,
+        )?;
+        Ok(())
+    }
+
     pub(crate) fn conv_stride(
         &mut self,
         name: &str,

@@ -32,22 +32,26 @@ impl Pacer {
         self.costs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records that `pieces` together took `took`.
-    pub fn learn(&self, shape: u64, pieces: &[usize], took: Duration) {
+    /// Records that `pieces` together took `took`, each given with the share of it that ran.
+    pub fn learn(&self, shape: u64, pieces: &[(usize, f64)], took: Duration) {
         let took = took.as_secs_f64();
         let mut costs = self.lock();
-        if let [one] = pieces {
-            let e = costs.entry((shape, *one)).or_insert(took);
-            *e = 0.5 * *e + 0.5 * took;
+        if let [(one, share)] = pieces {
+            let whole = took / share.max(f64::MIN_POSITIVE);
+            let e = costs.entry((shape, *one)).or_insert(whole);
+            *e = 0.5 * *e + 0.5 * whole;
             return;
         }
-        let known: f64 = pieces.iter().filter_map(|p| costs.get(&(shape, *p))).sum();
+        let known: f64 = pieces
+            .iter()
+            .filter_map(|(p, share)| costs.get(&(shape, *p)).map(|c| c * share))
+            .sum();
         if known <= 0.0 {
             return;
         }
         // Move every piece's cost halfway towards what the chunk measured.
         let ratio = 1.0 + 0.5 * (took / known - 1.0);
-        for p in pieces {
+        for (p, _) in pieces {
             if let Some(c) = costs.get_mut(&(shape, *p)) {
                 *c *= ratio;
             }
@@ -74,12 +78,17 @@ pub fn shape_key(batch: usize, height: usize, width: usize) -> u64 {
 /// The pieces of one chunk as they are chosen: each is admitted while the learned costs so far
 /// fit the budget (the first always; with no budget, every one), a piece of unknown cost ends
 /// the chunk after itself, and [`Chunk::end`] teaches the pacer what the chunk took.
+///
+/// A piece made of rows (a convolution's output rows) can run in part: as a chunk's first piece,
+/// one whose learned cost alone overruns the budget runs only the rows that fit it, and later
+/// chunks take the rest, each charged for its share.
 pub struct Chunk<'a> {
     pacer: &'a Pacer,
     shape: u64,
     budget: Option<Duration>,
     started: Instant,
-    ran: Vec<usize>,
+    /// The pieces run so far, each with the share of it that ran.
+    ran: Vec<(usize, f64)>,
     predicted: f64,
     closed: bool,
 }
@@ -100,21 +109,44 @@ impl<'a> Chunk<'a> {
 
     /// Whether piece `id` runs in this chunk (then it counts as run).
     pub fn admit(&mut self, id: usize) -> bool {
-        if self.closed {
-            return false;
+        self.admit_rows(id, 1, 1) == 1
+    }
+
+    /// How many of the `left` rows still to run of piece `id` (of `total` rows) run in this
+    /// chunk: all of them, none, or as the chunk's first piece the share of the piece the budget
+    /// holds (at least one row; the chunk then holds nothing else). A piece of unknown cost runs
+    /// an eighth of its rows first, alone, so that a long convolution is measured without
+    /// overrunning a submission.
+    pub fn admit_rows(&mut self, id: usize, left: u64, total: u64) -> u64 {
+        let total = total.max(1);
+        let left = left.min(total);
+        if self.closed || left == 0 {
+            return 0;
         }
-        let cost = self.pacer.cost(self.shape, id);
-        if let (Some(b), false) = (self.budget, self.ran.is_empty()) {
-            match cost {
-                Some(c) if self.predicted + c <= b.as_secs_f64() => {}
-                _ => return false,
+        let share = left as f64 / total as f64;
+        let whole = self.pacer.cost(self.shape, id);
+        let cost = whole.map(|c| c * share);
+        let mut rows = left;
+        if let Some(b) = self.budget.map(|b| b.as_secs_f64()) {
+            match (cost, self.ran.is_empty()) {
+                (Some(c), false) if self.predicted + c > b => return 0,
+                (None, false) => return 0,
+                // Unknown: a first band, to be measured.
+                (None, true) => rows = total.div_ceil(8).min(left),
+                (Some(c), true) if c > b => {
+                    let fit = (b / whole.unwrap_or(c) * total as f64).floor() as u64;
+                    rows = fit.clamp(1, left);
+                    self.closed = true;
+                }
+                _ => {}
             }
         }
-        self.ran.push(id);
-        self.predicted += cost.unwrap_or(0.0);
+        let share = rows as f64 / total as f64;
+        self.ran.push((id, share));
+        self.predicted += whole.map_or(0.0, |c| c * share);
         // A piece of unknown cost runs alone, so that its time is its own.
-        self.closed = self.budget.is_some() && cost.is_none();
-        true
+        self.closed |= self.budget.is_some() && whole.is_none();
+        rows
     }
 
     /// After the chunk's wait: its device time (see [`device_time`]); with a budget, the
@@ -126,5 +158,61 @@ impl<'a> Chunk<'a> {
                 .learn(self.shape, &self.ran, self.started.elapsed().max(took));
         }
         took
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(p: &Pacer, budget_ms: Option<u64>) -> Chunk<'_> {
+        Chunk::new(p, 1, budget_ms.map(Duration::from_millis), Instant::now())
+    }
+
+    #[test]
+    fn a_piece_of_rows_runs_in_bands_the_budget_holds() {
+        let p = Pacer::default();
+        // Unknown: an eighth of the rows, alone.
+        let mut c = chunk(&p, Some(50));
+        assert_eq!(c.admit_rows(0, 100, 100), 13);
+        assert!(!c.admit(1));
+        // That eighth took 25 ms: the whole is taken to cost 25 / (13/100) ms.
+        p.learn(1, &c.ran, Duration::from_millis(25));
+        let whole = p.cost(1, 0).unwrap();
+        assert!((whole - 0.025 * 100.0 / 13.0).abs() < 1e-9, "{whole}");
+        // Known and over the budget: the rows that fit, alone.
+        let mut c = chunk(&p, Some(50));
+        let rows = c.admit_rows(0, 87, 100);
+        assert_eq!(rows, (0.05 / whole * 100.0).floor() as u64);
+        assert!(!c.admit(1));
+        // A rest that fits runs whole, and the chunk goes on.
+        p.learn(1, &[(1, 1.0)], Duration::from_millis(1));
+        let mut c = chunk(&p, Some(50));
+        assert_eq!(c.admit_rows(0, 10, 100), 10);
+        assert!(c.admit(1));
+        // A rest that does not fit after another piece waits for the next chunk.
+        let mut c = chunk(&p, Some(50));
+        assert!(c.admit(1));
+        assert_eq!(c.admit_rows(0, 100, 100), 0);
+        // A tiny budget still moves: one row at a time.
+        let mut c = chunk(&p, Some(0));
+        assert_eq!(c.admit_rows(0, 100, 100), 1);
+        // No budget: everything, whole.
+        let mut c = chunk(&p, None);
+        assert_eq!(c.admit_rows(0, 100, 100), 100);
+        assert_eq!(c.admit_rows(2, 5, 5), 5);
+        assert!(c.admit(3));
+    }
+
+    #[test]
+    fn a_chunk_of_parts_learns_each_at_its_share() {
+        let p = Pacer::default();
+        p.learn(1, &[(0, 1.0)], Duration::from_millis(40));
+        p.learn(1, &[(1, 1.0)], Duration::from_millis(10));
+        // Half of piece 0 (20 ms) and piece 1 (10 ms) took 60 ms, twice the prediction: both
+        // move halfway to twice their cost.
+        p.learn(1, &[(0, 0.5), (1, 1.0)], Duration::from_millis(60));
+        assert!((p.cost(1, 0).unwrap() - 0.060).abs() < 1e-9);
+        assert!((p.cost(1, 1).unwrap() - 0.015).abs() < 1e-9);
     }
 }

@@ -300,6 +300,7 @@ impl Vae {
                     latents: Some(lat),
                     x: None,
                     half: None,
+                    part: None,
                     next: 0,
                     shape: super::pace::shape_key(batch, h, w),
                 }
@@ -355,71 +356,152 @@ impl Vae {
         let mut paced = super::pace::Chunk::new(&self.pacer, call.shape, budget, started);
         let mut x = call.x.take();
         let mut out = None;
-        while call.next < pieces.len() && paced.admit(call.next) {
+        let lost = |what: &str| {
+            TensorError::File(
+                self.tensors.path().into(),
+                format!("the decode lost its {what}"),
+            )
+        };
+        while call.next < pieces.len() {
             let piece = pieces[call.next];
-            call.next += 1;
-            let cur = |x: &Option<Act>| -> Result<(), TensorError> {
-                match x {
-                    Some(_) => Ok(()),
-                    None => Err(TensorError::File(
-                        self.tensors.path().into(),
-                        "the decode has no activation".into(),
-                    )),
+            if let VaePiece::In = piece {
+                if !paced.admit(call.next) {
+                    break;
+                }
+                call.next += 1;
+                let shift = cfg.shift_factor.unwrap_or(0.0);
+                let z: Vec<f32> = call
+                    .latents
+                    .take()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|v| v / cfg.scaling_factor + shift)
+                    .collect();
+                let mut a = Act {
+                    buf: cx.upload(&z)?,
+                    c: lc as u64,
+                    h: height as u64,
+                    w: width as u64,
+                };
+                if cfg.use_post_quant_conv {
+                    a = cx.conv("post_quant_conv", &a, lc as u64, 1, 1)?;
+                }
+                x = Some(cx.conv("decoder.conv_in", &a, rev[0], 3, 1)?);
+                continue;
+            }
+            if let VaePiece::MidAttention = piece {
+                if !paced.admit(call.next) {
+                    break;
+                }
+                call.next += 1;
+                let a = x.take().ok_or_else(|| lost("activation"))?;
+                x = Some(self.attention(&mut cx, "decoder.mid_block.attentions.0", &a)?);
+                continue;
+            }
+            // Every other piece ends in a same-size 3×3 convolution, run in bands of output rows
+            // when it would overrun the chunk on its own.
+            // (An upsample's input is gone once its band started.)
+            let (co, oh, done) = match (&call.part, piece, &x) {
+                (Some(p), ..) => (p.out.c, p.out.h, p.done),
+                (None, VaePiece::MidResnet(..), Some(a)) => (rev[0], a.h, 0),
+                (None, VaePiece::Resnet(i, ..), Some(a)) => (rev[i], a.h, 0),
+                (None, VaePiece::Upsample(i), Some(a)) => (rev[i], 2 * a.h, 0),
+                (None, _, Some(a)) => (cfg.out_channels as u64, a.h, 0),
+                (None, _, None) => return Err(lost("activation")),
+            };
+            let total = cx.batch * oh;
+            let rows = paced.admit_rows(call.next, total - done, total);
+            if rows == 0 {
+                break;
+            }
+            let resnet = |piece| match piece {
+                VaePiece::MidResnet(j, _) => format!("decoder.mid_block.resnets.{j}"),
+                VaePiece::Resnet(i, j, _) => format!("decoder.up_blocks.{i}.resnets.{j}"),
+                _ => unreachable!("a resnet piece"),
+            };
+            let mut part = match call.part.take() {
+                Some(p) => p,
+                None => {
+                    let a = x.as_ref().ok_or_else(|| lost("activation"))?;
+                    let input = match piece {
+                        VaePiece::MidResnet(_, false) | VaePiece::Resnet(_, _, false) => {
+                            cx.norm(&format!("{}.norm1", resnet(piece)), a, true)?
+                        }
+                        VaePiece::MidResnet(_, true) | VaePiece::Resnet(_, _, true) => {
+                            let h = call.half.as_ref().ok_or_else(|| lost("resnet half"))?;
+                            cx.norm(&format!("{}.norm2", resnet(piece)), h, true)?
+                        }
+                        VaePiece::Upsample(_) => {
+                            let up = cx.upsample(a, (a.h * 2, a.w * 2))?;
+                            x = None;
+                            up
+                        }
+                        _ => cx.norm("decoder.conv_norm_out", a, true)?,
+                    };
+                    let out = Act {
+                        buf: cx.alloc(cx.batch * co * input.h * input.w)?,
+                        c: co,
+                        ..input
+                    };
+                    Part {
+                        input,
+                        out,
+                        done: 0,
+                    }
                 }
             };
-            if !matches!(piece, VaePiece::In) {
-                cur(&x)?;
+            let name = match piece {
+                VaePiece::MidResnet(_, false) | VaePiece::Resnet(_, _, false) => {
+                    format!("{}.conv1", resnet(piece))
+                }
+                VaePiece::MidResnet(_, true) | VaePiece::Resnet(_, _, true) => {
+                    format!("{}.conv2", resnet(piece))
+                }
+                VaePiece::Upsample(i) => format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                _ => "decoder.conv_out".to_string(),
+            };
+            cx.conv_rows(
+                &name,
+                &part.input,
+                &part.out,
+                3,
+                part.done..part.done + rows,
+            )?;
+            part.done += rows;
+            if part.done < total {
+                call.part = Some(part);
+                break;
             }
-            let a = x.take();
-            x = Some(match (piece, a) {
-                (VaePiece::In, _) => {
-                    let shift = cfg.shift_factor.unwrap_or(0.0);
-                    let z: Vec<f32> = call
-                        .latents
-                        .take()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|v| v / cfg.scaling_factor + shift)
-                        .collect();
-                    let mut a = Act {
-                        buf: cx.upload(&z)?,
-                        c: lc as u64,
-                        h: height as u64,
-                        w: width as u64,
+            call.next += 1;
+            let Part { input, out: h, .. } = part;
+            drop(input);
+            match piece {
+                VaePiece::MidResnet(_, false) | VaePiece::Resnet(_, _, false) => {
+                    cx.flush()?;
+                    call.half = Some(h);
+                }
+                VaePiece::MidResnet(_, true) | VaePiece::Resnet(_, _, true) => {
+                    let a = x.take().ok_or_else(|| lost("activation"))?;
+                    let half = call.half.take().ok_or_else(|| lost("resnet half"))?;
+                    let n = cx.len(&h);
+                    let skip = if a.c != co {
+                        cx.conv(&format!("{}.conv_shortcut", resnet(piece)), &a, co, 1, 1)?
+                    } else {
+                        cx.copy(&a)?
                     };
-                    if cfg.use_post_quant_conv {
-                        a = cx.conv("post_quant_conv", &a, lc as u64, 1, 1)?;
-                    }
-                    cx.conv("decoder.conv_in", &a, rev[0], 3, 1)?
+                    ops::add(
+                        &mut cx.s,
+                        view(&h.buf, n),
+                        view(&skip.buf, n),
+                        view(&h.buf, n),
+                    )?;
+                    cx.flush()?;
+                    drop(half);
+                    x = Some(h);
                 }
-                (VaePiece::MidResnet(j, second), Some(a)) => {
-                    let p = format!("decoder.mid_block.resnets.{j}");
-                    self.resnet_half(&mut cx, call, &p, a, rev[0], second)?
-                }
-                (VaePiece::MidAttention, Some(a)) => {
-                    self.attention(&mut cx, "decoder.mid_block.attentions.0", &a)?
-                }
-                (VaePiece::Resnet(i, j, second), Some(a)) => {
-                    let p = format!("decoder.up_blocks.{i}.resnets.{j}");
-                    self.resnet_half(&mut cx, call, &p, a, rev[i], second)?
-                }
-                (VaePiece::Upsample(i), Some(a)) => {
-                    let a = cx.upsample(&a, (a.h * 2, a.w * 2))?;
-                    cx.conv(
-                        &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
-                        &a,
-                        rev[i],
-                        3,
-                        1,
-                    )?
-                }
-                (VaePiece::Out, Some(a)) => {
-                    let a = cx.norm("decoder.conv_norm_out", &a, true)?;
-                    out = Some(cx.conv("decoder.conv_out", &a, cfg.out_channels as u64, 3, 1)?);
-                    a
-                }
-                (_, None) => unreachable!("checked above"),
-            });
+                VaePiece::Upsample(_) => x = Some(h),
+                _ => out = Some(h),
+            }
         }
         cx.s.finish()?;
         let took = paced.end(&mut cx.s);
@@ -429,29 +511,6 @@ impl Vae {
         }
         call.x = x;
         Ok((None, took))
-    }
-
-    /// One half of a resnet over `a`: the first keeps its output in the call and returns `a`
-    /// (the second half's input too); the second returns the block's output.
-    fn resnet_half(
-        &self,
-        cx: &mut Cx<'_>,
-        call: &mut VaeCall,
-        p: &str,
-        a: Act,
-        co: u64,
-        second: bool,
-    ) -> Result<Act, TensorError> {
-        if !second {
-            let h = cx.resnet_first(p, &a, co, None)?;
-            cx.flush()?;
-            call.half = Some(h);
-            return Ok(a);
-        }
-        let h = call.half.take().ok_or_else(|| {
-            TensorError::File(self.tensors.path().into(), "a resnet lost its half".into())
-        })?;
-        cx.resnet_second(p, &a, h, co)
     }
 
     /// Decodes in overlapping tiles of `tile` pixels (a multiple of the VAE's scale), as
@@ -627,8 +686,18 @@ struct VaeCall {
     x: Option<Act>,
     /// A resnet's first half's output, between its two pieces.
     half: Option<Act>,
+    /// The piece under way when its convolution runs in bands across chunks.
+    part: Option<Part>,
     next: usize,
     shape: u64,
+}
+
+/// A piece's convolution between its bands: its input, its output, and the output rows done
+/// (of batch · height).
+struct Part {
+    input: Act,
+    out: Act,
+    done: u64,
 }
 
 /// A decode in progress (see [`Vae::start_decode`]).

@@ -8,6 +8,9 @@
 // pixels) walking K 32 at a time: the weight slice is read with the weight type's dequant8 (f32,
 // f16, bf16) and the input slice is gathered straight from x, each K index mapped to its
 // (ci, ky, kx) and each pixel to its (n, oy, ox). Every thread accumulates 4 × 4 outputs.
+// A dispatch may cover only the pixels first..pixels (whole output rows, when the host cuts a
+// convolution into row bands across submissions); each output is summed in the same order
+// whichever band computes it.
 #include "common.glsl"
 #include "quant.glsl"
 
@@ -38,9 +41,10 @@ layout(push_constant) uniform Push {
     uint k;           // kernel size (square)
     uint stride;
     uint pad;
-    uint pixels;      // n · oh · ow
+    uint pixels;      // the end of this dispatch's pixels (at most n · oh · ow)
     uint tiles_m;
     uint has_bias;
+    uint first;       // its first pixel
 } p;
 
 shared float ws[TM * STRIDE];
@@ -56,7 +60,7 @@ const int NONE = -2147483647;
 void main() {
     uint tile = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     uint m0 = (tile % p.tiles_m) * TM;
-    uint n0 = (tile / p.tiles_m) * TN;
+    uint n0 = p.first + (tile / p.tiles_m) * TN;
     if (n0 >= p.pixels) return;
     uint t = gl_LocalInvocationID.x;
     uint kk = p.k * p.k;

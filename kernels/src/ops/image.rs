@@ -59,6 +59,23 @@ pub fn conv2d(
     x: F32s<'_>,
     y: F32s<'_>,
 ) -> Result<(), VulkanError> {
+    let rows = shape.n * shape.out_hw().0;
+    conv2d_rows(stream, shape, w, bias, x, y, 0..rows)
+}
+
+/// [`conv2d`] for output `rows` only: rows of every image in turn, `n · oh` in all (image `i`'s
+/// row `r` is row `i · oh + r`). The rest of `y` is left as it is, so a long convolution can be
+/// cut into bands run one submission each; every output is the same as from the whole
+/// convolution, bit for bit.
+pub fn conv2d_rows(
+    stream: &mut Stream,
+    shape: Conv2d,
+    w: Weights<'_>,
+    bias: Option<F32s<'_>>,
+    x: F32s<'_>,
+    y: F32s<'_>,
+    rows: std::ops::Range<u64>,
+) -> Result<(), VulkanError> {
     let kernel = match w.ty {
         WeightType::F32 => KernelId::Conv2dF32,
         WeightType::F16 => KernelId::Conv2dF16,
@@ -121,8 +138,19 @@ pub fn conv2d(
     to_u32(op, "input length", x.len)?;
     to_u32(op, "output length", y.len)?;
     let (oh, ow) = shape.out_hw();
-    let pixels = n * oh * ow;
-    if pixels == 0 || co == 0 {
+    if rows.start > rows.end || rows.end > n * oh {
+        return Err(bad(
+            op,
+            format!(
+                "rows {}..{} are not within the {} output rows",
+                rows.start,
+                rows.end,
+                n * oh
+            ),
+        ));
+    }
+    let (first, pixels) = (rows.start * ow, rows.end * ow);
+    if pixels == first || co == 0 {
         return Ok(());
     }
     let limits = stream.limits();
@@ -137,7 +165,7 @@ pub fn conv2d(
         });
     }
     let tiles_m = co.div_ceil(CONV_TILE as u64);
-    let tiles = tiles_m * pixels.div_ceil(CONV_TILE as u64);
+    let tiles = tiles_m * (pixels - first).div_ceil(CONV_TILE as u64);
     let push = Push::default()
         .addr(c.address)
         .addr(x.address())
@@ -154,7 +182,8 @@ pub fn conv2d(
         .u32(to_u32(op, "pad", pad)?)
         .u32(to_u32(op, "pixels", pixels)?)
         .u32(to_u32(op, "tiles", tiles_m)?)
-        .u32(bias.is_some() as u32);
+        .u32(bias.is_some() as u32)
+        .u32(to_u32(op, "first pixel", first)?);
     let mut reads = vec![c.access, x.access()];
     reads.extend(bias.map(|b| b.access()));
     stream.dispatch(&Dispatch {
