@@ -1,0 +1,153 @@
+//! Flux's parts against the tiny Flux pipeline and diffusers' recorded outputs
+//! (fixtures/diffusion, made by gen_tiny_flux.py): the flow_euler schedule, the starting noise
+//! and its packing, and T5's token ids.
+
+use std::path::PathBuf;
+
+use halod::diffusion::config;
+use halod::diffusion::flow::{self, FlowSchedulerConfig};
+use halod::diffusion::rng::TorchRng;
+use halod::diffusion::t5_tokenizer::T5Tokenizer;
+use halod::safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusion")
+}
+
+fn pipeline() -> PathBuf {
+    dir().join("tiny-flux")
+}
+
+fn refs_json() -> Value {
+    let text = std::fs::read_to_string(dir().join("tiny-flux-refs.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+struct Refs {
+    bytes: Vec<u8>,
+}
+
+impl Refs {
+    fn load() -> Refs {
+        Refs {
+            bytes: std::fs::read(dir().join("tiny-flux-refs.safetensors")).unwrap(),
+        }
+    }
+
+    fn st(&self) -> SafeTensors {
+        SafeTensors::parse(&self.bytes).unwrap()
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not recorded"));
+        assert_eq!(t.dtype, Dtype::F32);
+        st.data(&self.bytes, t)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn ids(&self, name: &str) -> Vec<u32> {
+        let st = self.st();
+        let t = st
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not recorded"));
+        assert_eq!(t.dtype, Dtype::I32);
+        st.data(&self.bytes, t)
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect()
+    }
+}
+
+fn cases() -> Vec<Value> {
+    refs_json()["cases"].as_array().unwrap().clone()
+}
+
+fn name<'a>(case: &'a Value, key: &str) -> &'a str {
+    case["tensors"][key].as_str().unwrap()
+}
+
+#[test]
+fn flow_euler_gives_diffusers_sigmas_for_each_size() {
+    let refs = Refs::load();
+    let cfg: FlowSchedulerConfig =
+        config::read(&pipeline().join("scheduler/scheduler_config.json")).unwrap();
+    for case in cases() {
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let tokens = case["image_tokens"].as_u64().unwrap();
+        let got = flow::flow_sigmas(&cfg, steps, tokens).unwrap();
+        let want = refs.f32s(name(&case, "sigmas"));
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-6,
+                "{}: {got:?} vs {want:?}",
+                case["name"]
+            );
+        }
+        // The model's timestep is σ (diffusers' t / 1000).
+        let t0 = refs.f32s(name(&case, "call_timestep"));
+        assert_eq!(t0, vec![got[0]]);
+    }
+}
+
+#[test]
+fn the_starting_noise_is_torchs_and_packs_as_diffusers_packs_it() {
+    let refs = Refs::load();
+    for case in cases() {
+        let seed = case["seed"].as_u64().unwrap();
+        let (h, w) = (
+            case["height"].as_u64().unwrap() as usize / 8,
+            case["width"].as_u64().unwrap() as usize / 8,
+        );
+        let noise = TorchRng::new(seed).randn(16 * h * w);
+        assert_eq!(noise, refs.f32s(name(&case, "noise")), "{}", case["name"]);
+        // The first call's input is the packed noise (σ = 1), with (0, row, column) ids.
+        let packed = flow::pack(&noise, 1, 16, h, w);
+        assert_eq!(packed, refs.f32s(name(&case, "call_x")));
+        let ids: Vec<f32> = flow::image_ids(h, w).into_iter().flatten().collect();
+        assert_eq!(ids, refs.f32s(name(&case, "call_img_ids")));
+        let last = refs.f32s(name(&case, &format!("latents_step{}", case["steps"])));
+        assert_eq!(
+            flow::unpack(&last, 1, 16, h, w),
+            refs.f32s(name(&case, "latents_final"))
+        );
+    }
+}
+
+#[test]
+fn the_t5_tokenizer_gives_transformers_ids() {
+    let refs = Refs::load();
+    let tok = T5Tokenizer::load(&pipeline().join("tokenizer_2")).unwrap();
+    for case in cases() {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(prompt, 512).unwrap(),
+            refs.ids(name(&case, "ids2")),
+            "{prompt}"
+        );
+    }
+    for check in refs_json()["t5_tokenizer"].as_array().unwrap() {
+        let text = check["text"].as_str().unwrap();
+        let want: Vec<u32> = check["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, 512).unwrap(), want, "{text:?}");
+    }
+    let e = T5Tokenizer::load(&pipeline().join("tokenizer"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("no </s>") || e.contains("not a tokenizer.json"),
+        "{e}"
+    );
+}
