@@ -583,6 +583,116 @@ fn seq_attention_matches_the_reference() {
     }
 }
 
+/// Attention with an additive bias shared by the batch (T5's relative position bias, with no
+/// 1/√d scaling): T5-XXL-like heads over 512 tokens in a batch of two, a fused qkv, a scaled
+/// case, and keys enough for several passes on a capped device. The wrong bias length is
+/// refused.
+#[test]
+fn seq_attention_with_a_bias_matches_the_reference() {
+    use halo_kernels::ops::SeqAttention;
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(22);
+    // (batch, heads, head_dim, n_q, n_kv, scale, fused)
+    let cases = [
+        (2, 4, 64, 512, 512, 1.0, false),
+        (1, 3, 8, 13, 13, 1.0, true),
+        (1, 2, 16, 7, 9, 0.25, false),
+        (1, 1, 128, 40, 3000, 1.0, false),
+    ];
+    for &(b, h, d, nq, nkv, scale, fused) in &cases {
+        let width = h * d;
+        let (q, k, v, qs, kvs) = if fused {
+            let qkv = rng.f32s(b * nq * 3 * width, 0.5);
+            let k = qkv[width..].to_vec();
+            let v = qkv[2 * width..].to_vec();
+            (qkv, k, v, 3 * width, 3 * width)
+        } else {
+            (
+                rng.f32s(b * nq * width, 0.5),
+                rng.f32s(b * nkv * width, 0.5),
+                rng.f32s(b * nkv * width, 1.0),
+                width,
+                width,
+            )
+        };
+        let bias = rng.f32s(h * nq * nkv, 3.0);
+        let p = SeqAttention {
+            batch: b as u32,
+            n_heads: h as u32,
+            head_dim: d as u32,
+            n_q: nq as u32,
+            n_kv: nkv as u32,
+            q_stride: qs as u32,
+            kv_stride: kvs as u32,
+            o_stride: width as u32,
+            scale,
+            causal: false,
+        };
+        let want = r::seq_attention_biased(
+            &q,
+            &k,
+            &v,
+            b,
+            h,
+            d,
+            nq,
+            nkv,
+            qs,
+            kvs,
+            width,
+            scale,
+            false,
+            Some(&bias),
+        );
+        let plain = r::seq_attention(&q, &k, &v, b, h, d, nq, nkv, qs, kvs, width, scale, false);
+        assert!(max_rel_diff(&plain, &want) > 1e-2, "the bias matters here");
+        let (qb, kb, vb, bb) = (
+            upload(&dev, &q),
+            upload(&dev, &k),
+            upload(&dev, &v),
+            upload(&dev, &bias),
+        );
+        let out = zeros(&dev, want.len());
+        let qlen = ((b * nq - 1) * qs + width) as u64;
+        let kvlen = ((b * nkv - 1) * kvs + width) as u64;
+        let state = zeros(&dev, ops::seq_attention_state_len(&p) as usize);
+        let passes = ops::seq_attention_passes(&dev.stream().unwrap(), &p).unwrap();
+        run(&dev, |s| {
+            ops::seq_attention_biased(
+                s,
+                &p,
+                F32s::all(&qb).sub(0, qlen),
+                F32s::all(&kb).sub(0, kvlen),
+                F32s::all(&vb).sub(0, kvlen),
+                Some(F32s::all(&bb)),
+                F32s::all(&out),
+                F32s::all(&state),
+            )
+        });
+        let got = dev.read_f32(&out, 0, want.len() as u64).unwrap();
+        let diff = max_rel_diff(&got, &want);
+        assert!(
+            diff < 1e-5,
+            "{:?} in {passes} passes: {diff:e}",
+            (b, h, d, nq, nkv, scale, fused)
+        );
+        let mut s = dev.stream().unwrap();
+        let e = ops::seq_attention_biased(
+            &mut s,
+            &p,
+            F32s::all(&qb).sub(0, qlen),
+            F32s::all(&kb).sub(0, kvlen),
+            F32s::all(&vb).sub(0, kvlen),
+            Some(F32s::all(&bb).sub(0, bias.len() as u64 - 1)),
+            F32s::all(&out),
+            F32s::all(&state),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bias has"), "{e}");
+    }
+}
+
 #[test]
 fn transpose_and_add_channel_match_the_reference() {
     let Some(dev) = device() else { return };

@@ -1,7 +1,8 @@
 #version 460
 // Multi-head attention over whole sequences, flash style, for image models and text encoders:
-// self-attention over thousands of pixels, cross-attention to a text context, and (with
-// `causal`) CLIP's causal text self-attention. No score matrix is stored beyond one tile: the
+// self-attention over thousands of pixels, cross-attention to a text context, (with `causal`)
+// CLIP's causal text self-attention, and (with `bias`, added to the scaled scores) T5's
+// relative position bias. No score matrix is stored beyond one tile: the
 // softmax is taken online, with a running maximum and sum per query row and the output rescaled
 // whenever the maximum grows.
 //
@@ -35,6 +36,7 @@ layout(push_constant) uniform Push {
     F32In v;
     F32Buf out_;
     F32Buf state;     // [batch · heads · n_q][max, sum] between passes
+    F32In bias;       // [heads][n_q][n_kv] added to every batch's scores (T5), if has_bias
     uint n_heads;
     uint n_q;
     uint n_kv;
@@ -46,6 +48,7 @@ layout(push_constant) uniform Push {
     uint n_blocks;    // workgroups along the query rows of one (batch, head)
     uint pass_begin;  // the keys this dispatch covers
     uint pass_end;
+    uint has_bias;
 } p;
 
 shared float q_sh[ROWS * HEAD_DIM];
@@ -141,6 +144,7 @@ void main() {
                         + q_sh[qi + 2] * k_sh[ki + 2] + q_sh[qi + 3] * k_sh[ki + 3];
                 }
                 for (; d < HEAD_DIM; d++) dot += q_sh[r * HEAD_DIM + d] * k_sh[t * K_STRIDE + d];
+                if (p.has_bias != 0u) dot += p.bias.v[(h * p.n_q + row0 + r) * p.n_kv + k0 + t];
                 s = dot;
             }
             if (e < ROWS * TILE) s_sh[e] = s;

@@ -413,7 +413,37 @@ pub fn seq_attention(
     out: F32s<'_>,
     state: F32s<'_>,
 ) -> Result<(), VulkanError> {
+    seq_attention_biased(stream, p, q, k, v, None, out, state)
+}
+
+/// [`seq_attention`] with `bias` added to the scaled scores: out = softmax(scale · q kᵀ + bias)
+/// v, `bias` holding n_heads × n_q × n_kv values that every batch shares (T5's relative
+/// position bias).
+#[allow(clippy::too_many_arguments)]
+pub fn seq_attention_biased(
+    stream: &mut Stream,
+    p: &SeqAttention,
+    q: F32s<'_>,
+    k: F32s<'_>,
+    v: F32s<'_>,
+    bias: Option<F32s<'_>>,
+    out: F32s<'_>,
+    state: F32s<'_>,
+) -> Result<(), VulkanError> {
     let op = "attention_seq_f32";
+    if let Some(b) = bias {
+        let want = p.n_heads as u64 * p.n_q as u64 * p.n_kv as u64;
+        if b.len != want {
+            return Err(bad(
+                op,
+                format!(
+                    "bias has {} values, expected {want} ({} heads × {} × {})",
+                    b.len, p.n_heads, p.n_q, p.n_kv
+                ),
+            ));
+        }
+        to_u32(op, "bias", b.len)?;
+    }
     let d = p.head_dim as u64;
     if p.head_dim == 0 || p.head_dim > SEQ_ATTN_MAX_HEAD_DIM || p.n_heads == 0 {
         return Err(bad(
@@ -495,6 +525,7 @@ pub fn seq_attention(
             .addr(v.address())
             .addr(out.address())
             .addr(state.address())
+            .addr(bias.map_or(0, |b| b.address()))
             .u32(p.n_heads)
             .u32(p.n_q)
             .u32(p.n_kv)
@@ -505,22 +536,21 @@ pub fn seq_attention(
             .u32(p.causal as u32)
             .u32(n_blocks)
             .u32(begin as u32)
-            .u32(end as u32);
+            .u32(end as u32)
+            .u32(bias.is_some() as u32);
         // A pass after the first reads what the one before left in out and state.
         let resumed = begin > 0;
-        let reads = [
-            q.access(),
-            k.access(),
-            v.access(),
-            out.access(),
-            state.access(),
-        ];
+        let mut reads = vec![q.access(), k.access(), v.access()];
+        reads.extend(bias.map(|b| b.access()));
+        if resumed {
+            reads.extend([out.access(), state.access()]);
+        }
         stream.dispatch(&Dispatch {
             kernel: KernelId::AttentionSeqF32,
             spec: &[wg, subgroup, p.head_dim, rows as u32, tile],
             push: push.bytes(),
             groups,
-            reads: if resumed { &reads } else { &reads[..3] },
+            reads: &reads,
             writes: &[out.access(), state.access()],
         })?;
     }

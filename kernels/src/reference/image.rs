@@ -111,6 +111,30 @@ pub fn seq_attention(
     scale: f32,
     causal: bool,
 ) -> Vec<f32> {
+    seq_attention_biased(
+        q, k, v, batch, heads, d, n_q, n_kv, q_stride, kv_stride, o_stride, scale, causal, None,
+    )
+}
+
+/// [`seq_attention`] with `bias` (heads × n_q × n_kv, shared by every batch) added to the
+/// scaled scores (see `ops::seq_attention_biased`).
+#[allow(clippy::too_many_arguments)]
+pub fn seq_attention_biased(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    heads: usize,
+    d: usize,
+    n_q: usize,
+    n_kv: usize,
+    q_stride: usize,
+    kv_stride: usize,
+    o_stride: usize,
+    scale: f32,
+    causal: bool,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let mut out = vec![0f32; ((batch * n_q).max(1) - 1) * o_stride + heads * d];
     for b in 0..batch {
         for h in 0..heads {
@@ -120,10 +144,11 @@ pub fn seq_attention(
                 let scores: Vec<f64> = (0..keys)
                     .map(|j| {
                         let kj = (b * n_kv + j) * kv_stride + h * d;
-                        (0..d)
+                        let dot = (0..d)
                             .map(|c| q[qi + c] as f64 * k[kj + c] as f64)
                             .sum::<f64>()
-                            * scale as f64
+                            * scale as f64;
+                        dot + bias.map_or(0.0, |b| b[(h * n_q + i) * n_kv + j] as f64)
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
