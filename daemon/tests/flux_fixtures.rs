@@ -1,12 +1,17 @@
 //! Flux's parts against the tiny Flux pipeline and diffusers' recorded outputs
 //! (fixtures/diffusion, made by gen_tiny_flux.py): the flow_euler schedule, the starting noise
-//! and its packing, and T5's token ids.
+//! and its packing, T5's token ids, buckets and hidden states, CLIP-L's pooled output.
+
+mod common;
 
 use std::path::PathBuf;
 
-use halod::diffusion::config;
+use halod::diffusion::clip::ClipTextEncoder;
+use halod::diffusion::clip_tokenizer::ClipTokenizer;
+use halod::diffusion::config::{self, ClipTextConfig, T5Config};
 use halod::diffusion::flow::{self, FlowSchedulerConfig};
 use halod::diffusion::rng::TorchRng;
+use halod::diffusion::t5::{relative_bucket, T5Encoder};
 use halod::diffusion::t5_tokenizer::T5Tokenizer;
 use halod::safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -150,4 +155,108 @@ fn the_t5_tokenizer_gives_transformers_ids() {
         e.contains("no </s>") || e.contains("not a tokenizer.json"),
         "{e}"
     );
+}
+
+/// max |a − b| / max |b|: the difference relative to the tensor's scale.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn t5_buckets_are_transformers_buckets() {
+    let refs = Refs::load();
+    let want = refs.ids("t5_buckets");
+    for (i, &w) in want.iter().enumerate() {
+        let rel = i as i64 - 600;
+        assert_eq!(relative_bucket(rel, 32, 128), w, "offset {rel}");
+    }
+}
+
+#[test]
+fn the_t5_encoder_gives_transformers_hidden_states() {
+    let Some(dev) = common::device() else { return };
+    let refs = Refs::load();
+    let owner = halo_kernels::OwnerId(80);
+    let part = pipeline().join("text_encoder_2");
+    let cfg: T5Config = config::read(&part.join("config.json")).unwrap();
+    let t5 = T5Encoder::load(
+        &dev,
+        &part.join("model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Auto,
+        owner,
+    )
+    .unwrap();
+    let mut all_ids = Vec::new();
+    let mut all_want = Vec::new();
+    for case in cases() {
+        let ids = refs.ids(name(&case, "ids2"));
+        let want = refs.f32s(name(&case, "t5"));
+        let got = t5.encode(&ids, 512, owner).unwrap();
+        let d = rel(&got, &want);
+        eprintln!("{}: T5 within {d:e} of its scale", case["name"]);
+        assert!(
+            d < 1e-3,
+            "{}: T5 differs by {d:e} of its scale",
+            case["name"]
+        );
+        all_ids.extend(ids);
+        all_want.extend(want);
+    }
+    // Every case at once, in chunks of one piece: the same states.
+    let mut run = t5.begin(&all_ids, 512, owner).unwrap();
+    let mut chunks = 0;
+    let got = loop {
+        chunks += 1;
+        let tiny = Some(std::time::Duration::from_nanos(1));
+        if let (Some(out), _) = t5.advance_for(&mut run, tiny).unwrap() {
+            break out;
+        }
+    };
+    assert_eq!(chunks, t5.layers() + 2);
+    assert!(rel(&got, &all_want) < 1e-3);
+    drop(run);
+    assert_eq!(
+        dev.ledger().owner(owner),
+        t5.bytes(),
+        "only the weights stay"
+    );
+    let e = t5
+        .encode(&[9999; 512], 512, owner)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("past the vocabulary"), "{e}");
+}
+
+#[test]
+fn clip_l_gives_transformers_pooled_output() {
+    let Some(dev) = common::device() else { return };
+    let refs = Refs::load();
+    let owner = halo_kernels::OwnerId(81);
+    let part = pipeline().join("text_encoder");
+    let cfg: ClipTextConfig = config::read(&part.join("config.json")).unwrap();
+    let clip = ClipTextEncoder::load(
+        &dev,
+        &part.join("model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Auto,
+        owner,
+    )
+    .unwrap();
+    assert_eq!(clip.projection_dim(), None);
+    let tok = ClipTokenizer::from_folder(&pipeline().join("tokenizer")).unwrap();
+    for case in cases() {
+        let ids = tok.encode(case["prompt"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, refs.ids(name(&case, "ids1")));
+        let out = clip.encode(&ids, tok.eos(), true, owner).unwrap();
+        let want = refs.f32s(name(&case, "pooled"));
+        let d = rel(out.pooled.as_ref().unwrap(), &want);
+        eprintln!("{}: pooled within {d:e} of its scale", case["name"]);
+        assert!(d < 1e-3, "{}: pooled differs by {d:e}", case["name"]);
+    }
 }

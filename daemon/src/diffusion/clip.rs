@@ -12,6 +12,7 @@ use halo_kernels::ops::{self, F32s, SeqAttention, U32s};
 use halo_kernels::{Buffer, Device, LoadStrategy, MemoryKind, OwnerId, Stream};
 
 use super::config::ClipTextConfig;
+use super::graph::{upload_u32, view};
 use super::plan::Sim;
 use super::tensors::{DeviceTensors, Names, TensorError};
 
@@ -37,7 +38,8 @@ enum Activation {
 pub struct ClipOutput {
     /// batch × 77 × hidden: the second-to-last layer's output.
     pub penultimate: Vec<f32>,
-    /// batch × projection_dim, when asked for and the model has a projection.
+    /// When asked for: batch × projection_dim where the model has a projection, else batch ×
+    /// hidden_size (the final-normed end-of-text state, CLIPTextModel's pooler output).
     pub pooled: Option<Vec<f32>>,
 }
 
@@ -160,16 +162,19 @@ impl ClipTextEncoder {
         sim.keep(rows * f);
         // The attention's state (see `encode`).
         sim.keep(2 * rows * self.cfg.num_attention_heads as u64);
-        if let (true, Some(pd)) = (pooled, self.projection_dim()) {
+        if pooled {
             sim.keep(prompts as u64);
             sim.keep(prompts as u64 * c);
-            sim.keep(prompts as u64 * pd);
+            if let Some(pd) = self.projection_dim() {
+                sim.keep(prompts as u64 * pd);
+            }
         }
         sim.peak()
     }
 
-    /// Encodes `ids` (batch × 77 token ids). With `pooled`, also the projected embedding of
-    /// each prompt's first `eos` token. Activations are charged to `owner` while it runs.
+    /// Encodes `ids` (batch × 77 token ids). With `pooled`, also the pooled embedding of each
+    /// prompt's first `eos` token (projected where the model has a projection). Activations are
+    /// charged to `owner` while it runs.
     pub fn encode(
         &self,
         ids: &[u32],
@@ -225,12 +230,8 @@ impl ClipTextEncoder {
             // The attention's running state: a maximum and a sum per (prompt, head, token).
             state: alloc(2 * rows * self.cfg.num_attention_heads as u64)?,
             // The pooled path needs the last layer too; the penultimate output alone does not.
-            run_layers: if pooled && self.projection.is_some() {
-                layers
-            } else {
-                layers - 1
-            },
-            pooled: pooled && self.projection.is_some(),
+            run_layers: if pooled { layers } else { layers - 1 },
+            pooled,
             next: 0,
         })
     }
@@ -265,16 +266,13 @@ impl ClipTextEncoder {
             return Ok((None, paced.end(&mut s)));
         }
         let c = self.cfg.hidden_size as u64;
-        let pooled = match (run.pooled, self.projection) {
-            (true, Some(pd)) => {
-                let out = self.pool(&mut s, run, batch, pd)?;
-                s.finish()?;
-                Some(self.device.read_f32(&out, 0, batch as u64 * pd)?)
-            }
-            _ => {
-                s.finish()?;
-                None
-            }
+        let pooled = if run.pooled {
+            let (out, width) = self.pool(&mut s, run, batch)?;
+            s.finish()?;
+            Some(self.device.read_f32(&out, 0, batch as u64 * width)?)
+        } else {
+            s.finish()?;
+            None
         };
         let took = paced.end(&mut s);
         Ok((
@@ -416,14 +414,14 @@ impl ClipTextEncoder {
     }
 
     /// The final layer norm at each prompt's first end-of-text token (its last token when
-    /// there is none), projected: a buffer of batch × `pd`.
+    /// there is none), projected where the model has a projection: a buffer of batch × the
+    /// width it returns (the projection's, or hidden_size: CLIPTextModel's pooler output).
     fn pool(
         &self,
         s: &mut Stream,
         run: &ClipRun,
         batch: usize,
-        pd: u64,
-    ) -> Result<Buffer, TensorError> {
+    ) -> Result<(Buffer, u64), TensorError> {
         let (t, dev, owner) = (&self.tensors, &self.device, run.owner);
         let rows = run.ids.len() as u64;
         let c = self.cfg.hidden_size as u64;
@@ -443,7 +441,6 @@ impl ClipTextEncoder {
         let pick_buf = upload_u32(dev, &picks, owner)?;
         let alloc = |n: u64| dev.alloc(MemoryKind::Device, n.max(1) * 4, owner);
         let picked = alloc(batch as u64 * c)?;
-        let out = alloc(batch as u64 * pd)?;
         // Gather the rows with an f32 "embedding table" view of the normed states.
         ops::get_rows(
             s,
@@ -457,6 +454,10 @@ impl ClipTextEncoder {
             U32s::all(&pick_buf),
             F32s::all(&picked).sub(0, batch as u64 * c),
         )?;
+        let Some(pd) = self.projection else {
+            return Ok((picked, c));
+        };
+        let out = alloc(batch as u64 * pd)?;
         ops::matmul(
             s,
             t.matrix("text_projection.weight", &[pd, c])?,
@@ -464,12 +465,8 @@ impl ClipTextEncoder {
             F32s::all(&out).sub(0, batch as u64 * pd),
             batch as u64,
         )?;
-        Ok(out)
+        Ok((out, pd))
     }
-}
-
-fn view(b: &Buffer, len: u64) -> F32s<'_> {
-    F32s::all(b).sub(0, len)
 }
 
 /// An encode in progress: its token ids and every buffer its layers pass on, on the device.
@@ -492,11 +489,4 @@ pub struct ClipRun {
     pooled: bool,
     /// The next piece: 0 the embeddings, then the layers, then the output.
     next: u32,
-}
-
-fn upload_u32(dev: &Device, v: &[u32], owner: OwnerId) -> Result<Buffer, TensorError> {
-    let mut b = dev.alloc(MemoryKind::Device, (v.len().max(1) * 4) as u64, owner)?;
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    dev.write(&mut b, 0, &bytes)?;
-    Ok(b)
 }

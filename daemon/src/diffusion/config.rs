@@ -158,6 +158,38 @@ pub struct ClipTextConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// `text_encoder_2/config.json` of a Flux pipeline (transformers' T5EncoderModel).
+#[derive(Clone, Debug, Deserialize)]
+pub struct T5Config {
+    pub vocab_size: u32,
+    pub d_model: u32,
+    pub d_kv: u32,
+    pub d_ff: u32,
+    pub num_layers: u32,
+    pub num_heads: u32,
+    #[serde(default = "thirty_two")]
+    pub relative_attention_num_buckets: u32,
+    #[serde(default = "one_twenty_eight")]
+    pub relative_attention_max_distance: u32,
+    #[serde(default = "t5_eps")]
+    pub layer_norm_epsilon: f32,
+    #[serde(default = "relu")]
+    pub feed_forward_proj: String,
+}
+
+fn thirty_two() -> u32 {
+    32
+}
+fn one_twenty_eight() -> u32 {
+    128
+}
+fn t5_eps() -> f32 {
+    1e-6
+}
+fn relu() -> String {
+    "relu".into()
+}
+
 /// `scheduler/scheduler_config.json`: the noise schedule the samplers are built on.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SchedulerConfig {

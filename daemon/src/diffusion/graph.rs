@@ -21,6 +21,14 @@ pub(crate) fn view(b: &Buffer, len: u64) -> F32s<'_> {
     F32s::all(b).sub(0, len)
 }
 
+/// `v` in a new device buffer charged to `owner` (token ids, gather indices).
+pub(crate) fn upload_u32(dev: &Device, v: &[u32], owner: OwnerId) -> Result<Buffer, TensorError> {
+    let mut b = dev.alloc(MemoryKind::Device, (v.len().max(1) * 4) as u64, owner)?;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    dev.write(&mut b, 0, &bytes)?;
+    Ok(b)
+}
+
 /// One forward call's recording context.
 pub(crate) struct Cx<'a> {
     pub t: &'a DeviceTensors,

@@ -2,7 +2,7 @@
 //! generator; [`clip_tokenizer`], the CLIP text encoders' tokenizer; [`t5_tokenizer`], T5's; [`config`], the pipeline's
 //! shapes from a diffusers folder; [`single_file`], an original-layout checkpoint's names and
 //! inferred shapes; [`sampler`], diffusers' schedulers; [`flow`], Flux's flow-matching sampler and latent packing; [`tensors`], a safetensors file's
-//! tensors on the device; [`clip`], the CLIP text encoders; [`unet`], SDXL's UNet; [`vae`], the
+//! tensors on the device; [`clip`], the CLIP text encoders; [`t5`], Flux's T5 encoder; [`unet`], SDXL's UNet; [`vae`], the
 //! VAE decoder; [`sdxl`], the pipeline; [`job`], an image job the executor runs in steps under
 //! a memory plan (`plan`); [`png`] and [`preview`], the pixels and the files.
 
@@ -20,6 +20,7 @@ pub mod rng;
 pub mod sampler;
 pub mod sdxl;
 pub mod single_file;
+pub mod t5;
 pub mod t5_tokenizer;
 pub mod tensors;
 pub mod unet;
