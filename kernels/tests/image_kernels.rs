@@ -834,3 +834,200 @@ fn sampler_step_matches_the_reference() {
         }
     }
 }
+
+/// Rotary embedding from a table: Flux-like heads (24 of 128 in a fused qkv row, 3 of 8 alone),
+/// odd token counts, against the reference; bad shapes refused.
+#[test]
+fn rope_table_matches_the_reference() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(41);
+    // (tokens, heads, head_dim, row_stride)
+    for &(t, h, d, stride) in &[(5, 3, 8, 24), (37, 24, 128, 3 * 24 * 128), (1, 1, 2, 2)] {
+        let len = (t - 1) * stride + h * d;
+        let x = rng.f32s(len, 1.0);
+        let angles = rng.f32s(t * d / 2, 3.0);
+        let table: Vec<f32> = angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect();
+        let (xb, tb) = (upload(&dev, &x), upload(&dev, &table));
+        run(&dev, |s| {
+            ops::rope_table(
+                s,
+                F32s::all(&xb).sub(0, len as u64),
+                F32s::all(&tb),
+                t as u64,
+                h as u64,
+                d as u64,
+                stride as u64,
+            )
+        });
+        let got = dev.read_f32(&xb, 0, len as u64).unwrap();
+        let mut want = x.clone();
+        r::rope_table(&mut want, &table, t, h, d, stride);
+        let diff = max_rel_diff(&got, &want);
+        assert!(diff < 1e-6, "{:?}: {diff:e}", (t, h, d, stride));
+        // Values between the heads of a strided row are left alone.
+        if stride > h * d {
+            assert_eq!(got[h * d..stride], x[h * d..stride]);
+        }
+    }
+    let (xb, tb) = (zeros(&dev, 16), zeros(&dev, 8));
+    let mut s = dev.stream().unwrap();
+    for (t, h, d, stride, want) in [
+        (2, 1, 3, 4, "not even"),
+        (2, 2, 4, 4, "hold less"),
+        (3, 1, 4, 4, "the table has 8"),
+    ] {
+        let e = ops::rope_table(&mut s, F32s::all(&xb), F32s::all(&tb), t, h, d, stride)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+/// Modulation (x · (1 + scale) + shift) and gating (x + gate · y) with vectors read from
+/// column ranges of one modulation buffer, per group of rows (two images), in place too.
+#[test]
+fn modulate_and_gate_match_the_reference() {
+    use halo_kernels::ops::Modulation;
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(42);
+    let (row, rows, groups) = (48usize, 7usize, 2usize);
+    let stride = 6 * row;
+    let n = row * rows * groups;
+    let x = rng.f32s(n, 1.0);
+    let y = rng.f32s(n, 1.0);
+    let m = rng.f32s(groups * stride, 0.5);
+    let (xb, yb, mb, out) = (
+        upload(&dev, &x),
+        upload(&dev, &y),
+        upload(&dev, &m),
+        zeros(&dev, n),
+    );
+    let part = |k: usize| F32s::all(&mb).sub((k * row) as u64, (groups * stride - k * row) as u64);
+    run(&dev, |s| {
+        ops::modulate(
+            s,
+            F32s::all(&xb),
+            Modulation::ScaleShift {
+                scale: part(1),
+                shift: part(0),
+            },
+            F32s::all(&out),
+            row as u64,
+            rows as u64,
+            stride as u64,
+        )
+    });
+    let got = dev.read_f32(&out, 0, n as u64).unwrap();
+    let want = r::modulate(&x, &m[row..], &m, row, rows, stride);
+    assert!(max_rel_diff(&got, &want) < 1e-6);
+    // Gate in place: x += gate · y.
+    run(&dev, |s| {
+        ops::modulate(
+            s,
+            F32s::all(&xb),
+            Modulation::Gate {
+                gate: part(2),
+                y: F32s::all(&yb),
+            },
+            F32s::all(&xb),
+            row as u64,
+            rows as u64,
+            stride as u64,
+        )
+    });
+    let got = dev.read_f32(&xb, 0, n as u64).unwrap();
+    let want = r::gate(&x, &m[2 * row..], &y, row, rows, stride);
+    assert!(max_rel_diff(&got, &want) < 1e-6);
+    let mut s = dev.stream().unwrap();
+    let e = ops::modulate(
+        &mut s,
+        F32s::all(&xb).sub(0, n as u64 - 1),
+        Modulation::Gate {
+            gate: part(2),
+            y: F32s::all(&yb),
+        },
+        F32s::all(&xb),
+        row as u64,
+        rows as u64,
+        stride as u64,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not whole groups"), "{e}");
+    let e = ops::modulate(
+        &mut s,
+        F32s::all(&xb),
+        Modulation::ScaleShift {
+            scale: F32s::all(&mb).sub(0, 10),
+            shift: part(0),
+        },
+        F32s::all(&out),
+        row as u64,
+        rows as u64,
+        stride as u64,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("has 10 values"), "{e}");
+}
+
+/// A column concatenation from two parts, and the shapes it refuses.
+#[test]
+fn copy_cols_joins_columns() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(43);
+    let (rows, a, b) = (9usize, 5usize, 12usize);
+    let xa = rng.f32s(rows * a, 1.0);
+    let xb = rng.f32s(rows * b, 1.0);
+    let (ba, bb, out) = (
+        upload(&dev, &xa),
+        upload(&dev, &xb),
+        zeros(&dev, rows * (a + b)),
+    );
+    let w = (a + b) as u64;
+    run(&dev, |s| {
+        ops::copy_cols(
+            s,
+            F32s::all(&ba),
+            F32s::all(&out),
+            rows as u64,
+            a as u64,
+            a as u64,
+            w,
+        )?;
+        ops::copy_cols(
+            s,
+            F32s::all(&bb),
+            F32s::all(&out).sub(a as u64, (rows * (a + b) - a) as u64),
+            rows as u64,
+            b as u64,
+            b as u64,
+            w,
+        )
+    });
+    let got = dev.read_f32(&out, 0, (rows * (a + b)) as u64).unwrap();
+    for r in 0..rows {
+        assert_eq!(got[r * (a + b)..r * (a + b) + a], xa[r * a..(r + 1) * a]);
+        assert_eq!(
+            got[r * (a + b) + a..(r + 1) * (a + b)],
+            xb[r * b..(r + 1) * b]
+        );
+    }
+    let mut s = dev.stream().unwrap();
+    let e = ops::copy_cols(
+        &mut s,
+        F32s::all(&ba),
+        F32s::all(&out),
+        rows as u64,
+        6,
+        5,
+        w,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot hold 6 columns"), "{e}");
+    let e = ops::copy_cols(&mut s, F32s::all(&ba), F32s::all(&out), 20, 5, 5, w)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("20 rows need"), "{e}");
+}

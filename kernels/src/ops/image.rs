@@ -747,3 +747,207 @@ pub fn sampler_step(
     }
     elementwise(stream, KernelId::SamplerStepF32, n, &push, &reads, &writes)
 }
+
+/// Rotary embedding from a table, in place: for each of `tokens` tokens (rows `row_stride`
+/// floats apart) and each of `heads` heads of `head_dim` values, every adjacent pair (2j, 2j+1)
+/// turns by the angle whose (cos, sin) is `table[token][j]` (tokens × head_dim/2 × 2 values).
+/// The angles of any number of position axes (Flux's frame, row and column) go in the table.
+pub fn rope_table(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    table: F32s<'_>,
+    tokens: u64,
+    heads: u64,
+    head_dim: u64,
+    row_stride: u64,
+) -> Result<(), VulkanError> {
+    let op = "rope_table_f32";
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(bad(op, format!("head_dim {head_dim} is not even")));
+    }
+    if row_stride < heads * head_dim {
+        return Err(bad(
+            op,
+            format!("rows {row_stride} apart hold less than {heads} heads of {head_dim}"),
+        ));
+    }
+    let need = if tokens == 0 {
+        0
+    } else {
+        (tokens - 1) * row_stride + heads * head_dim
+    };
+    if x.len < need {
+        return Err(bad(op, format!("x has {} values, needs {need}", x.len)));
+    }
+    if table.len != tokens * head_dim {
+        return Err(bad(
+            op,
+            format!(
+                "the table has {} values, expected {tokens} tokens × {head_dim}",
+                table.len
+            ),
+        ));
+    }
+    let n = tokens * heads * (head_dim / 2);
+    to_u32(op, "x", x.len)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(table.address())
+        .u32(to_u32(op, "heads", heads)?)
+        .u32(to_u32(op, "head_dim", head_dim / 2)?)
+        .u32(to_u32(op, "row_stride", row_stride)?)
+        .u32(to_u32(op, "pairs", n)?);
+    elementwise(
+        stream,
+        KernelId::RopeTableF32,
+        n,
+        &push,
+        &[x.access(), table.access()],
+        &[x.access()],
+    )
+}
+
+/// How [`modulate`] combines its inputs.
+#[derive(Clone, Copy)]
+pub enum Modulation<'a> {
+    /// out = x · (1 + scale) + shift.
+    ScaleShift { scale: F32s<'a>, shift: F32s<'a> },
+    /// out = x + gate · y.
+    Gate { gate: F32s<'a>, y: F32s<'a> },
+}
+
+/// Adaptive layer norm's modulation or gating over rows of `row_len`, in groups of
+/// `rows_per_batch` rows (one per image), each group reading its vectors at
+/// `group · vec_stride` (see [`Modulation`]). `out` may be `x`.
+pub fn modulate(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    m: Modulation<'_>,
+    out: F32s<'_>,
+    row_len: u64,
+    rows_per_batch: u64,
+    vec_stride: u64,
+) -> Result<(), VulkanError> {
+    let op = "modulate_f32";
+    if row_len == 0 || rows_per_batch == 0 || !x.len.is_multiple_of(row_len * rows_per_batch) {
+        return Err(bad(
+            op,
+            format!(
+                "x has {} values, not whole groups of {rows_per_batch} rows of {row_len}",
+                x.len
+            ),
+        ));
+    }
+    if out.len != x.len {
+        return Err(bad(op, format!("out has {} values, x {}", out.len, x.len)));
+    }
+    let groups = x.len / (row_len * rows_per_batch);
+    let vec_need = (groups - 1) * vec_stride + row_len;
+    let (a, b, y, mode) = match m {
+        Modulation::ScaleShift { scale, shift } => (scale, shift, x, 0u32),
+        Modulation::Gate { gate, y } => {
+            if y.len != x.len {
+                return Err(bad(op, format!("y has {} values, x {}", y.len, x.len)));
+            }
+            (gate, gate, y, 1)
+        }
+    };
+    for (what, v) in [("the first vector", a), ("the second vector", b)] {
+        if v.len < vec_need {
+            return Err(bad(
+                op,
+                format!("{what} has {} values, needs {vec_need}", v.len),
+            ));
+        }
+    }
+    to_u32(op, "x", x.len)?;
+    if x.len == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(y.address())
+        .addr(a.address())
+        .addr(b.address())
+        .addr(out.address())
+        .u32(to_u32(op, "row_len", row_len)?)
+        .u32(to_u32(op, "rows_per_batch", rows_per_batch)?)
+        .u32(to_u32(op, "vec_stride", vec_stride)?)
+        .u32(mode)
+        .u32(to_u32(op, "n", x.len)?);
+    let mut reads = vec![x.access(), a.access(), b.access()];
+    if mode == 1 {
+        reads.push(y.access());
+    }
+    elementwise(
+        stream,
+        KernelId::ModulateF32,
+        x.len,
+        &push,
+        &reads,
+        &[out.access()],
+    )
+}
+
+/// Copies `width` columns of `rows` rows: `out[r · out_stride + c] = x[r · x_stride + c]`
+/// (each view starting at its first column): a column concatenation, one part at a time.
+pub fn copy_cols(
+    stream: &mut Stream,
+    x: F32s<'_>,
+    out: F32s<'_>,
+    rows: u64,
+    width: u64,
+    x_stride: u64,
+    out_stride: u64,
+) -> Result<(), VulkanError> {
+    let op = "copy_cols_f32";
+    if x_stride < width || out_stride < width {
+        return Err(bad(
+            op,
+            format!("rows {x_stride} and {out_stride} apart cannot hold {width} columns"),
+        ));
+    }
+    let need = |stride: u64| {
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * stride + width
+        }
+    };
+    if x.len < need(x_stride) || out.len < need(out_stride) {
+        return Err(bad(
+            op,
+            format!(
+                "x has {} values and out {}: {rows} rows need {} and {}",
+                x.len,
+                out.len,
+                need(x_stride),
+                need(out_stride)
+            ),
+        ));
+    }
+    to_u32(op, "x", x.len)?;
+    to_u32(op, "out", out.len)?;
+    let n = rows * width;
+    if n == 0 {
+        return Ok(());
+    }
+    let push = Push::default()
+        .addr(x.address())
+        .addr(out.address())
+        .u32(to_u32(op, "width", width)?)
+        .u32(to_u32(op, "x_stride", x_stride)?)
+        .u32(to_u32(op, "out_stride", out_stride)?)
+        .u32(to_u32(op, "n", n)?);
+    elementwise(
+        stream,
+        KernelId::CopyColsF32,
+        n,
+        &push,
+        &[x.access()],
+        &[out.access()],
+    )
+}

@@ -207,3 +207,62 @@ pub fn sampler_step(
     }
     next
 }
+
+/// `ops::rope_table` in f32: each adjacent pair of each head of each token turned by its
+/// table entry (cos, sin).
+pub fn rope_table(
+    x: &mut [f32],
+    table: &[f32],
+    tokens: usize,
+    heads: usize,
+    d: usize,
+    stride: usize,
+) {
+    for t in 0..tokens {
+        for h in 0..heads {
+            for j in 0..d / 2 {
+                let at = t * stride + h * d + 2 * j;
+                let (c, s) = (table[(t * d / 2 + j) * 2], table[(t * d / 2 + j) * 2 + 1]);
+                let (a, b) = (x[at], x[at + 1]);
+                x[at] = a * c - b * s;
+                x[at + 1] = b * c + a * s;
+            }
+        }
+    }
+}
+
+/// `ops::modulate` in f32 with `ScaleShift`: x · (1 + scale) + shift per group of rows.
+pub fn modulate(
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    row_len: usize,
+    rows_per_batch: usize,
+    vec_stride: usize,
+) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (c, g) = (i % row_len, i / row_len / rows_per_batch);
+            v * (1.0 + scale[g * vec_stride + c]) + shift[g * vec_stride + c]
+        })
+        .collect()
+}
+
+/// `ops::modulate` in f32 with `Gate`: x + gate · y per group of rows.
+pub fn gate(
+    x: &[f32],
+    gate: &[f32],
+    y: &[f32],
+    row_len: usize,
+    rows_per_batch: usize,
+    vec_stride: usize,
+) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (c, g) = (i % row_len, i / row_len / rows_per_batch);
+            v + gate[g * vec_stride + c] * y[i]
+        })
+        .collect()
+}
