@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use halod::diffusion::clip::ClipTextEncoder;
 use halod::diffusion::clip_tokenizer::ClipTokenizer;
-use halod::diffusion::config::{self, ClipTextConfig, T5Config};
+use halod::diffusion::config::{self, ClipTextConfig, FluxConfig, T5Config};
 use halod::diffusion::flow::{self, FlowSchedulerConfig};
+use halod::diffusion::flux::{FluxInput, FluxTransformer};
 use halod::diffusion::rng::TorchRng;
 use halod::diffusion::t5::{relative_bucket, T5Encoder};
 use halod::diffusion::t5_tokenizer::T5Tokenizer;
@@ -258,5 +259,84 @@ fn clip_l_gives_transformers_pooled_output() {
         let d = rel(out.pooled.as_ref().unwrap(), &want);
         eprintln!("{}: pooled within {d:e} of its scale", case["name"]);
         assert!(d < 1e-3, "{}: pooled differs by {d:e}", case["name"]);
+    }
+}
+
+fn transformer(dev: &halo_kernels::Device, owner: halo_kernels::OwnerId) -> FluxTransformer {
+    let part = pipeline().join("transformer");
+    let cfg: FluxConfig = config::read(&part.join("config.json")).unwrap();
+    FluxTransformer::load(
+        dev,
+        &part.join("diffusion_pytorch_model.safetensors"),
+        "",
+        cfg,
+        halo_kernels::LoadStrategy::Auto,
+        owner,
+    )
+    .unwrap()
+}
+
+/// The first transformer call of every case, on diffusers' own inputs: whole, and one piece
+/// per chunk.
+#[test]
+fn the_transformer_gives_diffusers_velocity() {
+    let Some(dev) = common::device() else { return };
+    let refs = Refs::load();
+    let owner = halo_kernels::OwnerId(82);
+    let flux = transformer(&dev, owner);
+    assert!(flux.has_guidance());
+    for case in cases() {
+        let ids: Vec<[f32; 3]> = refs
+            .f32s(name(&case, "call_img_ids"))
+            .chunks(3)
+            .map(|c| [c[0], c[1], c[2]])
+            .collect();
+        let (x, context, pooled) = (
+            refs.f32s(name(&case, "call_x")),
+            refs.f32s(name(&case, "call_context")),
+            refs.f32s(name(&case, "call_pooled")),
+        );
+        let input = FluxInput {
+            x: &x,
+            context: &context,
+            pooled: &pooled,
+            sigma: refs.f32s(name(&case, "call_timestep"))[0],
+            guidance: Some(refs.f32s(name(&case, "call_guidance"))[0]),
+            img_ids: &ids,
+        };
+        let want = refs.f32s(name(&case, "call_out"));
+        let got = flux.forward(&input, owner).unwrap();
+        let d = rel(&got, &want);
+        eprintln!("{}: the velocity within {d:e} of its scale", case["name"]);
+        assert!(d < 1e-3, "{}: {d:e}", case["name"]);
+        let mut call = flux.begin(&input, owner).unwrap();
+        let mut chunks = 0;
+        let tiny = Some(std::time::Duration::from_nanos(1));
+        let pieced = loop {
+            chunks += 1;
+            if let (Some(v), _) = flux.advance_for(&mut call, owner, tiny).unwrap() {
+                break v;
+            }
+        };
+        assert_eq!(chunks, flux.pieces() - 1);
+        assert_eq!(pieced, got, "chunking changes nothing");
+        drop(call);
+        assert_eq!(
+            dev.ledger().owner(owner),
+            flux.bytes(),
+            "only the weights stay"
+        );
+        let e = flux
+            .begin(
+                &FluxInput {
+                    guidance: None,
+                    ..input
+                },
+                owner,
+            )
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("needs a guidance scale"), "{e}");
     }
 }

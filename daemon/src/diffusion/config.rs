@@ -158,6 +158,30 @@ pub struct ClipTextConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// `transformer/config.json` of a Flux pipeline (diffusers' FluxTransformer2DModel).
+#[derive(Clone, Debug, Deserialize)]
+pub struct FluxConfig {
+    #[serde(default = "one_u")]
+    pub patch_size: u32,
+    #[serde(default = "sixty_four")]
+    pub in_channels: u32,
+    #[serde(default)]
+    pub out_channels: Option<u32>,
+    pub num_layers: u32,
+    pub num_single_layers: u32,
+    pub attention_head_dim: u32,
+    pub num_attention_heads: u32,
+    pub joint_attention_dim: u32,
+    pub pooled_projection_dim: u32,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    pub axes_dims_rope: Vec<u32>,
+}
+
+fn sixty_four() -> u32 {
+    64
+}
+
 /// `text_encoder_2/config.json` of a Flux pipeline (transformers' T5EncoderModel).
 #[derive(Clone, Debug, Deserialize)]
 pub struct T5Config {
