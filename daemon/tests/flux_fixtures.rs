@@ -340,3 +340,108 @@ fn the_transformer_gives_diffusers_velocity() {
         assert!(e.contains("needs a guidance scale"), "{e}");
     }
 }
+
+/// The pixels of diffusers' PNG for a case.
+fn png_pixels(case: &Value) -> Vec<u8> {
+    let file = std::fs::read(dir().join(case["png"].as_str().unwrap())).unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// Every case end to end from its prompt and seed: the latents after each step, the decoded
+/// image and its PNG against diffusers'.
+#[test]
+fn the_whole_flux_pipeline_makes_diffusers_images() {
+    use halod::diffusion::flux_pipeline::{FluxPipeline, FluxRequest};
+    use halod::diffusion::png::to_rgb8;
+    let Some(dev) = common::device() else { return };
+    let refs = Refs::load();
+    let owner = halo_kernels::OwnerId(83);
+    let pipe =
+        FluxPipeline::load_folder(&dev, &pipeline(), halo_kernels::LoadStrategy::Auto, owner)
+            .unwrap();
+    for case in cases() {
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let req = FluxRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            width: w,
+            height: h,
+            steps,
+            guidance: Some(case["guidance"].as_f64().unwrap() as f32),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: 1,
+        };
+        let mut worst = 0f32;
+        let mut seen = 0;
+        let images = pipe
+            .generate(
+                &req,
+                owner,
+                |_, _| {},
+                |_, step, x| {
+                    let want = refs.f32s(name(&case, &format!("latents_step{step}")));
+                    worst = worst.max(rel(x, &want));
+                    seen += 1;
+                },
+            )
+            .unwrap();
+        assert_eq!(seen, steps);
+        let image_diff = rel(&images[0], &refs.f32s(name(&case, "image")));
+        let got = to_rgb8(&images[0], w, h);
+        let want = png_pixels(&case);
+        assert_eq!(got.len(), want.len());
+        let mad = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / got.len() as f64;
+        eprintln!(
+            "{}: latents within {worst:e}, image within {image_diff:e} of scale, PNG mean \
+             |Δ| {mad:.4}",
+            case["name"]
+        );
+        assert!(worst < 1e-3, "{}: latents {worst:e}", case["name"]);
+        assert!(image_diff < 1e-3, "{}: image {image_diff:e}", case["name"]);
+        assert!(mad <= 1.0, "{}: PNG {mad}", case["name"]);
+    }
+    // Requests it cannot run, refused with the reason.
+    let base = FluxRequest {
+        prompt: "a fox".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: Some(3.5),
+        seed: 1,
+        batch: 1,
+    };
+    for (req, want) in [
+        (
+            FluxRequest {
+                width: 72,
+                ..base.clone()
+            },
+            "multiple of 16",
+        ),
+        (
+            FluxRequest {
+                guidance: None,
+                ..base.clone()
+            },
+            "needs a guidance scale",
+        ),
+        (FluxRequest { steps: 0, ..base }, "at least 1"),
+    ] {
+        let e = pipe.check(&req).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}

@@ -70,7 +70,7 @@ pub struct SdxlRequest {
 }
 
 /// The one weight file of a diffusers component folder.
-fn weights_in(dir: &Path) -> Result<PathBuf, SdxlError> {
+pub(crate) fn weights_in(dir: &Path) -> Result<PathBuf, SdxlError> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| SdxlError(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
