@@ -445,3 +445,108 @@ fn the_whole_flux_pipeline_makes_diffusers_images() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+/// The transformer from the BFL-layout file (made from the folder's weights and checked by
+/// diffusers' converter): the same velocity as the folder's, bit for bit; its config from the
+/// shapes matches the folder's but for the rotary axes, which only a config can give at this
+/// head width.
+#[test]
+fn a_bfl_layout_transformer_runs_as_its_folder() {
+    use halod::diffusion::flux_file;
+    let Some(dev) = common::device() else { return };
+    let refs = Refs::load();
+    let owner = halo_kernels::OwnerId(84);
+    let path = dir().join("tiny-flux-bfl.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::parse(&bytes).unwrap();
+    assert!(flux_file::is_bfl(st.tensors()));
+    let folder_cfg: FluxConfig = config::read(&pipeline().join("transformer/config.json")).unwrap();
+    let e = flux_file::config(st.tensors(), None).unwrap_err();
+    assert!(e.contains("rotary axes"), "{e}");
+    let cfg = flux_file::config(st.tensors(), Some(folder_cfg.clone())).unwrap();
+    let bfl = FluxTransformer::load(
+        &dev,
+        &path,
+        flux_file::names(),
+        cfg,
+        halo_kernels::LoadStrategy::Auto,
+        owner,
+    )
+    .unwrap();
+    let folder = transformer(&dev, owner);
+    assert_eq!(bfl.bytes(), folder.bytes());
+    let case = &cases()[1];
+    let ids: Vec<[f32; 3]> = refs
+        .f32s(name(case, "call_img_ids"))
+        .chunks(3)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect();
+    let (x, context, pooled) = (
+        refs.f32s(name(case, "call_x")),
+        refs.f32s(name(case, "call_context")),
+        refs.f32s(name(case, "call_pooled")),
+    );
+    let input = FluxInput {
+        x: &x,
+        context: &context,
+        pooled: &pooled,
+        sigma: 0.7,
+        guidance: Some(4.0),
+        img_ids: &ids,
+    };
+    assert_eq!(
+        bfl.forward(&input, owner).unwrap(),
+        folder.forward(&input, owner).unwrap()
+    );
+}
+
+/// Inferring a FLUX.1-sized config from BFL names and shapes alone (headers only, no data):
+/// dev with its guidance embedding, schnell without.
+#[test]
+fn a_bfl_config_comes_from_the_shapes() {
+    use halod::diffusion::flux_file;
+    use halod::safetensors::Tensor;
+    let t = |name: &str, shape: &[u64]| Tensor {
+        name: name.into(),
+        dtype: Dtype::BF16,
+        shape: shape.to_vec(),
+        range: 0..0,
+    };
+    let mut ts = vec![
+        t("img_in.weight", &[3072, 64]),
+        t("txt_in.weight", &[3072, 4096]),
+        t("vector_in.in_layer.weight", &[3072, 768]),
+        t("final_layer.linear.weight", &[64, 3072]),
+        t("guidance_in.in_layer.weight", &[3072, 256]),
+    ];
+    for i in 0..19 {
+        ts.push(t(
+            &format!("double_blocks.{i}.img_attn.norm.query_norm.scale"),
+            &[128],
+        ));
+    }
+    for i in 0..38 {
+        ts.push(t(
+            &format!("single_blocks.{i}.linear2.weight"),
+            &[3072, 15360],
+        ));
+    }
+    let c = flux_file::config(&ts, None).unwrap();
+    assert_eq!(
+        (
+            c.num_layers,
+            c.num_single_layers,
+            c.num_attention_heads,
+            c.attention_head_dim
+        ),
+        (19, 38, 24, 128)
+    );
+    assert_eq!(c.axes_dims_rope, vec![16, 56, 56]);
+    assert_eq!(
+        (c.joint_attention_dim, c.pooled_projection_dim),
+        (4096, 768)
+    );
+    assert!(c.guidance_embeds);
+    ts.retain(|t| !t.name.starts_with("guidance_in"));
+    assert!(!flux_file::config(&ts, None).unwrap().guidance_embeds);
+}

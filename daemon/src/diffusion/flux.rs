@@ -16,6 +16,8 @@
 //!   by side, attention, [attention | MLP] through `proj_out`, gated residual.
 //! - The end: the image rows' layer norm with the final scale and shift, `proj_out`.
 //!
+//! Weights come in diffusers' names, or in BFL's through [`super::flux_file`].
+//!
 //! A call runs in pieces (the embeddings, each block, the end) that [`FluxTransformer::advance_for`]
 //! packs into chunks of a time budget, as the UNet's are.
 
@@ -37,6 +39,9 @@ const ROPE_THETA: f64 = 10000.0;
 pub struct FluxTransformer {
     cfg: FluxConfig,
     tensors: DeviceTensors,
+    /// The final modulation's name and where its shift and scale halves are: diffusers'
+    /// `norm_out.linear` (scale, shift) or a BFL file's (shift, scale).
+    final_mod: (&'static str, u64, u64),
     device: Device,
     pacer: pace::Pacer,
 }
@@ -106,9 +111,15 @@ impl FluxTransformer {
             )));
         }
         let tensors = DeviceTensors::load(device, path, names, strategy, owner)?;
+        let final_mod = if tensors.has("norm_out.linear.weight") {
+            ("norm_out.linear", 1, 0)
+        } else {
+            (super::flux_file::FINAL_SHIFT_SCALE, 0, 1)
+        };
         let t = FluxTransformer {
             cfg,
             tensors,
+            final_mod,
             device: device.clone(),
             pacer: Default::default(),
         };
@@ -205,7 +216,7 @@ impl FluxTransformer {
             lin(&format!("{p}.proj_mlp"), 4 * c, c)?;
             lin(&format!("{p}.proj_out"), c, 5 * c)?;
         }
-        lin("norm_out.linear", 2 * c, c)?;
+        lin(self.final_mod.0, 2 * c, c)?;
         lin("proj_out", self.out_channels(), c)?;
         Ok(())
     }
@@ -680,12 +691,13 @@ impl FluxTransformer {
         Ok(())
     }
 
-    /// The image rows' final modulated norm (scale first, then shift) and `proj_out`.
+    /// The image rows' final modulated norm and `proj_out`.
     fn finish(&self, cx: &mut Cx<'_>, call: &FluxCall) -> Result<Buffer, TensorError> {
         let c = self.inner();
-        let m = self.modulation(cx, "norm_out.linear", call, 2)?;
+        let (name, shift, scale) = self.final_mod;
+        let m = self.modulation(cx, name, call, 2)?;
         let x = F32s::all(&call.h).sub(call.txt * c, call.img * c);
-        let normed = self.ada_norm(cx, x, &m, 1, 0)?;
+        let normed = self.ada_norm(cx, x, &m, shift, scale)?;
         cx.linear(
             "proj_out",
             view(&normed, call.img * c),

@@ -81,7 +81,7 @@ fn shape<'a>(m: &HashMap<&str, &'a Tensor>, prefix: &str, name: &str) -> Result<
 }
 
 /// `"12.rest"` as (12, "rest").
-fn index(s: &str) -> Option<(usize, &str)> {
+pub(crate) fn index(s: &str) -> Option<(usize, &str)> {
     let (n, rest) = s.split_once('.')?;
     Some((n.parse().ok()?, rest))
 }
@@ -102,7 +102,7 @@ fn swap(base: &str, name: &str, table: &[(&str, &str)]) -> Option<String> {
     })
 }
 
-fn entry(name: String, t: &Tensor) -> Entry {
+pub(crate) fn entry(name: String, t: &Tensor) -> Entry {
     Entry {
         name,
         tensor: t.clone(),
