@@ -207,6 +207,12 @@ fn the_t5_encoder_gives_transformers_hidden_states() {
         all_ids.extend(ids);
         all_want.extend(want);
     }
+    // Its memory plan is what an encode holds (the bias and the rows it is gathered from are
+    // 4 MiB each here, the rest shares small chunks; at T5-XXL's 64 heads the bias is 64 MiB).
+    let enc_owner = halo_kernels::OwnerId(88);
+    dev.watch_peak(enc_owner);
+    t5.encode(&all_ids[..512], 512, enc_owner).unwrap();
+    assert_eq!(t5.peak_bytes(1, 512), dev.peak(enc_owner).unwrap());
     // Every case at once, in chunks of one piece: the same states.
     let mut run = t5.begin(&all_ids, 512, owner).unwrap();
     let mut chunks = 0;
@@ -305,7 +311,17 @@ fn the_transformer_gives_diffusers_velocity() {
             img_ids: &ids,
         };
         let want = refs.f32s(name(&case, "call_out"));
-        let got = flux.forward(&input, owner).unwrap();
+        let call_owner = halo_kernels::OwnerId(85);
+        dev.watch_peak(call_owner);
+        let got = flux.forward(&input, call_owner).unwrap();
+        let peak = dev.peak(call_owner).unwrap();
+        let txt = (context.len() / 32) as u64;
+        let plan = flux.peak_bytes(txt, ids.len() as u64, &[]);
+        eprintln!(
+            "{}: a call held {peak} bytes, its plan says {plan}",
+            case["name"]
+        );
+        assert_eq!(plan, peak, "{}", case["name"]);
         let d = rel(&got, &want);
         eprintln!("{}: the velocity within {d:e} of its scale", case["name"]);
         assert!(d < 1e-3, "{}: {d:e}", case["name"]);
@@ -319,6 +335,7 @@ fn the_transformer_gives_diffusers_velocity() {
             }
         };
         assert_eq!(chunks, flux.pieces() - 1);
+
         assert_eq!(pieced, got, "chunking changes nothing");
         drop(call);
         assert_eq!(
@@ -444,6 +461,37 @@ fn the_whole_flux_pipeline_makes_diffusers_images() {
         let e = pipe.check(&req).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
+}
+
+/// The memory plan of a call at 1024² (4096 image tokens, so the joined and MLP buffers get
+/// chunks of their own and the rest share small ones) is what the call holds at most.
+#[test]
+fn a_flux_calls_memory_plan_is_what_it_holds() {
+    let Some(dev) = common::device() else { return };
+    let owner = halo_kernels::OwnerId(86);
+    let flux = transformer(&dev, owner);
+    let mut rng = halo_kernels::reference::Rng::new(5);
+    let (lh, lw) = (128, 128);
+    let ids = flow::image_ids(lh, lw);
+    let x = rng.f32s(ids.len() * 64, 1.0);
+    let context = rng.f32s(512 * 32, 1.0);
+    let pooled = rng.f32s(24, 1.0);
+    let input = FluxInput {
+        x: &x,
+        context: &context,
+        pooled: &pooled,
+        sigma: 0.5,
+        guidance: Some(3.5),
+        img_ids: &ids,
+    };
+    let call_owner = halo_kernels::OwnerId(87);
+    dev.watch_peak(call_owner);
+    let v = flux.forward(&input, call_owner).unwrap();
+    assert_eq!(v.len(), ids.len() * 64);
+    let peak = dev.peak(call_owner).unwrap();
+    let plan = flux.peak_bytes(512, ids.len() as u64, &[]);
+    eprintln!("1024²: a call held {peak} bytes, its plan says {plan}");
+    assert_eq!(plan, peak);
 }
 
 /// The transformer from the BFL-layout file (made from the folder's weights and checked by

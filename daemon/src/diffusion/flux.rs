@@ -30,6 +30,7 @@ use halo_kernels::{Buffer, Device, LoadStrategy, OwnerId};
 use super::config::FluxConfig;
 use super::graph::{view, Cx};
 use super::pace;
+use super::plan::Sim;
 use super::tensors::{DeviceTensors, Names, TensorError};
 use super::unet::timestep_embedding;
 
@@ -152,6 +153,68 @@ impl FluxTransformer {
     /// Pieces per call: the embeddings, every block, the end.
     pub fn pieces(&self) -> usize {
         (self.cfg.num_layers + self.cfg.num_single_layers) as usize + 2
+    }
+
+    /// Device bytes one call over `txt` text and `img` image tokens holds at most, charged as
+    /// the allocator charges them (a replay of its allocations), beside buffers of `held`
+    /// f32 values that the job keeps throughout.
+    pub fn peak_bytes(&self, txt: u64, img: u64, held: &[u64]) -> u64 {
+        let c = self.inner();
+        let d = self.cfg.attention_head_dim as u64;
+        let heads = self.cfg.num_attention_heads as u64;
+        let s = txt + img;
+        let state = 2 * heads * s;
+        let mut sim = Sim::holding(held);
+        // The call's own: the hidden states, the conditioning, the rotary table.
+        sim.keep(s * c);
+        sim.keep(c);
+        sim.keep(s * d);
+        let piece = |sim: &mut Sim, temps: &[u64]| {
+            for &n in temps {
+                sim.temp(n);
+            }
+            sim.flush();
+        };
+        // The embeddings: the inputs, the sinusoids and each MLP's two outputs.
+        let pd = self.cfg.pooled_projection_dim as u64;
+        let mut begin = vec![
+            img * self.cfg.in_channels as u64,
+            txt * self.cfg.joint_attention_dim as u64,
+            256,
+            c,
+            c,
+        ];
+        if self.cfg.guidance_embeds {
+            begin.extend([256, c, c]);
+        }
+        begin.extend([pd, c, c]);
+        piece(&mut sim, &begin);
+        if self.cfg.num_layers > 0 {
+            // Two modulations, q/k/v, each stream's norm, the attention's output and state,
+            // then per stream its projection, norm, and feed-forward's two outputs.
+            let mut double = vec![6 * c, 6 * c, s * c, s * c, s * c, txt * c, img * c];
+            double.extend([s * c, state]);
+            for n in [txt, img] {
+                double.extend([n * c, n * c, 4 * n * c, n * c]);
+            }
+            piece(&mut sim, &double);
+        }
+        if self.cfg.num_single_layers > 0 {
+            let single = [
+                3 * c,
+                s * c,
+                s * c,
+                s * c,
+                s * c,
+                5 * s * c,
+                state,
+                4 * s * c,
+                s * c,
+            ];
+            piece(&mut sim, &single);
+        }
+        piece(&mut sim, &[2 * c, img * c, img * self.out_channels()]);
+        sim.peak()
     }
 
     /// Every tensor a call reads, with its shape, so a wrong file fails at load.
